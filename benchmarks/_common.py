@@ -1,0 +1,249 @@
+"""Helpers shared by the benchmark scripts in `benchmarks/`.
+
+Benchmarks here run every measurement in its own fresh Python process (a
+"worker") so that JAX compilation caches, allocator state and trax's global
+state never leak from one model into another. The parent never imports trax: it
+only spawns workers, parses the single JSON line each one prints, and reports.
+
+Model names understood by `make_model`:
+  ours          -- `trax_hourglass.HourglassLM` (this repository),
+  original      -- `trax.models.research.hourglass.HourglassLM` (trax 1.4.1),
+  transformer6  -- `trax.models.TransformerLM`, 6 layers, same width,
+  transformer12 -- `trax.models.TransformerLM`, 12 layers, same width.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Workers import the working tree's `trax_hourglass`, installed or not.
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+ALL_MODELS = ('ours', 'original', 'transformer6', 'transformer12')
+BASELINES = ('original', 'transformer6')
+
+# Marks the one stdout line a worker prints for its parent; trax, TF and gym
+# print their own chatter to stdout/stderr, so the parent looks for this.
+RESULT_PREFIX = 'BENCHMARK_RESULT '
+
+SEED = 0
+
+
+class ModelUnavailable(Exception):
+  """The model's code cannot be imported (e.g. `ours` is still being written)."""
+
+
+def worker_env(xla_flags=()):
+  """Environment for worker processes: fixed hash seed, quiet TF, repo on path."""
+  env = dict(os.environ)
+  if xla_flags:  # Appended: flags the user exported stay in effect.
+    env['XLA_FLAGS'] = ' '.join([env.get('XLA_FLAGS', ''), *xla_flags]).strip()
+  env['PYTHONHASHSEED'] = str(SEED)  # Same dict/set iteration order every run.
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  env['PYTHONPATH'] = os.pathsep.join(
+      p for p in (REPO_ROOT, env.get('PYTHONPATH')) if p)
+  return env
+
+
+def import_trax(model_name):
+  """Imports trax the same way for every model, so import cost is identical.
+
+  `ours` imports trax through `trax_hourglass` (which applies `compat` first);
+  the other models apply the same `compat` fixes without needing the model code.
+
+  Args:
+    model_name: one of `ALL_MODELS`.
+
+  Returns:
+    The `trax` module.
+
+  Raises:
+    ModelUnavailable: if `model_name == 'ours'` and `trax_hourglass.HourglassLM`
+      cannot be imported.
+  """
+  if model_name == 'ours':
+    try:
+      from trax_hourglass import HourglassLM  # pylint: disable=g-import-not-at-top,unused-import
+    except Exception as e:  # pylint: disable=broad-except
+      raise ModelUnavailable(
+          f'trax_hourglass.HourglassLM cannot be imported: '
+          f'{type(e).__name__}: {e}') from e
+  else:
+    _apply_compat()
+  import trax  # pylint: disable=g-import-not-at-top
+  return trax
+
+
+def _apply_compat():
+  """`from trax_hourglass import compat; compat.apply()`, robust to a broken package."""
+  try:
+    from trax_hourglass import compat  # pylint: disable=g-import-not-at-top
+  except Exception:  # pylint: disable=broad-except
+    # The package __init__ imports the model code after `compat`; if that part
+    # fails, `trax_hourglass.compat` is still loaded (and usually applied).
+    compat = sys.modules.get('trax_hourglass.compat')
+    if compat is None:  # compat.py itself failed: plain (slow) trax import.
+      print('warning: trax_hourglass.compat unavailable; importing trax as is',
+            file=sys.stderr)
+      return
+  compat.apply()
+
+
+def make_model(name, cfg, mode='train'):
+  """Returns an uninitialized model `name` built from benchmark config `cfg`.
+
+  Args:
+    name: one of `ALL_MODELS`.
+    cfg: dict with vocab_size, d_model, d_ff, n_heads, dropout, seq_len and,
+      for the Hourglass models, vanilla_layers (tuple) and hierarchy (str).
+    mode: 'train', 'eval' or 'predict'.
+  """
+  import trax  # pylint: disable=g-import-not-at-top
+  width = dict(d_model=cfg['d_model'], d_ff=cfg['d_ff'],
+               n_heads=cfg['n_heads'], dropout=cfg['dropout'], mode=mode)
+  if name in ('ours', 'original'):
+    if name == 'ours':
+      from trax_hourglass import HourglassLM  # pylint: disable=g-import-not-at-top
+    else:
+      from trax.models.research.hourglass import HourglassLM  # pylint: disable=g-import-not-at-top
+    return HourglassLM(cfg['vocab_size'],
+                       vanilla_layers=tuple(cfg['vanilla_layers']),
+                       hierarchy=cfg['hierarchy'], **width)
+  if name in ('transformer6', 'transformer12'):
+    n_layers = int(name[len('transformer'):])
+    # Positional embeddings must cover the sequence; 2048 is trax's default.
+    return trax.models.TransformerLM(cfg['vocab_size'], n_layers=n_layers,
+                                     max_len=max(2048, cfg['seq_len']),
+                                     **width)
+  raise ValueError(f'Unknown model {name!r}; expected one of {ALL_MODELS}.')
+
+
+def random_lm_batches(vocab_size, batch, seq_len, n_distinct=4, seed=SEED):
+  """Endless (inputs, targets, weights) LM batches of random tokens, in memory.
+
+  A few batches are generated up front and cycled, so the data pipeline costs
+  nothing inside the timed region.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  batches = []
+  for _ in range(n_distinct):
+    tokens = rng.integers(1, vocab_size, size=(batch, seq_len), dtype=np.int32)
+    weights = np.ones((batch, seq_len), dtype=np.float32)
+    batches.append((tokens, tokens, weights))  # LM: the model shifts right.
+  while True:
+    yield from batches
+
+
+def count_params(weights):
+  import jax  # pylint: disable=g-import-not-at-top
+  return int(sum(getattr(w, 'size', 0) for w in jax.tree_util.tree_leaves(weights)))
+
+
+def block(tree):
+  """Waits until every array in `tree` is computed (JAX dispatches async)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(tree)
+  return tree
+
+
+def device_summary():
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  return {'backend': jax.default_backend(), 'n_devices': len(devices),
+          'device_kind': devices[0].device_kind, 'jax': jax.__version__}
+
+
+def self_peak_rss_mib():
+  import resource  # pylint: disable=g-import-not-at-top
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.  # KiB on Linux.
+
+
+def emit_result(record):
+  """Prints the worker's one result line (flushes: the parent reads it after exit)."""
+  print(RESULT_PREFIX + json.dumps(record, sort_keys=True), flush=True)
+
+
+def parse_result(stdout):
+  """Returns the last worker result dict found in `stdout`, or None."""
+  for line in reversed(stdout.splitlines()):
+    if line.startswith(RESULT_PREFIX):
+      return json.loads(line[len(RESULT_PREFIX):])
+  return None
+
+
+def run_worker(argv, timeout_s, xla_flags=()):
+  """Runs `argv` as a child process; returns a dict with its outputs and peak RSS.
+
+  The child is reaped with `os.wait4`, which gives that one child's rusage
+  (`RUSAGE_CHILDREN` would mix all children reaped so far).
+
+  Returns:
+    dict(returncode, stdout, stderr, wall_s, peak_rss_mib, timed_out).
+  """
+  with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=out, stderr=err,
+                            env=worker_env(xla_flags),
+                            cwd=REPO_ROOT)
+    timed_out = False
+    while True:
+      pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+      if pid:
+        break
+      if time.perf_counter() - start > timeout_s:
+        proc.kill()
+        timed_out = True
+        _, status, rusage = os.wait4(proc.pid, 0)
+        break
+      time.sleep(0.05)
+    wall_s = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # Reaped by us.
+    out.seek(0)
+    err.seek(0)
+    return dict(returncode=proc.returncode, stdout=out.read(),
+                stderr=err.read(), wall_s=wall_s, timed_out=timed_out,
+                peak_rss_mib=rusage.ru_maxrss / 1024.)  # KiB on Linux.
+
+
+def tail(text, n_lines=15):
+  return '\n'.join(text.strip().splitlines()[-n_lines:])
+
+
+def median(xs):
+  return statistics.median(xs) if xs else None
+
+
+def fmt(x, spec=',.0f', missing='n/a', suffix=''):
+  return missing if x is None else format(x, spec) + suffix
+
+
+def markdown_table(headers, rows, align=None):
+  """Returns a GitHub-markdown table; `align` is a string of 'l'/'r' per column."""
+  align = align or 'l' + 'r' * (len(headers) - 1)
+  rule = ['---:' if a == 'r' else ':---' for a in align]
+  lines = [headers, rule] + [[str(c) for c in row] for row in rows]
+  return '\n'.join('| ' + ' | '.join(line) + ' |' for line in lines)
+
+
+def parse_int_tuple(text):
+  """'2,2' or '(2, 2)' -> (2, 2)."""
+  return tuple(int(x) for x in text.strip('()[] ').split(',') if x.strip())
+
+
+def max_shorten_factor(hierarchy):
+  """Largest total shortening in an Hourglass hierarchy string like '2@1 8@3 2@1'.
+
+  Returns None if the string is not in the `n_layers@factor` format (then the
+  model constructor is left to judge it).
+  """
+  try:
+    return max(int(level.split('@')[1]) for level in hierarchy.split())
+  except (IndexError, ValueError):
+    return None

@@ -1,0 +1,51 @@
+"""Installs trax_hourglass: Hourglass (hierarchical Transformer LM) for Trax."""
+
+import setuptools
+
+# A stack that works together on Python 3.11 (see README, "Dependency stack").
+# trax 1.4.1 is the newest trax; jax 0.4.38 is the newest jax whose pmap still
+# accepts trax's replicated arrays, so multi-device training works.
+INSTALL_REQUIRES = [
+    'trax==1.4.1',
+    'jax==0.4.38',
+    'jaxlib==0.4.38',
+    'tensorflow==2.21.0',
+    'tensorflow-text==2.21.1',
+    'tensorflow-datasets==4.9.10',
+    'gin-config==0.5.0',
+    'numpy>=2.0,<2.5',
+]
+
+EXTRAS_REQUIRE = {
+    'test': [
+        'pytest>=8',
+        'hypothesis>=6.100',
+        'nbclient>=0.10',
+        'nbformat>=5.10',
+        'ipykernel>=6.29',
+    ],
+    # Accelerator wheels of the same jax version, e.g.
+    #   pip install -e '.[gpu]'   (CUDA 12 jaxlib from PyPI)
+    #   pip install -e '.[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
+    'gpu': ['jax[cuda12]==0.4.38'],
+    'tpu': ['jax[tpu]==0.4.38'],
+}
+
+setuptools.setup(
+    name='trax_hourglass',
+    version='0.1.0',
+    description='Hourglass: hierarchical Transformer language models in Trax.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=setuptools.find_packages(include=['trax_hourglass', 'trax_hourglass.*']),
+    python_requires='>=3.11,<3.12',
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        'console_scripts': [
+            'hourglass-demo=trax_hourglass.cli.demo:main',
+            'trainer=trax_hourglass.cli.trainer:main',
+        ],
+    },
+    license='Apache 2.0',
+)

@@ -1,0 +1,33 @@
+"""Shared pytest fixtures for trax_hourglass tests."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def run_python():
+  """Runs Python source in a fresh interpreter; returns its stdout.
+
+  The child starts without the caller's `XLA_FLAGS` (so jax sees its default
+  devices) unless `env` sets them, e.g. to fake several CPU devices.
+  """
+
+  def run(source, env=None, timeout=300):
+    child_env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    child_env['PYTHONPATH'] = os.pathsep.join(
+        [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+    child_env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    child_env.update(env or {})
+    result = subprocess.run([sys.executable, '-c', textwrap.dedent(source)],
+                            cwd=REPO, env=child_env, capture_output=True,
+                            text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+  return run

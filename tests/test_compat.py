@@ -1,0 +1,194 @@
+"""Tests of trax_hourglass.compat: each fails without the fix it is named after."""
+
+import inspect
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+
+from trax_hourglass import compat
+
+compat.apply()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import trax
+from trax import fastmath
+from trax import layers as tl
+from trax.supervised import trainer_lib
+from trax.supervised import training
+
+VOCAB = 16
+
+
+def _caller_line():
+  return sys._getframe(1).f_lineno  # pylint: disable=protected-access
+
+
+def _examples(_=None):
+  rng = np.random.RandomState(0)
+  while True:
+    x = rng.randint(0, VOCAB, size=(4,)).astype(np.int32)
+    yield x, x
+
+
+def _stream(n_devices=1):
+  del n_devices  # Batch 2 splits over 1 or 2 devices.
+  return trax.data.Serial(_examples, trax.data.Batch(2),
+                          trax.data.AddLossWeights())()
+
+
+def _model(mode='train'):
+  del mode
+  return tl.Serial(tl.Embedding(VOCAB, 8), tl.Dense(VOCAB))
+
+
+def _loop(output_dir):
+  task = training.TrainTask(_stream(), tl.WeightedCategoryCrossEntropy(),
+                            trax.optimizers.Adam(0.01),
+                            n_steps_per_checkpoint=2)
+  return training.Loop(_model(), [task], output_dir=output_dir, random_seed=0)
+
+
+def _trained_on(new, old):
+  """Whether weights `new` are finite and differ from `old`."""
+  new, old = fastmath.tree_flatten(new), fastmath.tree_flatten(old)
+  return (all(np.isfinite(np.asarray(x)).all() for x in new) and
+          any(not np.array_equal(np.asarray(x), np.asarray(y))
+              for x, y in zip(new, old)))
+
+
+def _assert_trees_equal(a, b):
+  a, b = fastmath.tree_flatten(a), fastmath.tree_flatten(b)
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# _fix_assert_shape_stack
+
+
+def test_assert_shape_layers_record_caller_without_getmodule(monkeypatch):
+  # pylint: disable=protected-access
+  def no_getmodule(*args, **kwargs):
+    raise AssertionError(f'inspect.getmodule{args}: scans all of sys.modules')
+  monkeypatch.setattr(inspect, 'getmodule', no_getmodule)
+  here = f'Defined at {__file__}:'
+
+  line = _caller_line() + 1
+  @tl.assert_shape('ab->ab')
+  def Checked():  # pylint: disable=invalid-name
+    return tl.Relu()
+  layer = Checked()
+  assert layer.sublayers[0]._message == f'{here}{line} function input'
+  with pytest.raises(tl.LayerError, match=re.escape(f'{here}{line} function')):
+    layer(np.zeros((2, 3, 4), np.float32))  # Rank 3, spec says rank 2.
+
+  line = _caller_line() + 1
+  wrapped = tl.AssertFunction('...a->...a', tl.Relu())
+  assert wrapped.sublayers[0]._message == f'{here}{line} function input'
+
+  line = _caller_line() + 1
+  assert tl.AssertShape('ab')._message == f'{here}{line}'
+
+
+def test_import_trax_decorates_layers_without_getmodule(run_python):
+  out = run_python("""
+      import inspect, json, os, sys
+      real, calls = inspect.getmodule, []
+      def getmodule(obj, _filename=None):  # Record lookups made for assert_shape.
+        frame = sys._getframe(1)
+        while frame is not None:
+          if frame.f_code.co_filename.endswith(
+              os.path.join('trax', 'layers', 'assert_shape.py')):
+            calls.append(repr(obj))
+            break
+          frame = frame.f_back
+        return real(obj, _filename)
+      inspect.getmodule = getmodule
+      from trax_hourglass import compat
+      compat.apply()
+      from trax import layers as tl
+      print(json.dumps({'calls': len(calls),
+                        'dense': tl.Dense(4)._before_assert_fun._message}))
+  """)
+  result = json.loads(out.splitlines()[-1])
+  assert result['calls'] == 0
+  # Still the line of `@assert_shape(...)` above `class Dense` in trax.
+  message = result['dense']
+  assert message.endswith(' function input')
+  filename, line = message[len('Defined at '):-len(' function input')].rsplit(':', 1)
+  assert filename == sys.modules['trax.layers.core'].__file__
+  with open(filename, encoding='utf-8') as f:
+    source = f.read().splitlines()
+  assert source[int(line) - 1].startswith('@assert_shape(')
+  assert source[int(line)].startswith('class Dense(')
+
+
+# _fix_tree_unflatten
+
+
+def test_loop_resumes_from_its_checkpoint(tmp_path):
+  loop = _loop(str(tmp_path))
+  loop.run(2)  # Checkpoints at step 2.
+  weights, slots = loop.model.weights, loop.tasks[0].optimizer.slots
+
+  resumed = _loop(str(tmp_path))  # Raised TypeError (array == tuple) here.
+  assert resumed.step == 2
+  _assert_trees_equal(resumed.model.weights, weights)
+  _assert_trees_equal(resumed.tasks[0].optimizer.slots, slots)
+  resumed.run(1)
+  assert resumed.step == 3
+  assert _trained_on(resumed.model.weights, weights)
+
+
+# _fix_save_computation_graphs (use_loop=False) and _fix_tree_unflatten (True)
+
+
+@pytest.mark.parametrize('use_loop', [True, False])
+def test_trainer_lib_train_trains_and_resumes(tmp_path, use_loop):
+  inputs = trax.data.inputs.Inputs(_stream, _stream)
+
+  def train(steps):
+    return trainer_lib.train(str(tmp_path), model=_model, inputs=inputs,
+                             steps=steps, eval_steps=1, eval_frequency=2,
+                             random_seed=0, use_loop=use_loop)
+
+  def model_weights(result):  # A Loop, or the Trainer's TrainerState.
+    return result.model.weights if use_loop else result.opt_state.weights[0]
+
+  first = train(2)
+  assert first.step == 2
+  again = train(2)  # Restores step 2 from output_dir; nothing left to train.
+  assert again.step == 2
+  _assert_trees_equal(model_weights(again), model_weights(first))
+  last = train(3)  # Resumes at step 2 and trains one more step.
+  assert last.step == 3
+  assert _trained_on(model_weights(last), model_weights(first))
+  if not use_loop:  # Trainer dumps the eval graph after step 1.
+    assert (tmp_path / 'forward.txt').read_text().startswith('HloModule')
+    assert (tmp_path / 'forward.dot').read_text().startswith('digraph')
+
+
+# No fix needed on jax 0.4.38; guards the fixes above under pmap.
+
+
+def test_loop_trains_and_resumes_on_two_devices(run_python, tmp_path):
+  out = run_python(f"""
+      import json, sys
+      sys.path.insert(0, 'tests')
+      import jax
+      import test_compat as t
+      loop = t._loop({str(tmp_path)!r})
+      assert loop.n_devices == 2 == jax.device_count(), jax.devices()
+      loop.run(2)
+      resumed = t._loop({str(tmp_path)!r})
+      t._assert_trees_equal(resumed.model.weights, loop.model.weights)
+      resumed.run(2)
+      print(json.dumps({{'step': resumed.step, 'trained_on': t._trained_on(
+          resumed.model.weights, loop.model.weights)}}))
+  """, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+            'JAX_PLATFORMS': 'cpu'})
+  result = json.loads(out.splitlines()[-1])
+  assert result == {'step': 4, 'trained_on': True}

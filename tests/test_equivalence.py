@@ -1,0 +1,141 @@
+"""Our HourglassLM against trax's original: same weights in, same log-probs out.
+
+The original (`trax.models.research.hourglass`) is the reference and is imported
+only here, in tests.
+"""
+
+import jax
+import numpy as np
+import pytest
+import trax
+import trax.layers as tl
+from trax import shapes
+from trax.layers.research import resampling as orig_resampling
+from trax.models.research import hourglass as orig_hourglass
+
+import trax_hourglass as th
+
+VOCAB = 32
+SMALL = dict(d_model=32, d_ff=64, n_heads=4)
+
+# name -> (hierarchy, vanilla_layers, resampling names, sequence length)
+CONFIGS = {
+    # Attention pooling over average pooling, attention upsampling over repeat.
+    'enwik8_like': ('2@3', (1, 1), dict(
+        downsampling_fn='AttentionResampling',
+        upsampling_fn='AttentionResampling',
+        attention_downsampling_fn='AveragePooling',
+        attention_upsampling_fn='NaiveUpsampling'), 24),
+    # Attention pooling over linear pooling.
+    'imagenet32_like': ('2@3', (1, 1), dict(
+        downsampling_fn='AttentionResampling',
+        upsampling_fn='AttentionResampling',
+        attention_downsampling_fn='LinearPooling',
+        attention_upsampling_fn='LinearUpsampling'), 24),
+    # Plain linear pooling and upsampling.
+    'imagenet64_like': ('2@3', (1, 1), dict(
+        downsampling_fn='LinearPooling',
+        upsampling_fn='LinearUpsampling'), 24),
+    'three_levels': ('1@2 1@4 1@8 1@4 1@2', (1, 1), {}, 32),
+    'shorten_factor_4': ('1@4', (2, 1), dict(
+        attention_upsampling_fn='NaiveUpsampling'), 32),
+}
+
+
+def _resampling_kwargs(names, module):
+  return {arg: getattr(module, name) for arg, name in names.items()}
+
+
+def _original(hierarchy, vanilla, names, mode='eval'):
+  return orig_hourglass.HourglassLM(
+      VOCAB, vanilla_layers=vanilla, hierarchy=hierarchy, mode=mode, **SMALL,
+      **_resampling_kwargs(names, orig_resampling))
+
+
+def _ours(hierarchy, vanilla, names, mode='eval'):
+  return th.HourglassLM(
+      VOCAB, vanilla_layers=vanilla, hierarchy=hierarchy, mode=mode, **SMALL,
+      **_resampling_kwargs(names, th.layers))
+
+
+def _randomize(model, seed):
+  """Re-draws every weight at scale ~0.5 so that position terms matter too.
+
+  trax initialises the shared relative-attention biases at 1e-6, which would
+  hide a wrong position layout; random biases expose it.
+  """
+  rng = np.random.RandomState(seed)
+  flat = [w for w in trax.fastmath.tree_flatten(model.weights)]
+  new = [np.asarray(rng.normal(0, 0.5, w.shape), w.dtype) for w in flat]
+  model.weights, _ = trax.fastmath.tree_unflatten(
+      new, model.weights,
+      copy_from_tree=[tl.base.EMPTY_WEIGHTS, tl.base.GET_WEIGHTS_FROM_CACHE])
+
+
+def _logprobs(model, x):
+  """Log-probs of a model in one compiled call (faster than op by op)."""
+  fn = jax.jit(lambda w, s, x: model.pure_fn(x, w, s, jax.random.PRNGKey(0))[0])
+  return jax.nn.log_softmax(fn(model.weights, model.state, x))
+
+
+def _tokens(length, batch=2, seed=0):
+  return np.random.RandomState(seed).randint(
+      0, VOCAB, size=(batch, length)).astype(np.int32)
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_same_log_probs_as_original(name):
+  hierarchy, vanilla, names, length = CONFIGS[name]
+  x = _tokens(length)
+  original = _original(hierarchy, vanilla, names)
+  original.init(shapes.signature(x))
+  _randomize(original, seed=1)
+  ours = th.load_trax_hourglass_weights(_ours(hierarchy, vanilla, names),
+                                        original.weights)
+  expected = _logprobs(original, x)
+  got = _logprobs(ours, x)
+  assert got.shape == (2, length, VOCAB)
+  np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_paper_notation_builds_the_same_model():
+  x = _tokens(12)
+  a = th.HourglassLM(VOCAB, vanilla_layers=(2, 2), hierarchy='2@3', mode='eval',
+                     **SMALL)
+  a.init(shapes.signature(x))
+  _randomize(a, seed=2)
+  b = th.load_trax_hourglass_weights(
+      th.HourglassLM(VOCAB, hierarchy='2@1 2@3 2@1', mode='eval', **SMALL),
+      a.weights)
+  np.testing.assert_array_equal(_logprobs(a, x), _logprobs(b, x))
+
+
+def test_loads_a_checkpoint_written_by_trax_training_loop(tmp_path):
+  hierarchy, vanilla, names, length = CONFIGS['imagenet64_like']
+  batch = (_tokens(length), _tokens(length), np.ones((2, length), np.float32))
+  task = trax.supervised.training.TrainTask(
+      labeled_data=iter(lambda: batch, None), loss_layer=tl.WeightedCategoryCrossEntropy(),
+      optimizer=trax.optimizers.Adam(1e-3), n_steps_per_checkpoint=1)
+  loop = trax.supervised.training.Loop(
+      _original(hierarchy, vanilla, names, mode='train'), [task],
+      output_dir=str(tmp_path))
+  loop.run(1)  # Writes model.pkl.gz + model.weights.npy.gz at step 1.
+  original = _original(hierarchy, vanilla, names)
+  original.init_from_file(str(tmp_path / 'model.pkl.gz'), weights_only=True,
+                          input_signature=shapes.signature(batch[0]))
+  ours = th.load_trax_hourglass_weights(_ours(hierarchy, vanilla, names),
+                                        tmp_path / 'model.pkl.gz')
+  np.testing.assert_allclose(_logprobs(ours, batch[0]),
+                             _logprobs(original, batch[0]), atol=1e-4)
+
+
+def test_loader_names_a_mismatched_configuration():
+  x = _tokens(24)
+  original = _original('2@3', (1, 1), {})
+  original.init(shapes.signature(x))
+  with pytest.raises(ValueError, match='weight arrays'):
+    th.load_trax_hourglass_weights(_ours('3@3', (1, 1), {}), original.weights)
+  wider = th.HourglassLM(VOCAB, hierarchy='2@3', d_model=64, d_ff=64, n_heads=4,
+                         mode='eval')
+  with pytest.raises(ValueError, match=r'shape \(32, 32\).*expects \(32, 64\)'):
+    th.load_trax_hourglass_weights(wider, original.weights)

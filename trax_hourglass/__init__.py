@@ -1,0 +1,19 @@
+"""trax_hourglass: Hourglass, the hierarchical Transformer LM, for Trax.
+
+Importing this package applies `compat` (fixes for trax 1.4.1 on the pinned stack)
+before anything else imports trax, and registers every configurable with gin under
+the module `trax_hourglass`.
+"""
+
+from trax_hourglass import compat
+
+compat.apply()
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from trax_hourglass.hierarchy import Hierarchy
+from trax_hourglass.hierarchy import parse_hierarchy
+from trax_hourglass import layers
+from trax_hourglass.models.hourglass import HourglassLM
+from trax_hourglass.models.weights import load_trax_hourglass_weights
+
+__version__ = '0.1.0'

@@ -1,0 +1,154 @@
+"""Fixes for what trax 1.4.1 gets wrong on the pinned stack (Python 3.11, jax 0.4.38).
+
+Importing `trax_hourglass` imports this module first; each fix is applied once, here,
+and has a test in `tests/test_compat.py` that fails without it. Import trax through
+`trax_hourglass` (or call `apply()`) rather than before it to get the fast import.
+"""
+
+import importlib.abc
+import importlib.machinery
+import inspect
+import os
+import sys
+import types
+
+_APPLIED = False
+_ASSERT_SHAPE = 'trax.layers.assert_shape'
+
+
+def _fast_stack(context=1):
+  """`inspect.stack()` without reading source files or scanning `sys.modules`."""
+  del context  # Callers in trax only read the frame itself.
+  frames = []
+  frame = sys._getframe(1)  # pylint: disable=protected-access
+  while frame is not None:
+    frames.append(inspect.FrameInfo(frame, frame.f_code.co_filename,
+                                    frame.f_lineno, frame.f_code.co_name,
+                                    None, None))
+    frame = frame.f_back
+  return frames
+
+
+def _fast_getframeinfo(frame, context=1):
+  """`inspect.getframeinfo()` of a frame without its source (no code_context)."""
+  if not inspect.isframe(frame):
+    return inspect.getframeinfo(frame, context)
+  return inspect.Traceback(frame.f_code.co_filename, frame.f_lineno,
+                           frame.f_code.co_name, None, None)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+  """Runs `patch(module)` as soon as module `name` has executed, once."""
+
+  def __init__(self, name, patch):
+    self._name, self._patch = name, patch
+
+  def find_spec(self, fullname, path, target=None):
+    if fullname != self._name:
+      return None
+    sys.meta_path.remove(self)
+    spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+    if spec is None or spec.loader is None:
+      return None  # Let the other finders import it, unpatched.
+    exec_module, patch = spec.loader.exec_module, self._patch
+
+    def exec_and_patch(module):
+      exec_module(module)
+      patch(module)
+
+    spec.loader.exec_module = exec_and_patch
+    return spec
+
+
+def _fix_assert_shape_stack():
+  # trax's @assert_shape runs inspect.getframeinfo(inspect.stack()[1][0]) per
+  # decorated layer; both resolve modules via inspect.getmodule, which scans all of
+  # (tensorflow-sized) sys.modules per frame: `import trax` took ~25 s. Give that
+  # module, as soon as it exists, an `inspect` that only reads frames.
+  proxy = types.ModuleType('inspect')
+  proxy.__dict__.update(inspect.__dict__)
+  proxy.stack = _fast_stack
+  proxy.getframeinfo = _fast_getframeinfo
+
+  def patch(module):
+    module.inspect = proxy
+
+  if _ASSERT_SHAPE in sys.modules:  # trax was imported before us: too late for import.
+    patch(sys.modules[_ASSERT_SHAPE])
+  else:
+    sys.meta_path.insert(0, _AfterImport(_ASSERT_SHAPE, patch))
+
+
+def _fix_tree_unflatten():
+  # Loop restores optimizer slots with tree_unflatten(..., copy_from_tree=[None, ()])
+  # and trax tests `tree in copy_from_tree`, which compares a jax array with a tuple
+  # and raises TypeError on numpy 2 / jax 0.4; compare by identity or emptiness.
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  # `trax.fastmath.numpy` the attribute is a backend object; patch the module.
+  trax_np = sys.modules['trax.fastmath.numpy']
+
+  def tree_unflatten(flat, tree, copy_from_tree=None):
+    if copy_from_tree is not None and _is_marker(tree, copy_from_tree):
+      return tree, flat
+    if isinstance(tree, (list, tuple)):
+      new_tree, rest = [], flat
+      for t in tree:
+        new_t, rest = tree_unflatten(rest, t, copy_from_tree=copy_from_tree)
+        new_tree.append(new_t)
+      return (tuple(new_tree) if isinstance(tree, tuple) else new_tree), rest
+    if isinstance(tree, dict):
+      new_tree, rest = {}, flat
+      for k in tree:
+        new_v, rest = tree_unflatten(rest, tree[k], copy_from_tree=copy_from_tree)
+        new_tree[k] = new_v
+      return new_tree, rest
+    return flat[0], flat[1:]
+
+  tree_unflatten.__doc__ = trax_np.tree_unflatten.__doc__
+  trax_np.tree_unflatten = tree_unflatten  # Callers look it up at call time.
+  fastmath.tree_unflatten = tree_unflatten
+
+
+def _is_marker(tree, markers):
+  """`tree in markers` that never compares an array with a marker."""
+  if tree is not None and not isinstance(tree, (list, tuple, dict)):
+    return False  # A leaf (array): never a marker.
+  return any(type(tree) is type(m) and tree == m for m in markers)  # pylint: disable=unidiomatic-typecheck
+
+
+def _fix_save_computation_graphs():
+  # jax 0.4.38 removed jax.xla_computation, which Trainer calls after step 1 to dump
+  # forward.txt/.dot: train(use_loop=False) crashed; lower via jax.jit instead.
+  import jax  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from trax.supervised import trainer_lib  # pylint: disable=g-import-not-at-top
+
+  def save_computation_graphs(self):
+    """Dump computation graphs to files."""
+    # pylint: disable=protected-access
+    if self.n_devices != 1:
+      return  # As in trax: single-device only.
+    batch = next(self._train_stream)
+    hlo = jax.jit(self._model_predict_eval.pure_fn).lower(
+        batch, self._opt_state.weights[0], self._model_state[0],
+        self._rngs[0]).compiler_ir('hlo')
+    for name, text in (('forward.txt', hlo.as_hlo_text()),
+                       ('forward.dot', hlo.as_hlo_dot_graph())):
+      with tf.io.gfile.GFile(os.path.join(self._output_dir, name), 'w') as f:
+        f.write(text)
+
+  trainer_lib.Trainer.save_computation_graphs = save_computation_graphs
+
+
+def apply():
+  """Imports trax (fast) and applies every fix, once."""
+  global _APPLIED
+  if _APPLIED:
+    return
+  _fix_assert_shape_stack()  # Before `import trax`, which decorates its layers.
+  import trax  # pylint: disable=g-import-not-at-top,unused-import
+  import trax.layers  # pylint: disable=g-import-not-at-top,unused-import
+  import trax.supervised  # pylint: disable=g-import-not-at-top,unused-import
+  _fix_tree_unflatten()
+  _fix_save_computation_graphs()
+  _APPLIED = True

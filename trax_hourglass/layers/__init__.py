@@ -1,0 +1,14 @@
+"""Layers of the hourglass: resampling and attention."""
+
+from trax_hourglass.layers.attention import causal_mask
+from trax_hourglass.layers.attention import RelativeAttention
+from trax_hourglass.layers.attention import RelativeAttentionBiases
+from trax_hourglass.layers.attention import RelativeAttentionWrapper
+from trax_hourglass.layers.attention import RelativeDotProductAttention
+from trax_hourglass.layers.attention import SelfAttention
+from trax_hourglass.layers.resampling import AttentionResampling
+from trax_hourglass.layers.resampling import AveragePooling
+from trax_hourglass.layers.resampling import FeedForward
+from trax_hourglass.layers.resampling import LinearPooling
+from trax_hourglass.layers.resampling import LinearUpsampling
+from trax_hourglass.layers.resampling import NaiveUpsampling

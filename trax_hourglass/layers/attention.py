@@ -1,0 +1,278 @@
+"""Attention for the hourglass: funnel-aware relative attention, and one adapter.
+
+Relative attention follows Transformer-XL: the score of query i for key j is
+  (q_i + u) . k_j  +  (q_i + v) . W_r sin(rel(i, j)),
+with `u` (context bias) and `v` (location bias) shared by every layer of a model.
+Queries and keys may live at different lengths (the resampling layers attend from a
+shortened sequence to a full one and back), and every relative distance is measured
+in the units of the input tokens, i.e. scaled by the keys' accumulated pooling.
+
+The weights of `RelativeAttention` are laid out as in trax's `rel_attention`
+(position, query, key, value projections, the two shared biases, the output
+projection), so checkpoints of trax's HourglassLM load unchanged.
+"""
+
+import functools
+import inspect
+
+import gin
+import jax
+import numpy as np
+import trax.layers as tl
+from trax import fastmath
+from trax.fastmath import numpy as jnp
+from trax.layers import base
+from trax.layers import initializers as init
+
+_BIAS_INIT_STDDEV = 1e-6
+_MASK_VALUE = -1e9
+
+
+def RelativeAttentionBiases(d_model, n_heads):
+  """Returns the (context, location) bias layers that every layer shares.
+
+  Each is a `tl.Weights` of shape (1, n_heads, 1, d_model // n_heads); placing the
+  same layer object in several blocks makes trax store its weights once.
+  """
+  if d_model % n_heads or d_model % 2:
+    raise ValueError(
+        f'd_model={d_model} must be even and divisible by n_heads={n_heads}, '
+        f'e.g. d_model={n_heads * max(2, 2 * (d_model // (2 * n_heads)))}.')
+  shape = (1, n_heads, 1, d_model // n_heads)
+  bias_init = init.RandomNormalInitializer(_BIAS_INIT_STDDEV)
+  return tl.Weights(bias_init, shape=shape), tl.Weights(bias_init, shape=shape)
+
+
+def funnel_ratio(queries_len, keys_len):
+  """Returns (factor, is_upsampling) relating query and key lengths."""
+  longer, shorter = max(queries_len, keys_len), min(queries_len, keys_len)
+  if longer % shorter:
+    raise ValueError(
+        f'Attention between lengths {queries_len} (queries) and {keys_len} '
+        '(keys) needs one to be a multiple of the other.')
+  return longer // shorter, queries_len > keys_len
+
+
+def relative_positions(queries_len, keys_len, kv_pooling):
+  """Relative positions whose embeddings the attention needs, as a flat array.
+
+  Same length (L): offsets -(L-1)..0, scaled by `kv_pooling`.
+  Shortening (keys f times longer; query i sits at key f*i): for each offset
+  s in [0, f) within a key block, offsets f*(m - (Lq-1)) + s, m in [0, Lq),
+  scaled by `kv_pooling`.
+  Upsampling (queries f times longer; key j sits at query f*j): for each query
+  offset s in [0, f), offsets f*(m - (Lk-1)) - s, m in [0, Lk), in query units
+  (unscaled, as trax's HourglassLM measures them; weights stay compatible).
+  Laid out residue-major so that each residue is a plain Transformer-XL skew:
+  every score costs one dot product, none is computed and thrown away.
+  """
+  factor, is_upsampling = funnel_ratio(queries_len, keys_len)
+  short = min(queries_len, keys_len)
+  grid = factor * (np.arange(short) - (short - 1))  # (short,)
+  residues = np.arange(factor)[:, None]  # (f, 1)
+  if is_upsampling:
+    return (grid[None, :] - residues).reshape(-1).astype(np.float64)
+  return ((grid[None, :] + residues) * kv_pooling).reshape(-1).astype(np.float64)
+
+
+def sinusoidal_embeddings(positions, d_model):
+  """Transformer-XL sinusoids of `positions` (P,) -> (P, d_model) float32."""
+  inv_freq = 1.0 / (10000 ** (np.arange(0.0, d_model, 2.0) / d_model))
+  angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(
+      np.float32)
+
+
+def causal_mask(queries_len, keys_len):
+  """(Lq, Lk) bool: which keys each query may see, across a funnel."""
+  factor, is_upsampling = funnel_ratio(queries_len, keys_len)
+  q = np.arange(queries_len)[:, None]
+  k = np.arange(keys_len)[None, :]
+  if is_upsampling:
+    return k <= q // factor  # Key j summarises tokens up to query f*j.
+  return k // factor <= q  # Query i summarises key block i.
+
+
+def _skew(x):
+  """(..., L, L) scores by offset column m -> by key j, with offset j - i.
+
+  Column m of row i holds the score for relative offset m - (L-1); the result
+  holds at [i, j] the score for offset j - i (entries with j > i are garbage,
+  masked later). One pad and one reshape: the Transformer-XL trick.
+  """
+  *lead, length, _ = x.shape
+  x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
+  x = x.reshape(*lead, length * (length + 1))
+  x = x[..., length - 1:length - 1 + length * length]
+  return x.reshape(*lead, length, length)
+
+
+def _split_heads(x, n_heads):
+  batch, length, d = x.shape
+  return x.reshape(batch, length, n_heads, d // n_heads).transpose(0, 2, 1, 3)
+
+
+def _merge_heads(x):
+  batch, n_heads, length, d_head = x.shape
+  return x.transpose(0, 2, 1, 3).reshape(batch, length, n_heads * d_head)
+
+
+def relative_scores(queries, keys, pos_emb, context_bias, location_bias,
+                    kv_pooling):
+  """Unnormalised relative attention logits.
+
+  Args:
+    queries: (batch, heads, Lq, d_head).
+    keys: (batch, heads, Lk, d_head).
+    pos_emb: projected embeddings of `relative_positions(Lq, Lk, kv_pooling)`,
+      (P, heads, d_head).
+    context_bias: (1, heads, 1, d_head).
+    location_bias: (1, heads, 1, d_head).
+    kv_pooling: accumulated shortening of the keys (only for the layout).
+
+  Returns:
+    (batch, heads, Lq, Lk) logits, before scaling and masking.
+  """
+  del kv_pooling  # Already in pos_emb's positions.
+  batch, n_heads, q_len, d_head = queries.shape
+  k_len = keys.shape[2]
+  factor, is_upsampling = funnel_ratio(q_len, k_len)
+  content = jnp.einsum('bnid,bnjd->bnij', queries + context_bias, keys)
+  q_loc = queries + location_bias
+  if factor == 1:
+    position = _skew(jnp.einsum('bnid,mnd->bnim', q_loc, pos_emb))
+  elif is_upsampling:  # Query i = f*a + s; key j at query f*j.
+    pos_emb = pos_emb.reshape(factor, k_len, n_heads, d_head)
+    q_loc = q_loc.reshape(batch, n_heads, k_len, factor, d_head)
+    position = _skew(jnp.einsum('bnasd,smnd->bnsam', q_loc, pos_emb))
+    position = position.transpose(0, 1, 3, 2, 4).reshape(
+        batch, n_heads, q_len, k_len)
+  else:  # Key c = f*b + s; query i at key f*i.
+    pos_emb = pos_emb.reshape(factor, q_len, n_heads, d_head)
+    position = _skew(jnp.einsum('bnid,smnd->bnsim', q_loc, pos_emb))
+    position = position.transpose(0, 1, 3, 4, 2).reshape(
+        batch, n_heads, q_len, k_len)
+  return content + position
+
+
+class RelativeDotProductAttention(base.Layer):
+  """(location_bias, context_bias, pos_emb, q, k, v) -> attended vectors.
+
+  q: (batch, Lq, d_model); k, v: (batch, Lk, d_model); pos_emb: (P, d_model)
+  projected embeddings of `relative_positions(Lq, Lk, kv_pooling)`.
+  Output: (batch, Lq, d_model), causal across the funnel (see `causal_mask`).
+  """
+
+  def __init__(self, n_heads, kv_pooling, dropout=0.0, mode='train'):
+    super().__init__(n_in=6, n_out=1, name='RelativeDotProductAttention')
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f'dropout={dropout} must be in [0, 1).')
+    self._n_heads = n_heads
+    self._kv_pooling = kv_pooling
+    self._dropout = dropout
+    self._mode = mode
+
+  def forward(self, inputs):
+    location_bias, context_bias, pos_emb, q, k, v = inputs
+    n_heads = self._n_heads
+    q, k, v = (_split_heads(x, n_heads) for x in (q, k, v))
+    pos_emb = pos_emb.reshape(pos_emb.shape[0], n_heads, -1)
+    logits = relative_scores(q, k, pos_emb, context_bias, location_bias,
+                             self._kv_pooling)
+    logits = logits * (1.0 / np.sqrt(q.shape[-1]))
+    mask = causal_mask(q.shape[2], k.shape[2])  # A compile-time constant.
+    logits = jnp.where(mask, logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if self._mode == 'train' and self._dropout > 0.0:
+      keep = fastmath.random.bernoulli(self.rng, 1.0 - self._dropout,
+                                       probs.shape)
+      probs = jnp.where(keep, probs / (1.0 - self._dropout), 0.0)
+    return _merge_heads(jnp.einsum('bnij,bnjd->bnid', probs, v))
+
+
+def RelativePositionEmbeddings(d_model, kv_pooling):
+  """(queries, keys) -> (P, d_model) sinusoids of the positions they need."""
+  def embeddings(queries, keys):
+    positions = relative_positions(queries.shape[1], keys.shape[1], kv_pooling)
+    return jnp.asarray(sinusoidal_embeddings(positions, d_model))
+  return tl.Fn('RelativePositionEmbeddings', embeddings)
+
+
+def RelativeAttention(d_model, n_heads, dropout, mode, context_bias_layer,
+                      location_bias_layer, kv_pooling):
+  """Returns a layer: (queries_in, keys_in) -> vecs, causal relative attention.
+
+  queries_in: (batch, Lq, d_model); keys_in: (batch, Lk, d_model), one length a
+  multiple of the other; output (batch, Lq, d_model). `kv_pooling` is the
+  accumulated shortening of keys_in, so distances are counted in input tokens.
+  """
+  return tl.Serial(
+      tl.Branch(RelativePositionEmbeddings(d_model, kv_pooling),
+                tl.Select([0], n_in=2), tl.Select([1], n_in=2),
+                tl.Select([1], n_in=2)),  # pos, q_in, k_in, k_in
+      tl.Parallel(tl.Dense(d_model), tl.Dense(d_model), tl.Dense(d_model),
+                  tl.Dense(d_model)),  # pos_emb, q, k, v
+      context_bias_layer,
+      location_bias_layer,  # location_bias, context_bias, pos_emb, q, k, v
+      RelativeDotProductAttention(n_heads, kv_pooling, dropout, mode),  # vecs
+      tl.Dense(d_model),  # vecs: (batch, Lq, d_model)
+  )
+
+
+@gin.configurable(module='trax_hourglass')
+def RelativeAttentionWrapper(d_feature, n_heads=1, dropout=0.0,
+                             max_inference_length=2048, mode='train',
+                             context_bias_layer=None, location_bias_layer=None,
+                             total_pooling=1):
+  """Relative self-attention, as an attention type: vecs -> vecs.
+
+  Same signature as trax's `RelativeAttentionWrapper`, so gin files written for
+  trax's HourglassLM keep working; the default attention of `HourglassLM`.
+  """
+  del max_inference_length
+  if context_bias_layer is None or location_bias_layer is None:
+    context_bias_layer, location_bias_layer = RelativeAttentionBiases(
+        d_feature, n_heads)
+  return tl.Serial(
+      tl.Select([0, 0]),  # vecs, vecs
+      RelativeAttention(d_feature, n_heads, dropout, mode, context_bias_layer,
+                        location_bias_layer, total_pooling),
+  )
+
+
+def _constructor_parameters(attention_type):
+  """Parameter names of a layer class or function, seen through partials and gin."""
+  fn = attention_type
+  while isinstance(fn, functools.partial):
+    fn = fn.func
+  if inspect.isclass(fn):  # gin-wrapped classes hide their signature; __init__ does not.
+    fn = fn.__init__
+  try:
+    return inspect.signature(inspect.unwrap(fn)).parameters
+  except (TypeError, ValueError):
+    return {}
+
+
+def SelfAttention(attention_type, d_model, n_heads, dropout, mode,
+                  context_bias_layer, location_bias_layer, total_pooling):
+  """The attention adapter: builds any attention type as vecs -> vecs.
+
+  `attention_type` is our `RelativeAttentionWrapper` or a trax attention class
+  (`tl.CausalAttention`, `tl.LSHSelfAttention`, `tl.CausalFavor`,
+  `MultiplicativeConvCausalAttention`, ...), a `functools.partial` of one, or a
+  gin reference to one. Their constructors differ; this reads the signature and
+  passes each what it takes, exactly as trax's HourglassLM does, so the weights
+  have the same layout.
+  """
+  params = _constructor_parameters(attention_type)
+  if 'context_bias_layer' in params:
+    return attention_type(
+        d_model, n_heads=n_heads, dropout=dropout, mode=mode,
+        context_bias_layer=context_bias_layer,
+        location_bias_layer=location_bias_layer, total_pooling=total_pooling)
+  if 'd_qk' in params:  # Reformer-style layers (LSH, PureLSH, ...).
+    d_head = d_model // n_heads
+    return attention_type(
+        n_heads=n_heads, d_qk=d_head, d_v=d_head, causal=True, masked=False,
+        output_dropout=dropout, attention_dropout=dropout, mode=mode)
+  return attention_type(d_model, n_heads=n_heads, dropout=dropout, mode=mode)

@@ -1,0 +1,128 @@
+"""Shortening and upsampling layers of the hourglass.
+
+Each takes the constructor arguments of its trax namesake in
+`trax.layers.research.resampling` (extra keyword arguments are ignored), so the
+`downsampling_fn` / `upsampling_fn` / `attention_*_fn` arguments of `HourglassLM`
+accept either, and weights are laid out alike.
+
+Shortening maps (batch, len, d_model) -> (batch, len/k, d_model); upsampling maps
+(batch, len/k, d_model) -> (batch, len, d_model).
+"""
+
+import gin
+import trax.layers as tl
+from trax.fastmath import numpy as jnp
+
+from trax_hourglass.layers.attention import RelativeAttention
+
+
+def _configurable(fn):
+  return gin.configurable(fn, module='trax_hourglass')
+
+
+def _check_divisible(x, shorten_factor):
+  if x.shape[1] % shorten_factor:
+    raise ValueError(
+        f'Cannot shorten a sequence of length {x.shape[1]} by {shorten_factor}: '
+        'HourglassLM pads its inputs to a multiple of the total shorten factor; '
+        'pad inputs to these layers likewise.')
+
+
+def _groups(x, shorten_factor):
+  """(batch, len, d) -> (batch, len/k, k, d): consecutive blocks of k vectors."""
+  _check_divisible(x, shorten_factor)
+  batch, length, d = x.shape
+  return x.reshape(batch, length // shorten_factor, shorten_factor, d)
+
+
+@_configurable
+def AveragePooling(shorten_factor, *args, **kwargs):
+  """Mean of each block of `shorten_factor` vectors."""
+  del args, kwargs
+  return tl.Fn('AveragePooling',
+               lambda x: jnp.mean(_groups(x, shorten_factor), axis=2))
+
+
+@_configurable
+def LinearPooling(shorten_factor, d_model, *args, dropout=0.0, mode='train',
+                  **kwargs):
+  """Concatenates each block of `shorten_factor` vectors and projects to d_model."""
+  del args, kwargs
+  def concat_blocks(x):
+    batch, n_blocks = x.shape[0], x.shape[1] // shorten_factor
+    return _groups(x, shorten_factor).reshape(batch, n_blocks, -1)
+  return tl.Serial(
+      tl.Fn('ConcatBlocks', concat_blocks),  # vecs: (batch, len/k, k*d_model)
+      tl.Dense(d_model),  # vecs: (batch, len/k, d_model)
+      tl.Dropout(rate=dropout, mode=mode),
+  )
+
+
+@_configurable
+def NaiveUpsampling(shorten_factor, d_model, *args, **kwargs):
+  """Repeats each vector `shorten_factor` times."""
+  del d_model, args, kwargs
+  return tl.Fn('NaiveUpsampling',
+               lambda x: jnp.repeat(x, shorten_factor, axis=1))
+
+
+@_configurable
+def LinearUpsampling(shorten_factor, d_model, *args, dropout=0.0, mode='train',
+                     **kwargs):
+  """Projects each vector to `shorten_factor` vectors of d_model."""
+  del args, kwargs
+  def split_blocks(x):
+    return x.reshape(x.shape[0], x.shape[1] * shorten_factor, -1)
+  return tl.Serial(
+      tl.Dense(shorten_factor * d_model),  # vecs: (batch, len/k, k*d_model)
+      tl.Dropout(rate=dropout, mode=mode),
+      tl.Fn('SplitBlocks', split_blocks),  # vecs: (batch, len, d_model)
+  )
+
+
+def FeedForward(d_model, d_ff, dropout, dropout_shared_axes, mode,
+                ff_activation):
+  """The position-wise feed-forward block: vecs -> vecs."""
+  return [
+      tl.Dense(d_ff),
+      ff_activation(),
+      tl.Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode),
+      tl.Dense(d_model),
+  ]
+
+
+@_configurable
+def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
+                        dropout, dropout_shared_axes, mode, ff_activation,
+                        context_bias_layer, location_bias_layer, total_pooling,
+                        resampling_fn):
+  """Resampling refined by attention (the paper's attention pooling/upsampling).
+
+  `resampling_fn` makes the queries at the new length; they attend to the vectors
+  at the old length, then a feed-forward block follows. When upsampling, the
+  full-length residual stream (the second input) joins the queries.
+
+  Shortening: vecs (batch, len, d) -> (batch, len/k, d).
+  Upsampling: (short (batch, len/k, d), residual (batch, len, d)) ->
+              (vecs (batch, len, d), residual).
+  """
+  def _Dropout():
+    return tl.Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
+
+  return [
+      tl.LayerNorm(),  # h
+      tl.Branch([resampling_fn(shorten_factor, d_model, mode=mode),
+                 tl.LayerNorm()], None),  # queries, h
+      [tl.Select([0, 2, 1, 2]), tl.Add()] if is_upsampling else [],  # +residual
+      tl.Residual(  # queries attend to h; kv_pooling: h's accumulated shortening
+          RelativeAttention(d_model, n_heads, dropout, mode, context_bias_layer,
+                            location_bias_layer, total_pooling),
+          _Dropout(),
+      ),  # vecs
+      tl.Residual(
+          tl.LayerNorm(),
+          FeedForward(d_model, d_ff, dropout, dropout_shared_axes, mode,
+                      ff_activation),
+          _Dropout(),
+      ),  # vecs
+  ]
