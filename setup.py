@@ -45,6 +45,7 @@ setuptools.setup(
         'console_scripts': [
             'hourglass-demo=trax_hourglass.cli.demo:main',
             'trainer=trax_hourglass.cli.trainer:main',
+            'hourglass-eval=trax_hourglass.cli.evaluate:main',
         ],
     },
     license='Apache 2.0',

@@ -193,16 +193,21 @@ def run_worker(argv, timeout_s, xla_flags=()):
                             env=worker_env(xla_flags),
                             cwd=REPO_ROOT)
     timed_out = False
-    while True:
-      pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-      if pid:
-        break
-      if time.perf_counter() - start > timeout_s:
-        proc.kill()
-        timed_out = True
-        _, status, rusage = os.wait4(proc.pid, 0)
-        break
-      time.sleep(0.05)
+    try:
+      while True:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+          break
+        if time.perf_counter() - start > timeout_s:
+          proc.kill()
+          timed_out = True
+          _, status, rusage = os.wait4(proc.pid, 0)
+          break
+        time.sleep(0.05)
+    except BaseException:  # E.g. Ctrl-C: do not leave the worker running.
+      proc.kill()
+      os.wait4(proc.pid, 0)
+      raise
     wall_s = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)  # Reaped by us.
     out.seek(0)

@@ -30,6 +30,10 @@ Reproduce (from the repository root):
   /work/venv/bin/python benchmarks/train_speed.py --rounds 3 --steps 10 \
       --json /tmp/train_speed.json
 
+On a 2-core CPU that takes about an hour: each worker spends 1-4 minutes
+compiling and a reference step takes 10-15 s. Progress goes to stderr, the
+table to stdout.
+
 Quick smoke run (tiny sizes, 1 round, 2 steps, XLA optimization off so it
 compiles fast; its numbers mean nothing; used by tests/test_benchmarks.py):
 

@@ -9,7 +9,6 @@ markdown table with a positive tokens/s for every requested model. Each model
 costs roughly 30-60 s on a 2-core CPU, mostly trax import and XLA compilation.
 """
 
-import functools
 import importlib.util
 import json
 import os
@@ -34,23 +33,6 @@ def _load(name):
   return module
 
 
-@functools.lru_cache(maxsize=None)
-def ours_importable():
-  """Whether `trax_hourglass.HourglassLM` imports, checked in a fresh process."""
-  result = subprocess.run(
-      [sys.executable, '-c', 'from trax_hourglass import HourglassLM'],
-      cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False)
-  return result.returncode == 0
-
-
-# A string condition is evaluated lazily, when the `ours` case is about to run,
-# so collecting this module does not pay for a trax import.
-_SKIP_UNLESS_OURS = pytest.mark.skipif(
-    'not ours_importable()',
-    reason='trax_hourglass.HourglassLM cannot be imported yet (the model is '
-    'still being written); this case runs as soon as it imports.')
-
-
 def _table_rows(stdout):
   """Markdown table rows of the benchmark output, as {model: [cells]}."""
   rows = {}
@@ -61,10 +43,7 @@ def _table_rows(stdout):
   return rows
 
 
-@pytest.mark.parametrize('models', [
-    'original,transformer6',
-    pytest.param('ours', marks=_SKIP_UNLESS_OURS),
-])
+@pytest.mark.parametrize('models', ['original,transformer6', 'ours'])
 def test_train_speed_quick(models, tmp_path):
   json_path = tmp_path / 'train_speed.json'
   result = subprocess.run(

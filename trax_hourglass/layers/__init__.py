@@ -8,7 +8,8 @@ from trax_hourglass.layers.attention import RelativeDotProductAttention
 from trax_hourglass.layers.attention import SelfAttention
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
-from trax_hourglass.layers.resampling import FeedForward
+from trax_hourglass.layers.resampling import FeedForwardResidual
+from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers.resampling import LinearPooling
 from trax_hourglass.layers.resampling import LinearUpsampling
 from trax_hourglass.layers.resampling import NaiveUpsampling

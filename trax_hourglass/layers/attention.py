@@ -19,10 +19,11 @@ import gin
 import jax
 import numpy as np
 import trax.layers as tl
-from trax import fastmath
 from trax.fastmath import numpy as jnp
 from trax.layers import base
 from trax.layers import initializers as init
+
+from trax_hourglass.layers.dropout import apply_dropout
 
 _BIAS_INIT_STDDEV = 1e-6
 _MASK_VALUE = -1e9
@@ -83,28 +84,33 @@ def sinusoidal_embeddings(positions, d_model):
       np.float32)
 
 
-def causal_mask(queries_len, keys_len):
-  """(Lq, Lk) bool: which keys each query may see, across a funnel."""
-  factor, is_upsampling = funnel_ratio(queries_len, keys_len)
-  q = np.arange(queries_len)[:, None]
+def causal_mask(query_positions, keys_len, factor=1, is_upsampling=False):
+  """(len(query_positions), keys_len) bool: which keys each query may see.
+
+  Same level (factor 1): key j <= query i. Shortening (keys `factor` times
+  longer): query i summarises key block i, so keys j with j // f <= i.
+  Upsampling (queries longer): key j summarises queries up to f*j, so j <= i // f.
+  """
+  q = np.asarray(query_positions)[:, None]
   k = np.arange(keys_len)[None, :]
   if is_upsampling:
-    return k <= q // factor  # Key j summarises tokens up to query f*j.
-  return k // factor <= q  # Query i summarises key block i.
+    return k <= q // factor
+  return k // factor <= q
 
 
 def _skew(x):
-  """(..., L, L) scores by offset column m -> by key j, with offset j - i.
+  """(..., C, K) scores indexed by offset -> indexed by key (Transformer-XL).
 
-  Column m of row i holds the score for relative offset m - (L-1); the result
-  holds at [i, j] the score for offset j - i (entries with j > i are garbage,
-  masked later). One pad and one reshape: the Transformer-XL trick.
+  Row i is query K-C+i; input column m holds its score for offset m-(K-1). The
+  output holds at [i, j] the score for key j, i.e. offset j-(K-C+i), taken from
+  column j-i+C-1; entries for future keys are garbage, masked later. One pad and
+  one reshape, no gather.
   """
-  *lead, length, _ = x.shape
+  *lead, rows, cols = x.shape
   x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, 0), (0, 1)])
-  x = x.reshape(*lead, length * (length + 1))
-  x = x[..., length - 1:length - 1 + length * length]
-  return x.reshape(*lead, length, length)
+  x = x.reshape(*lead, rows * (cols + 1))
+  x = x[..., rows - 1:rows - 1 + rows * cols]
+  return x.reshape(*lead, rows, cols)
 
 
 def _split_heads(x, n_heads):
@@ -117,42 +123,38 @@ def _merge_heads(x):
   return x.transpose(0, 2, 1, 3).reshape(batch, length, n_heads * d_head)
 
 
-def relative_scores(queries, keys, pos_emb, context_bias, location_bias,
-                    kv_pooling):
-  """Unnormalised relative attention logits.
+def block_scores(queries, keys, pos_emb, context_bias, location_bias, factor,
+                 is_upsampling):
+  """Relative logits of a block of queries that ends where the keys end.
 
   Args:
-    queries: (batch, heads, Lq, d_head).
-    keys: (batch, heads, Lk, d_head).
-    pos_emb: projected embeddings of `relative_positions(Lq, Lk, kv_pooling)`,
-      (P, heads, d_head).
+    queries: (batch, heads, C, d_head), the last C queries of those that see
+      exactly `keys` (C a multiple of `factor` when upsampling).
+    keys: (batch, heads, K, d_head), from the first key on.
+    pos_emb: (factor, G, heads, d_head) projected embeddings of the last G
+      offsets of each residue of `relative_positions`, G the query (shortening
+      and same level) or key (upsampling) length at the coarser resolution.
     context_bias: (1, heads, 1, d_head).
     location_bias: (1, heads, 1, d_head).
-    kv_pooling: accumulated shortening of the keys (only for the layout).
+    factor: funnel factor between queries and keys (1: same level).
+    is_upsampling: queries longer than keys.
 
   Returns:
-    (batch, heads, Lq, Lk) logits, before scaling and masking.
+    (batch, heads, C, K) logits, before scaling and masking.
   """
-  del kv_pooling  # Already in pos_emb's positions.
-  batch, n_heads, q_len, d_head = queries.shape
-  k_len = keys.shape[2]
-  factor, is_upsampling = funnel_ratio(q_len, k_len)
+  batch, n_heads, n_queries, d_head = queries.shape
   content = jnp.einsum('bnid,bnjd->bnij', queries + context_bias, keys)
   q_loc = queries + location_bias
-  if factor == 1:
-    position = _skew(jnp.einsum('bnid,mnd->bnim', q_loc, pos_emb))
-  elif is_upsampling:  # Query i = f*a + s; key j at query f*j.
-    pos_emb = pos_emb.reshape(factor, k_len, n_heads, d_head)
-    q_loc = q_loc.reshape(batch, n_heads, k_len, factor, d_head)
-    position = _skew(jnp.einsum('bnasd,smnd->bnsam', q_loc, pos_emb))
-    position = position.transpose(0, 1, 3, 2, 4).reshape(
-        batch, n_heads, q_len, k_len)
-  else:  # Key c = f*b + s; query i at key f*i.
-    pos_emb = pos_emb.reshape(factor, q_len, n_heads, d_head)
-    position = _skew(jnp.einsum('bnid,smnd->bnsim', q_loc, pos_emb))
-    position = position.transpose(0, 1, 3, 4, 2).reshape(
-        batch, n_heads, q_len, k_len)
-  return content + position
+  grid = pos_emb.shape[1]
+  if is_upsampling:  # Query i = f*a + s; key j sits at query f*j.
+    q_loc = q_loc.reshape(batch, n_heads, n_queries // factor, factor, d_head)
+    position = _skew(jnp.einsum('bnasd,sgnd->bnsag', q_loc, pos_emb))
+    position = position.transpose(0, 1, 3, 2, 4)  # (b, n, a, s, key)
+  else:  # Key c = f*g + s; query i sits at key f*i.
+    position = _skew(jnp.einsum('bnid,sgnd->bnsig', q_loc, pos_emb))
+    position = position.transpose(0, 1, 3, 4, 2)  # (b, n, query, g, s)
+  return content + position.reshape(batch, n_heads, n_queries, grid * (
+      1 if is_upsampling else factor))
 
 
 class RelativeDotProductAttention(base.Layer):
@@ -176,18 +178,42 @@ class RelativeDotProductAttention(base.Layer):
     location_bias, context_bias, pos_emb, q, k, v = inputs
     n_heads = self._n_heads
     q, k, v = (_split_heads(x, n_heads) for x in (q, k, v))
-    pos_emb = pos_emb.reshape(pos_emb.shape[0], n_heads, -1)
-    logits = relative_scores(q, k, pos_emb, context_bias, location_bias,
-                             self._kv_pooling)
-    logits = logits * (1.0 / np.sqrt(q.shape[-1]))
-    mask = causal_mask(q.shape[2], k.shape[2])  # A compile-time constant.
-    logits = jnp.where(mask, logits, _MASK_VALUE)
+    q_len, k_len = q.shape[2], k.shape[2]
+    factor, upsampling = funnel_ratio(q_len, k_len)
+    short = min(q_len, k_len)
+    pos_emb = pos_emb.reshape(factor, short, n_heads, -1)  # Residue-major.
+    # Block-causal: a block of queries needs only the keys up to its last
+    # query's horizon, so about half of the scores are never computed.
+    outputs = []
+    for block, (start, stop) in enumerate(
+        _query_blocks(q_len, factor if upsampling else 1)):
+      grid = stop // factor if upsampling else stop  # Coarse positions seen.
+      n_keys = grid if upsampling else stop * factor
+      logits = block_scores(q[:, :, start:stop], k[:, :, :n_keys],
+                            pos_emb[:, short - grid:], context_bias,
+                            location_bias, factor, upsampling)
+      mask = causal_mask(np.arange(start, stop), n_keys, factor, upsampling)
+      outputs.append(self._attend(logits, mask, v[:, :, :n_keys], block))
+    return _merge_heads(jnp.concatenate(outputs, axis=2))
+
+  def _attend(self, logits, mask, values, block):
+    """Masked softmax of logits (batch, heads, C, K), dropout, times values."""
+    logits = logits * (1.0 / np.sqrt(values.shape[-1]))
+    logits = jnp.where(mask, logits, _MASK_VALUE)  # mask: a constant.
     probs = jax.nn.softmax(logits, axis=-1)
-    if self._mode == 'train' and self._dropout > 0.0:
-      keep = fastmath.random.bernoulli(self.rng, 1.0 - self._dropout,
-                                       probs.shape)
-      probs = jnp.where(keep, probs / (1.0 - self._dropout), 0.0)
-    return _merge_heads(jnp.einsum('bnij,bnjd->bnid', probs, v))
+    if self._mode == 'train':
+      rng = jax.random.fold_in(self.rng, block) if block else self.rng
+      probs = apply_dropout(probs, self._dropout, rng)
+    return jnp.einsum('bnij,bnjd->bnid', probs, values)
+
+
+def _query_blocks(length, unit=1, min_block=64, max_blocks=4):
+  """Static (start, stop) query blocks, multiples of `unit`, >= min_block each."""
+  units = length // unit
+  n_blocks = max([n for n in range(1, max_blocks + 1)
+                  if units % n == 0 and units // n * unit >= min_block] or [1])
+  size = units // n_blocks * unit
+  return [(i * size, (i + 1) * size) for i in range(n_blocks)]
 
 
 def RelativePositionEmbeddings(d_model, kv_pooling):

@@ -14,6 +14,7 @@ import trax.layers as tl
 from trax.fastmath import numpy as jnp
 
 from trax_hourglass.layers.attention import RelativeAttention
+from trax_hourglass.layers.dropout import Dropout
 
 
 def _configurable(fn):
@@ -54,7 +55,7 @@ def LinearPooling(shorten_factor, d_model, *args, dropout=0.0, mode='train',
   return tl.Serial(
       tl.Fn('ConcatBlocks', concat_blocks),  # vecs: (batch, len/k, k*d_model)
       tl.Dense(d_model),  # vecs: (batch, len/k, d_model)
-      tl.Dropout(rate=dropout, mode=mode),
+      Dropout(rate=dropout, mode=mode),
   )
 
 
@@ -75,20 +76,24 @@ def LinearUpsampling(shorten_factor, d_model, *args, dropout=0.0, mode='train',
     return x.reshape(x.shape[0], x.shape[1] * shorten_factor, -1)
   return tl.Serial(
       tl.Dense(shorten_factor * d_model),  # vecs: (batch, len/k, k*d_model)
-      tl.Dropout(rate=dropout, mode=mode),
+      Dropout(rate=dropout, mode=mode),
       tl.Fn('SplitBlocks', split_blocks),  # vecs: (batch, len, d_model)
   )
 
 
-def FeedForward(d_model, d_ff, dropout, dropout_shared_axes, mode,
-                ff_activation):
-  """The position-wise feed-forward block: vecs -> vecs."""
-  return [
-      tl.Dense(d_ff),
+def FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
+                        ff_activation):
+  """Pre-norm position-wise feed-forward block with its residual: vecs -> vecs."""
+  def _Dropout():
+    return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
+  return tl.Residual(
+      tl.LayerNorm(),
+      tl.Dense(d_ff),  # vecs: (batch, len, d_ff)
       ff_activation(),
-      tl.Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode),
-      tl.Dense(d_model),
-  ]
+      _Dropout(),
+      tl.Dense(d_model),  # vecs: (batch, len, d_model)
+      _Dropout(),
+  )
 
 
 @_configurable
@@ -107,7 +112,7 @@ def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
               (vecs (batch, len, d), residual).
   """
   def _Dropout():
-    return tl.Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
+    return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
 
   return [
       tl.LayerNorm(),  # h
@@ -119,10 +124,6 @@ def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
                             location_bias_layer, total_pooling),
           _Dropout(),
       ),  # vecs
-      tl.Residual(
-          tl.LayerNorm(),
-          FeedForward(d_model, d_ff, dropout, dropout_shared_axes, mode,
-                      ff_activation),
-          _Dropout(),
-      ),  # vecs
+      FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
+                          ff_activation),  # vecs
   ]

@@ -14,9 +14,10 @@ from trax_hourglass.hierarchy import parse_hierarchy
 from trax_hourglass.layers.attention import RelativeAttentionBiases
 from trax_hourglass.layers.attention import RelativeAttentionWrapper
 from trax_hourglass.layers.attention import SelfAttention
+from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
-from trax_hourglass.layers.resampling import FeedForward
+from trax_hourglass.layers.resampling import FeedForwardResidual
 from trax_hourglass.layers.resampling import LinearUpsampling
 
 
@@ -50,16 +51,12 @@ def DecoderBlock(attention, d_model, d_ff, dropout, dropout_shared_axes, mode,
                  ff_activation):
   """Pre-norm Transformer block around `attention`: vecs -> vecs."""
   def _Dropout():
-    return tl.Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
+    return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
 
   return [
       tl.Residual(tl.LayerNorm(), attention, _Dropout()),  # vecs
-      tl.Residual(
-          tl.LayerNorm(),
-          FeedForward(d_model, d_ff, dropout, dropout_shared_axes, mode,
-                      ff_activation),
-          _Dropout(),
-      ),  # vecs
+      FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
+                          ff_activation),  # vecs
   ]
 
 
@@ -122,7 +119,7 @@ def HourglassLM(vocab_size,
   context_bias, location_bias = RelativeAttentionBiases(d_model, n_heads)
 
   def _Dropout():
-    return tl.Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
+    return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
 
   def _Blocks(n_layers, total_pooling, attention_type):
     """n_layers blocks at a level shortened by total_pooling, then LayerNorm."""

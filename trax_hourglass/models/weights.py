@@ -13,7 +13,7 @@ from trax import fastmath
 from trax import shapes
 from trax.layers import base
 
-from trax_hourglass import safe_pickle
+from trax_hourglass import checkpoints
 
 
 def _is_marker(x):
@@ -23,15 +23,6 @@ def _is_marker(x):
 
 def _flat_weights(weights):
   return [w for w in fastmath.tree_flatten(weights) if not _is_marker(w)]
-
-
-def _from_bits(array):
-  """trax saves bfloat16 weights bit-cast to uint16; undo that."""
-  array = np.asarray(array)
-  if array.dtype == np.uint16:
-    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    return np.asarray(array.view(jnp.bfloat16))
-  return array
 
 
 def read_trax_checkpoint_weights(path):
@@ -48,14 +39,14 @@ def read_trax_checkpoint_weights(path):
   path = os.fspath(path)
   if os.path.isdir(path):
     path = os.path.join(path, 'model.pkl.gz')
-  checkpoint = safe_pickle.load_gzip(path)
+  checkpoint = checkpoints.safe_unpickle(path)  # Never runs code from it.
   if not isinstance(checkpoint, dict) or 'flat_weights' not in checkpoint:
     raise ValueError(f'{path} is not a trax checkpoint: it has no flat_weights.')
   flat = checkpoint['flat_weights']
   if isinstance(flat, int):  # Current format: weights in a separate file.
     stem = path[:-len('pkl.gz')] if path.endswith('.pkl.gz') else path + '.'
-    flat = safe_pickle.load_npy_gzip(stem + 'weights.npy.gz')
-  return [_from_bits(w) for w in flat]
+    flat = checkpoints.read_arrays(stem + 'weights.npy.gz')
+  return [np.asarray(w) for w in checkpoints.from_bits(flat)]
 
 
 def load_trax_hourglass_weights(model, weights_or_checkpoint_path):

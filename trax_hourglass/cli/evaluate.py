@@ -1,0 +1,273 @@
+"""`hourglass-eval`: bits per byte / per dim of a trained run's checkpoint.
+
+    hourglass-eval --output_dir=~/runs/hg_enwik8 --split=test
+    hourglass-eval --output_dir=RUN --byte_file=../shared/data/enwik8-head.xml
+
+Reads the run's gin config (`output_dir/config.gin`, which trax writes, or
+--config_file), builds its `train.model` in 'eval' mode, loads the committed
+checkpoint safely (`trax_hourglass.checkpoints`), and scores a whole split:
+
+* byte data (enwik8, a byte file, the stdlib corpus): every byte of the split
+  is scored once, in windows of the model's sequence length whose first
+  `sequence_length - stride` bytes are context only, so each scored byte has
+  at least that much preceding context (the first window scores all its
+  bytes). Prints and writes bits per byte.
+* images (CIFAR-10, downsampled ImageNet, .npz): every subpixel of every
+  evaluation image, each image on its own. Prints and writes bits per dim.
+
+The result goes to stdout and, as JSON, to --json (default
+output_dir/eval_<split>.json).
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import gin
+import numpy as np
+from trax_hourglass.cli import run_command
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog='hourglass-eval', description=__doc__.split('\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--output_dir', required=True,
+                      help='the training run (checkpoint and config.gin)')
+  parser.add_argument('--config_file', action='append', default=[],
+                      help='gin config(s) of the run, if not output_dir/'
+                           'config.gin')
+  parser.add_argument('--config', action='append', default=[],
+                      help='extra gin bindings')
+  parser.add_argument('--data_dir', default=None)
+  parser.add_argument('--split', default='test', choices=('valid', 'test'),
+                      help='byte data split (images: the held-out set)')
+  parser.add_argument('--byte_file', default=None,
+                      help='score this byte file (split 90/5/5) instead of '
+                           "the run's data")
+  parser.add_argument('--npz', default=None,
+                      help="score this .npz's test_images instead of the "
+                           "run's data")
+  parser.add_argument('--sequence_length', type=int, default=None,
+                      help="window length (default: the run's)")
+  parser.add_argument('--stride', type=int, default=None,
+                      help='bytes scored per window (default: half the '
+                           'window, so each has >= half a window of context)')
+  parser.add_argument('--batch_size', type=int, default=8)
+  parser.add_argument('--max_bytes', type=int, default=None,
+                      help='score only the first N bytes of the split')
+  parser.add_argument('--max_images', type=int, default=None,
+                      help='score only the first N images')
+  parser.add_argument('--json', default=None, help='where to write the JSON')
+  parser.add_argument('--traceback', action='store_true')
+  return parser.parse_args(argv)
+
+
+def _bound(name, default=None):
+  try:
+    return gin.query_parameter(name)
+  except ValueError:
+    return default
+
+
+def _log_softmax(logits):
+  m = logits.max(-1, keepdims=True)
+  return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+class Scorer:
+  """Batched `model` forward passes returning log2-probabilities of targets."""
+
+  def __init__(self, model):
+    from trax import fastmath  # pylint: disable=g-import-not-at-top
+    self._model = model
+    self._fwd = fastmath.jit(lambda x, w, s, r: model.pure_fn(x, w, s, r)[0])
+    self._rng = fastmath.random.get_prng(0)
+
+  def log2_probs(self, x):
+    """x int32 [batch, length] -> log2 p(x[:, t] | x[:, <t]) [batch, length]."""
+    logits = np.asarray(self._fwd(x, self._model.weights, self._model.state,
+                                  self._rng), np.float64)
+    logp = _log_softmax(logits)
+    return np.take_along_axis(logp, x[..., None], -1)[..., 0] / math.log(2)
+
+
+def score_bytes(scorer, data, sequence_length, stride, batch_size):
+  """Total bits of `data` (uint8), each byte scored once with context.
+
+  Window k covers data[end - L, end) with end = min(n, L + k*stride), and
+  scores its last `stride` bytes (all of them for the first window).
+
+  Returns:
+    (total_bits, n_bytes_scored).
+  """
+  n, length = len(data), sequence_length
+  if n < 2:
+    raise ValueError(f'need at least 2 bytes to score, got {n}')
+  length = min(length, n)
+  windows = []  # (start, first scored offset within window)
+  end = length
+  windows.append((0, 0))
+  while end < n:
+    new_end = min(n, end + stride)
+    windows.append((new_end - length, length - (new_end - end)))
+    end = new_end
+  total = 0.0
+  for b in range(0, len(windows), batch_size):
+    chunk = windows[b:b + batch_size]
+    x = np.stack([np.asarray(data[s:s + length]) for s, _ in chunk]).astype(
+        np.int32)
+    pad = batch_size - len(chunk)  # Fixed batch shape: one compilation.
+    if pad:
+      x = np.concatenate([x, np.zeros((pad, length), np.int32)])
+    lp = scorer.log2_probs(x)
+    for j, (_, first) in enumerate(chunk):
+      total -= float(lp[j, first:].sum())
+  return total, n
+
+
+def score_images(scorer, tokens, batch_size):
+  """Total bits of every subpixel of `tokens` (int [N, D]); returns (bits, N*D)."""
+  total = 0.0
+  for b in range(0, len(tokens), batch_size):
+    x = tokens[b:b + batch_size].astype(np.int32)
+    real = len(x)
+    if real < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - real, x.shape[1]),
+                                      np.int32)])
+    total -= float(scorer.log2_probs(x)[:real].sum())
+  return total, tokens.size
+
+
+def _byte_data(args, seq_len):
+  """(uint8 array of the split, description) from flags or the run's gin."""
+  from trax_hourglass.data import text  # pylint: disable=g-import-not-at-top
+  if args.byte_file:
+    data = text.load_bytes(os.path.expanduser(args.byte_file))
+    bounds, source = text.byte_file_splits(len(data)), args.byte_file
+  else:
+    inputs = _bound('train.inputs')
+    name = inputs.configurable.name if inputs is not None else None
+    if name == 'enwik8_inputs':
+      path = text.enwik8_path(_bound('enwik8_inputs.data_dir'),
+                              _bound('enwik8_inputs.download', True))
+      data, bounds, source = text.load_bytes(path), text.ENWIK8_SPLITS, path
+    elif name == 'byte_file_inputs':
+      path = os.path.expanduser(_bound('byte_file_inputs.path'))
+      data = text.load_bytes(path)
+      bounds = text.byte_file_splits(
+          len(data), _bound('byte_file_inputs.splits', (0.9, 0.05, 0.05)))
+      source = path
+    elif name == 'stdlib_text_inputs':
+      path = text.stdlib_corpus(_bound('stdlib_text_inputs.max_bytes',
+                                       8_000_000))
+      data, bounds = text.load_bytes(path), None
+      bounds, source = text.byte_file_splits(len(data)), path
+    else:
+      return None
+  start, end = bounds[args.split]
+  data = data[start:end]
+  if args.max_bytes:
+    data = data[:args.max_bytes]
+  return data, f'{source} [{args.split}: bytes {start:,}..{end:,})'
+
+
+def _image_data(args):
+  """int [N, D] tokens of the held-out images, from flags or the run's gin."""
+  from trax_hourglass.data import images  # pylint: disable=g-import-not-at-top
+  if args.npz:
+    path = os.path.expanduser(args.npz)
+  else:
+    inputs = _bound('train.inputs')
+    name = inputs.configurable.name if inputs is not None else None
+    if name == 'npz_image_inputs':
+      path = os.path.expanduser(_bound('npz_image_inputs.path'))
+    elif name == 'tfds_image_inputs':
+      dataset = _bound('tfds_image_inputs.dataset_name', 'cifar10')
+      split = images.TFDS_IMAGE_DATASETS[dataset][1]
+      held_out = images.load_tfds_images(
+          dataset, split, _bound('tfds_image_inputs.data_dir'),
+          _bound('tfds_image_inputs.download', True))
+      tokens = images.flatten_images(held_out[:args.max_images])
+      return tokens, f'TFDS {dataset} [{split}]'
+    else:
+      return None
+  with np.load(path, allow_pickle=False) as f:
+    held_out = f['test_images']
+  return images.flatten_images(held_out[:args.max_images]), f'{path} [test]'
+
+
+def run(args):
+  """Evaluates; returns the result dict."""
+  import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
+  from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import data as hg_data  # pylint: disable=g-import-not-at-top
+  from trax_hourglass.cli import trainer  # pylint: disable=g-import-not-at-top
+  from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
+  from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
+
+  output_dir = os.path.expanduser(args.output_dir)
+  configs = args.config_file or [os.path.join(output_dir, 'config.gin')]
+  for path in configs:
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f'gin config {path} does not exist; pass the run\'s config with '
+          '--config_file')
+  if args.data_dir:
+    hg_data.set_default_data_dir(os.path.expanduser(args.data_dir))
+  trainer._progress_callback_class()  # pylint: disable=protected-access
+  gin.parse_config_files_and_bindings(configs, args.config, skip_unknown=True)
+  ckpt = checkpoints.read_checkpoint(output_dir)
+  if ckpt is None:
+    raise FileNotFoundError(f'no checkpoint in {output_dir}')
+  model = gin.query_parameter('train.model').scoped_configurable_fn(
+      mode='eval')
+  checkpoints.init_from_file(model, output_dir)
+  trained_len = int(ckpt.data['input_signature'][0].shape[1])
+  scorer = Scorer(model)
+  start = time.time()
+  result = {'output_dir': output_dir, 'step': ckpt.step}
+  byte_data = None if args.npz else _byte_data(args, trained_len)
+  if byte_data is not None:
+    data, source = byte_data
+    seq_len = args.sequence_length or trained_len
+    stride = args.stride or max(1, seq_len // 2)
+    if not 0 < stride <= seq_len:
+      raise ValueError(f'--stride must be in 1..{seq_len}, got {stride}')
+    bits, n = score_bytes(scorer, data, seq_len, stride, args.batch_size)
+    result.update(metric='bits_per_byte', value=bits / n, n_bytes=n,
+                  sequence_length=seq_len, stride=stride,
+                  min_context=seq_len - stride, data=source)
+    line = (f'{bits / n:.4f} bits per byte on {n:,} bytes of {source} '
+            f'(windows of {seq_len}, >= {seq_len - stride} bytes of context)')
+  else:
+    image_data = _image_data(args)
+    if image_data is None:
+      raise ValueError("the run's train.inputs is neither byte data nor "
+                       'images; pass --byte_file or --npz')
+    tokens, source = image_data
+    bits, n = score_images(scorer, tokens, args.batch_size)
+    result.update(metric='bits_per_dim', value=bits / n, n_dims=n,
+                  n_images=len(tokens), data=source)
+    line = (f'{bits / n:.4f} bits per dim on {len(tokens):,} images '
+            f'({n:,} subpixels) of {source}')
+  result['seconds'] = time.time() - start
+  print(f'step {ckpt.step}: {line}', flush=True)
+  json_path = args.json or os.path.join(output_dir, f'eval_{args.split}.json')
+  with open(json_path + '.tmp', 'w') as f:
+    json.dump(result, f, indent=1)
+  os.replace(json_path + '.tmp', json_path)
+  print(f'Wrote {json_path}', flush=True)
+  return result
+
+
+def main(argv=None):
+  """Console entry point."""
+  return run_command('hourglass-eval', _parse_args, run, argv)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

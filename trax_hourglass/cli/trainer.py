@@ -1,0 +1,341 @@
+"""`trainer`: trains a gin-configured model with trax's `trainer_lib.train`.
+
+    trainer --config_file=gin/quickstart.gin --output_dir=~/runs/quick
+    trainer --config_file=gin/enwik8_hourglass.gin --data_dir=~/data \
+        --config='train.steps=1000' --output_dir=~/runs/enwik8
+
+Flags are trax's trainer's: `--config_file` (repeatable), `--config`
+(repeatable gin bindings, applied after the files), `--output_dir`,
+`--data_dir` (also `--dataset`, `--model` as in trax). Gin files use trax's own
+bindings (`train.*`, `multifactor.*`, `Adam.*`) plus this project's
+configurables (`trax_hourglass.HourglassLM`, `trax_hourglass.enwik8_inputs`,
+...), all registered because this script imports `trax_hourglass` first.
+
+Checkpoints are crash-safe (`trax_hourglass.checkpoints`): rerunning the same
+command after a crash or `kill -9` resumes at the last saved step, with the
+same weights, optimizer slots and data position. Data parallelism uses trax's
+n_devices (`num_devices.value = N` in gin; all local devices by default); the
+batch size must be a multiple of the device count.
+
+Besides trax's summaries it prints the devices, the parameter count and, while
+training, a compact progress line:
+  step 1200/5000 | loss 1.0412 | 1.502 bits/byte | 8.1k tok/s | 0.25 s/step | left 0:15:50
+"""
+
+import argparse
+import datetime
+import math
+import os
+import sys
+import time
+
+import gin
+import numpy as np
+from trax_hourglass.cli import run_command
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog='trainer', description=__doc__.split('\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--config_file', action='append', default=[],
+                      help='gin config file (repeatable)')
+  parser.add_argument('--config', action='append', default=[],
+                      help="gin binding, e.g. 'train.steps=100' (repeatable)")
+  parser.add_argument('--output_dir', default=None,
+                      help='where checkpoints and summaries go; a run resumes '
+                           'from the checkpoint there')
+  parser.add_argument('--data_dir', default=None,
+                      help='directory with the data (enwik8, TFDS data)')
+  parser.add_argument('--dataset', default=None,
+                      help="trax's data_streams.dataset_name")
+  parser.add_argument('--model', default=None,
+                      help='a model in trax.models, e.g. TransformerLM')
+  parser.add_argument('--traceback', action='store_true',
+                      help='show the full traceback of an error')
+  return parser.parse_args(argv)
+
+
+def _format_duration(secs):
+  if secs is None or not math.isfinite(secs):
+    return '?'
+  return str(datetime.timedelta(seconds=int(max(0, secs))))
+
+
+def _format_rate(x):
+  for unit, scale in (('M', 1e6), ('k', 1e3)):
+    if x >= scale:
+      return f'{x / scale:.1f}{unit}'
+  return f'{x:.0f}'
+
+
+def _n_params(model):
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  return int(sum(np.prod(w.shape) for w in fastmath.tree_flatten(model.weights)
+                 if hasattr(w, 'shape')))
+
+
+_PROGRESS_CLASS = []
+
+
+def _progress_callback_class():
+  """Defines the callback class once, after trax is imported (gin-registered)."""
+  if _PROGRESS_CLASS:
+    return _PROGRESS_CLASS[0]
+  from trax.supervised import callbacks  # pylint: disable=g-import-not-at-top
+
+  @gin.configurable(module='trax_hourglass')
+  class ProgressReporter(callbacks.TrainingStepCallback):
+    """Prints a compact progress line during training.
+
+    Args (gin):
+      every_secs: print at most this often (and at the first and last step).
+      unit: what a token is, for 'bits per <unit>': 'byte' (byte-level text),
+        'dim' (image subpixels) or 'token'.
+      total_steps: the run's length; default `train.steps` from gin.
+    """
+
+    def __init__(self, loop, every_secs=30.0, unit='token', total_steps=None):
+      super().__init__(loop)
+      self._every_secs = every_secs
+      self._unit = unit
+      if total_steps is None:
+        try:
+          total_steps = gin.query_parameter('train.steps')
+        except ValueError:
+          total_steps = 1000  # trainer_lib.train's default.
+      self._total = total_steps
+      batch = loop.tasks[0].sample_batch
+      self._tokens_per_step = int(np.prod(batch[0].shape))
+      batch_size = batch[0].shape[0]
+      if batch_size % loop.n_devices:
+        raise ValueError(
+            f'batch size {batch_size} cannot be split evenly over '
+            f'{loop.n_devices} devices; use a multiple of {loop.n_devices} '
+            '(or set num_devices.value).')
+      self._losses = []
+      self._last_time = None
+      self._last_step = loop.step
+      self._last_eval_step = None
+      self._start_step = loop.step
+      self._first = None  # (time, step) when the first step (compile) ended.
+      # Keep each step's loss (a device array, read only when printing) and
+      # report after the step: callbacks run before the Loop sees the loss.
+      run_one_step = loop._run_one_step  # pylint: disable=protected-access
+      def run_one_step_and_report(*args, **kwargs):
+        if self._last_time is None:
+          self._last_time = time.time()
+        loss, stats = run_one_step(*args, **kwargs)
+        self._losses.append(loss)
+        self._maybe_print(loop.step)
+        return loss, stats
+      loop._run_one_step = run_one_step_and_report  # pylint: disable=protected-access
+      print(f'Model: {_n_params(loop.model):,} parameters; batch '
+            f'{tuple(batch[0].shape)} = {self._tokens_per_step:,} tokens per '
+            f'step over {loop.n_devices} device(s).', flush=True)
+      if loop.step:
+        print(f'Resumed from the checkpoint at step {loop.step} in '
+              f'{loop.output_dir}.', flush=True)
+
+    def call_at(self, step):
+      return False  # All work happens in run_one_step_and_report.
+
+    def _maybe_print(self, step):
+      now = time.time()
+      if (now - self._last_time >= self._every_secs or
+          step == self._start_step + 1 or step >= self._total):
+        self._print(step, now)
+
+    def _print(self, step, now):
+      losses = [float(np.mean(np.asarray(l))) for l in self._losses]
+      loss = float(np.mean(losses))
+      n_steps = max(1, step - self._last_step)
+      secs = max(1e-9, now - self._last_time)
+      per_step = secs / n_steps
+      if self._first is None:
+        self._first = (now, step)
+        left = (self._total - step) * per_step
+      else:  # The mean since the first (compiling) step, evals included.
+        left = ((self._total - step) * (now - self._first[0]) /
+                max(1, step - self._first[1]))
+      parts = [f'step {step}/{self._total}', f'loss {loss:.4f}',
+               f'{loss / math.log(2):.3f} bits/{self._unit}',
+               f'{_format_rate(self._tokens_per_step / per_step)} tok/s',
+               f'{per_step:.2f} s/step', f'left {_format_duration(left)}']
+      # trainer_lib names the eval cross-entropy 'loss'; a Loop may use the
+      # layer's name.
+      evals = (self._loop.history.get('eval', 'metrics/loss') or
+               self._loop.history.get('eval',
+                                      'metrics/WeightedCategoryCrossEntropy'))
+      if evals and evals[-1][0] != self._last_eval_step:
+        self._last_eval_step, value = evals[-1]
+        parts.append(f'eval {float(value) / math.log(2):.3f} bits/{self._unit} '
+                     f'@{self._last_eval_step}')
+      print(' | '.join(parts), flush=True)
+      self._losses = []
+      self._last_time = now
+      self._last_step = step
+
+  _PROGRESS_CLASS.append(ProgressReporter)
+  return ProgressReporter
+
+
+@gin.configurable(module='trax_hourglass')
+def final_sample(length=0, prompt='', temperature=0.0, seed=0):
+  """What the trainer samples after training (length 0: nothing).
+
+  Args:
+    length: how many tokens to generate.
+    prompt: text whose UTF-8 bytes start the sample (byte-level models).
+    temperature: 0 for greedy decoding, else softmax temperature.
+    seed: sampling seed.
+
+  Returns:
+    The settings as a dict.
+  """
+  return dict(length=length, prompt=prompt, temperature=temperature, seed=seed)
+
+
+def sample_tokens(model, prompt_ids, length, sequence_length, temperature=0.0,
+                  seed=0):
+  """Samples `length` tokens after `prompt_ids` by re-running `model`.
+
+  The model sees a fixed-size buffer [1, sequence_length] (one compilation),
+  filled with the tokens so far (the last ones, once longer than it) and 0s;
+  its logits at position t predict token t, as it shifts its inputs right.
+
+  Args:
+    model: a trained trax LM in 'eval' mode (one input, logits out).
+    prompt_ids: list of ints to start from (may be empty).
+    length: tokens to generate.
+    sequence_length: the buffer length (the training length).
+    temperature: 0 for greedy, else the softmax temperature.
+    seed: random seed.
+
+  Returns:
+    The generated token ids (list of ints), prompt excluded.
+  """
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  weights, state = model.weights, model.state
+  fwd = fastmath.jit(lambda x, w, s, r: model.pure_fn(x, w, s, r)[0])
+  rng = np.random.default_rng(seed)
+  key = fastmath.random.get_prng(seed)
+  tokens, out = list(prompt_ids), []
+  for _ in range(length):
+    context = tokens[-(sequence_length - 1):]
+    x = np.zeros((1, sequence_length), np.int32)
+    x[0, :len(context)] = context
+    logits = np.asarray(fwd(x, weights, state, key))[0, len(context)]
+    if temperature <= 0:
+      t = int(np.argmax(logits))
+    else:
+      p = np.exp((logits - logits.max()) / temperature)
+      t = int(rng.choice(len(p), p=p / p.sum()))
+    tokens.append(t)
+    out.append(t)
+  return out
+
+
+def _print_devices(n_devices):
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  kinds = sorted({f'{d.platform}:{d.device_kind}' for d in devices})
+  print(f'Devices: {len(devices)} x {", ".join(kinds)}; training on '
+        f'{n_devices} (data parallel).', flush=True)
+
+
+def _output_dir_or_default(output_dir):
+  if output_dir:
+    return os.path.expanduser(output_dir)
+  try:
+    model_name = gin.query_parameter('train.model').configurable.name
+  except (ValueError, AttributeError):
+    model_name = 'model'
+  name = f'{model_name}_{datetime.datetime.now().strftime("%Y%m%d_%H%M")}'
+  output_dir = os.path.expanduser(os.path.join('~', 'trax', name))
+  print(f'No --output_dir given: using {output_dir}', flush=True)
+  return output_dir
+
+
+def _add_callback(callback_class):
+  """Adds `callback_class` to gin's `train.callbacks` (keeping bound ones)."""
+  try:
+    bound = list(gin.query_parameter('train.callbacks') or [])
+  except ValueError:
+    bound = []
+  with gin.unlock_config():
+    gin.bind_parameter('train.callbacks', bound + [callback_class])
+
+
+def run(args):
+  """Parses gin, trains; returns the trax Loop."""
+  import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
+  from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import data  # pylint: disable=g-import-not-at-top
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
+  from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
+  from trax.supervised import trainer_lib  # pylint: disable=g-import-not-at-top
+
+  checkpoints.install()
+  progress = _progress_callback_class()
+  bindings = list(args.config)
+  if args.dataset:
+    bindings.append(f"data_streams.dataset_name='{args.dataset}'")
+  if args.data_dir:
+    data.set_default_data_dir(os.path.expanduser(args.data_dir))
+    bindings.append(f"data_streams.data_dir='{args.data_dir}'")
+  if args.model:
+    bindings.append(f'train.model=@trax.models.{args.model}')
+  for path in args.config_file:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'--config_file {path} does not exist')
+  gin.parse_config_files_and_bindings(args.config_file, bindings)
+  output_dir = _output_dir_or_default(args.output_dir)
+  n_devices = trainer_lib.num_devices() or fastmath.local_device_count()
+  _print_devices(n_devices)
+  _add_callback(progress)
+  loop = trainer_lib.train(output_dir=output_dir)
+  ckpt = checkpoints.committed_folder(output_dir)
+  if loop.step and (ckpt is None or not os.path.basename(ckpt).startswith(
+      f'step_{loop.step:09d}.')):
+    loop.save_checkpoint('model')  # trax saves only on its schedule.
+  print(f'Finished training at step {loop.step}; checkpoints in {output_dir}',
+        flush=True)
+  evals = loop.history.get('eval', 'metrics/loss')
+  if evals:  # The last eval comes after the last progress line.
+    step, value = evals[-1]
+    try:
+      unit = gin.query_parameter('ProgressReporter.unit')
+    except ValueError:
+      unit = 'token'
+    print(f'Eval at step {step}: {float(value) / math.log(2):.3f} '
+          f'bits/{unit} on held-out data.', flush=True)
+  settings = final_sample()
+  if settings['length'] > 0:
+    _print_sample(loop, settings)
+  return loop
+
+
+def _print_sample(loop, settings):
+  seq_len = loop.tasks[0].sample_batch[0].shape[1]
+  model = loop.eval_model
+  model.weights = loop.model.weights
+  prompt = list(settings['prompt'].encode('utf-8'))
+  out = sample_tokens(model, prompt, settings['length'], seq_len,
+                      settings['temperature'], settings['seed'])
+  text = bytes(min(255, max(0, t)) for t in prompt + out).decode(
+      'utf-8', errors='replace')
+  kind = 'greedy' if settings['temperature'] <= 0 else (
+      f'temperature {settings["temperature"]}')
+  print(f'Sample ({kind}, {settings["length"]} bytes after the prompt):\n'
+        f'{text}', flush=True)
+
+
+def main(argv=None):
+  """Console entry point: `trainer --config_file=... --output_dir=...`."""
+  return run_command('trainer', _parse_args, run, argv)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

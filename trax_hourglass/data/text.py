@@ -1,0 +1,328 @@
+"""Byte-level language-modelling data: enwik8 and any byte file.
+
+Every example is a window of `sequence_length` raw bytes (tokens 0..255, so
+vocab_size 256), given to trax as `(inputs, targets, weights)` with inputs ==
+targets: the LM shifts its inputs right itself. Training windows start at
+random offsets of the train split (a new draw per batch, fixed by the seed and
+the batch's position, so a resumed run reads the same batches); evaluation
+windows tile the validation (or test) split in order and wrap around.
+
+enwik8 (the first 10^8 bytes of a 2006 English Wikipedia XML dump) is split as
+in the paper and trax: bytes [0, 90M) train, [90M, 95M) valid, [95M, 100M)
+test. Any other byte file is split 90/5/5 by length: [0, floor(0.9 n)),
+[floor(0.9 n), floor(0.95 n)), [floor(0.95 n), n).
+"""
+
+import hashlib
+import os
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
+
+import gin
+import numpy as np
+
+from trax_hourglass.data import streams
+
+ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'
+ENWIK8_ZIP_BYTES = 36_445_475
+ENWIK8_ZIP_SHA256 = (
+    '547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc')
+ENWIK8_BYTES = 100_000_000
+ENWIK8_SPLITS = {'train': (0, 90_000_000), 'valid': (90_000_000, 95_000_000),
+                 'test': (95_000_000, 100_000_000)}
+SPLIT_NAMES = ('train', 'valid', 'test')
+
+_DEFAULT_DATA_DIR = None
+
+
+def set_default_data_dir(data_dir):
+  """Sets the data dir used when a loader is given none (the trainer's flag)."""
+  global _DEFAULT_DATA_DIR
+  _DEFAULT_DATA_DIR = data_dir
+
+
+def default_data_dir(data_dir=None):
+  """`data_dir`, else the trainer's --data_dir, else $TRAX_HOURGLASS_DATA_DIR,
+  else ~/tensorflow_datasets (where TFDS keeps data too)."""
+  return os.path.expanduser(
+      data_dir or _DEFAULT_DATA_DIR or os.environ.get('TRAX_HOURGLASS_DATA_DIR')
+      or os.path.join('~', 'tensorflow_datasets'))
+
+
+def _sha256(path):
+  h = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _offline_help(data_dir, reason):
+  return (f'enwik8 is not in {data_dir} and {reason}. Fetch {ENWIK8_URL} '
+          f'({ENWIK8_ZIP_BYTES:,} bytes, sha256 {ENWIK8_ZIP_SHA256}) and put '
+          f'it, or the `enwik8` file unzipped from it ({ENWIK8_BYTES:,} bytes), '
+          f'at {os.path.join(data_dir, "enwik8.zip")} (or .../enwik8), or pass '
+          'another directory as --data_dir / enwik8_inputs.data_dir.')
+
+
+def _check_zip(zip_path):
+  digest = _sha256(zip_path)
+  if digest != ENWIK8_ZIP_SHA256:
+    raise ValueError(
+        f'{zip_path}: sha256 is {digest}, expected {ENWIK8_ZIP_SHA256} (the '
+        f'canonical {ENWIK8_URL}); the file is damaged or not enwik8.zip. '
+        'Delete it and fetch it again.')
+
+
+def _download(url, path):
+  """Downloads `url` to `path` (via a temporary name: never a partial file)."""
+  tmp = path + '.download'
+  with urllib.request.urlopen(url, timeout=60) as response, \
+      open(tmp, 'wb') as f:
+    shutil.copyfileobj(response, f, 1 << 20)
+  os.replace(tmp, path)
+
+
+def enwik8_path(data_dir=None, download=True):
+  """Path of the unzipped 10^8-byte `enwik8` file, preparing it if needed.
+
+  Looks for `enwik8`, then `enwik8.zip` (checked against its sha256 and
+  unzipped beside it), in `data_dir`; with `download`, fetches the zip from
+  its canonical address once.
+
+  Args:
+    data_dir: where the files are or go (see `default_data_dir`).
+    download: whether to download when neither file is there.
+
+  Returns:
+    The path of `enwik8`.
+
+  Raises:
+    FileNotFoundError saying what to fetch and where to put it when the data
+    is missing and cannot be downloaded; ValueError for a damaged file.
+  """
+  data_dir = default_data_dir(data_dir)
+  raw = os.path.join(data_dir, 'enwik8')
+  zip_path = os.path.join(data_dir, 'enwik8.zip')
+  if not os.path.exists(raw):
+    if not os.path.exists(zip_path):
+      if not download:
+        raise FileNotFoundError(_offline_help(data_dir,
+                                              'downloading is turned off'))
+      os.makedirs(data_dir, exist_ok=True)
+      try:
+        _download(ENWIK8_URL, zip_path)
+      except (urllib.error.URLError, OSError) as e:
+        raise FileNotFoundError(_offline_help(
+            data_dir, f'downloading it failed ({e})')) from e
+    _check_zip(zip_path)
+    with zipfile.ZipFile(zip_path) as z, z.open('enwik8') as src, \
+        open(raw + '.unzip', 'wb') as dst:
+      shutil.copyfileobj(src, dst, 1 << 20)
+    os.replace(raw + '.unzip', raw)
+  size = os.path.getsize(raw)
+  if size != ENWIK8_BYTES:
+    raise ValueError(f'{raw}: has {size:,} bytes, enwik8 has {ENWIK8_BYTES:,}; '
+                     'delete it (and enwik8.zip) and fetch it again, or pass '
+                     'a partial file with byte_file_inputs.path instead.')
+  return raw
+
+
+def byte_file_splits(n_bytes, fractions=(0.9, 0.05, 0.05)):
+  """Split boundaries {name: (start, end)} of a byte file of `n_bytes`."""
+  if len(fractions) != 3 or any(f < 0 for f in fractions) or (
+      abs(sum(fractions) - 1.0) > 1e-6):
+    raise ValueError(f'split fractions must be 3 non-negative numbers adding '
+                     f'up to 1 (train, valid, test), got {fractions}')
+  a = int(np.floor(fractions[0] * n_bytes))
+  b = int(np.floor((fractions[0] + fractions[1]) * n_bytes))
+  return {'train': (0, a), 'valid': (a, b), 'test': (b, n_bytes)}
+
+
+def load_bytes(path):
+  """The file's bytes as a read-only uint8 array (memory-mapped)."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'byte file {path} does not exist')
+  if os.path.getsize(path) == 0:
+    raise ValueError(f'byte file {path} is empty')
+  return np.memmap(path, dtype=np.uint8, mode='r')
+
+
+def _split(data, bounds, split, sequence_length, path):
+  if split not in bounds:
+    raise ValueError(f'split must be one of {SPLIT_NAMES}, got {split!r}')
+  start, end = bounds[split]
+  if end - start < sequence_length:
+    raise ValueError(
+        f'{path}: the {split} split has {end - start:,} bytes, fewer than '
+        f'sequence_length={sequence_length}; use a shorter sequence_length '
+        'or a larger file.')
+  return data[start:end]
+
+
+def train_batches(data, batch_size, sequence_length, seed):
+  """i -> batch of random windows of `data` (a function of seed and i)."""
+  n_starts = len(data) - sequence_length + 1
+  def batch(i):
+    starts = streams.rng_for(seed, i).integers(0, n_starts, batch_size)
+    x = np.stack([data[s:s + sequence_length] for s in starts]).astype(np.int32)
+    return (x, x, np.ones(x.shape, np.float32))
+  return batch
+
+
+def eval_batches(data, batch_size, sequence_length):
+  """i -> batch of consecutive windows tiling `data` in order, wrapping."""
+  n_windows = len(data) // sequence_length
+  def batch(i):
+    idx = (np.arange(batch_size) + i * batch_size) % n_windows
+    x = np.stack([data[j * sequence_length:(j + 1) * sequence_length]
+                  for j in idx]).astype(np.int32)
+    return (x, x, np.ones(x.shape, np.float32))
+  return batch
+
+
+def byte_lm_inputs(data, bounds, name, batch_size, sequence_length,
+                   eval_batch_size=None, seed=0, eval_split='valid',
+                   path='<bytes>'):
+  """trax `Inputs` over `data` (uint8 array) split by `bounds`.
+
+  Returns:
+    `trax.data.inputs.Inputs` whose streams yield `(x, x, weights)` with x
+    int32 of shape [batch, sequence_length] and weights float32 ones.
+  """
+  eval_batch_size = eval_batch_size or batch_size
+  train = _split(data, bounds, 'train', sequence_length, path)
+  held_out = _split(data, bounds, eval_split, sequence_length, path)
+  key = f'{name}/L{sequence_length}/s{seed}'
+
+  def train_stream(n_devices):
+    streams.check_divisible(batch_size, n_devices)
+    return streams.resumable_stream(
+        f'{key}/train/b{batch_size}',
+        train_batches(train, batch_size, sequence_length, seed))
+
+  def eval_stream(n_devices):
+    streams.check_divisible(eval_batch_size, n_devices, 'eval_batch_size')
+    return streams.resumable_stream(
+        f'{key}/{eval_split}/b{eval_batch_size}',
+        eval_batches(held_out, eval_batch_size, sequence_length))
+
+  return streams.ResumableInputs(train_stream, eval_stream)
+
+
+@gin.configurable(module='trax_hourglass')
+def enwik8_inputs(batch_size=8, sequence_length=2048, eval_batch_size=None,
+                  data_dir=None, download=True, seed=0, eval_split='valid'):
+  """enwik8 byte-level LM data (90M/5M/5M bytes), as trax `Inputs`.
+
+  Args:
+    batch_size: training windows per batch (a multiple of the device count).
+    sequence_length: bytes per window (2048 in the paper).
+    eval_batch_size: windows per eval batch (default batch_size).
+    data_dir: directory with `enwik8` or `enwik8.zip` (see `enwik8_path`).
+    download: fetch enwik8.zip from its canonical address if missing.
+    seed: seed of the training windows' offsets.
+    eval_split: 'valid' or 'test'.
+
+  Returns:
+    `trax.data.inputs.Inputs`; batches `(x, x, ones)`, x int32
+    [batch, sequence_length] with bytes 0..255.
+  """
+  path = enwik8_path(data_dir, download)
+  return byte_lm_inputs(load_bytes(path), ENWIK8_SPLITS, 'enwik8', batch_size,
+                        sequence_length, eval_batch_size, seed, eval_split,
+                        path)
+
+
+@gin.configurable(module='trax_hourglass')
+def byte_file_inputs(path=gin.REQUIRED, batch_size=8, sequence_length=2048,
+                     eval_batch_size=None, splits=(0.9, 0.05, 0.05), seed=0,
+                     eval_split='valid'):
+  """Byte-level LM data from any file (e.g. a head of enwik8), split 90/5/5.
+
+  Args:
+    path: the file.
+    batch_size, sequence_length, eval_batch_size, seed, eval_split: as in
+      `enwik8_inputs`.
+    splits: fractions of the file's length for train, valid, test.
+
+  Returns:
+    `trax.data.inputs.Inputs` as `enwik8_inputs`.
+  """
+  path = os.path.expanduser(path)
+  data = load_bytes(path)
+  name = 'bytes/' + os.path.basename(path)
+  return byte_lm_inputs(data, byte_file_splits(len(data), splits), name,
+                        batch_size, sequence_length, eval_batch_size, seed,
+                        eval_split, path)
+
+
+# Left out of the stdlib corpus: tests, third-party packages, and generated
+# data tables (codec maps, pydoc's topics), which are not code and are so
+# repetitive that they would make bits per byte look far better than it is.
+_STDLIB_SKIP_DIRS = ('site-packages', 'dist-packages', '__pycache__', 'test',
+                     'tests', 'idlelib', 'lib2to3', 'turtledemo', 'encodings',
+                     'pydoc_data')
+_STDLIB_MAX_FILE_BYTES = 200_000
+
+
+def stdlib_text_files():
+  """The Python standard library's .py files: a corpus on every machine."""
+  import sysconfig  # pylint: disable=g-import-not-at-top
+  root = sysconfig.get_paths()['stdlib']
+  found = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
+    for f in sorted(filenames):
+      path = os.path.join(dirpath, f)
+      if f.endswith('.py') and os.path.getsize(path) <= _STDLIB_MAX_FILE_BYTES:
+        found.append(path)
+  return found
+
+
+@gin.configurable(module='trax_hourglass')
+def stdlib_text_inputs(batch_size=8, sequence_length=256, eval_batch_size=None,
+                       max_bytes=8_000_000, seed=0, cache_dir=None):
+  """Byte-level LM data from the Python standard library's source, no download.
+
+  The .py files under `sysconfig`'s stdlib path (tests and site-packages
+  left out), in sorted order, concatenated up to `max_bytes` and split 90/5/5
+  like any byte file. The corpus is written once to `cache_dir` (default the
+  data dir) so that evaluation can read the same bytes by path.
+
+  Returns:
+    `trax.data.inputs.Inputs` as `enwik8_inputs`.
+  """
+  path = stdlib_corpus(max_bytes, cache_dir)
+  return byte_file_inputs(path, batch_size, sequence_length, eval_batch_size,
+                          (0.9, 0.05, 0.05), seed)
+
+
+def stdlib_corpus(max_bytes=8_000_000, cache_dir=None):
+  """Writes (once) and returns the path of the stdlib corpus file."""
+  import sys  # pylint: disable=g-import-not-at-top
+  cache_dir = default_data_dir(cache_dir)
+  name = (f'python{sys.version_info.major}.{sys.version_info.minor}'
+          f'-stdlib-v2-{max_bytes}.txt')
+  path = os.path.join(cache_dir, name)
+  if not os.path.exists(path):
+    parts, n = [], 0
+    for f in stdlib_text_files():
+      with open(f, 'rb') as src:
+        b = src.read()
+      parts.append(b)
+      n += len(b)
+      if n >= max_bytes:
+        break
+    data = b''.join(parts)[:max_bytes]
+    if not data:
+      raise FileNotFoundError('found no Python source under the standard '
+                              'library path; pass a byte file instead.')
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+  return path
