@@ -31,6 +31,7 @@ import time
 
 import gin
 import numpy as np
+
 from trax_hourglass.cli import run_command
 
 
