@@ -309,7 +309,9 @@ def test_hourglass_eval_on_bytes_and_images(tmp_path, corpus, capsys):
   gin.clear_config()
   assert evaluate.main(['--output_dir', out, '--split', 'valid',
                         '--stride', '8']) == 0
-  printed = capsys.readouterr().out
+  captured = capsys.readouterr()
+  printed = captured.out
+  assert re.search(r'\[(\d+)/\1 batches\] [\d.]+ bits/byte', captured.err)  # Progress.
   assert re.search(r'step 2: [\d.]+ bits per byte on 900 bytes of .*corpus'
                    r'.txt \[valid: bytes 16,200\.\.17,100\)', printed), printed
   result = json.loads(open(os.path.join(out, 'eval_valid.json')).read())

@@ -96,6 +96,22 @@ class Scorer:
     return np.take_along_axis(logp, x[..., None], -1)[..., 0] / math.log(2)
 
 
+class _Progress:
+  """One stderr line, rewritten per batch: done/total, bits so far, speed, ETA."""
+
+  def __init__(self, total, unit):
+    self._total, self._unit, self._start = total, unit, time.time()
+
+  def update(self, done, bits, scored):
+    secs = time.time() - self._start
+    left = secs / done * (self._total - done) if done else float('nan')
+    rate = f'{bits / scored:.4f} bits/{self._unit}' if scored else '-'
+    end = '\n' if done >= self._total else ''
+    print(f'\r[{done}/{self._total} batches] {rate} | '
+          f'{scored / max(secs, 1e-9):,.0f} {self._unit}s/s | left {left:.0f} s',
+          end=end, file=sys.stderr, flush=True)
+
+
 def score_bytes(scorer, data, sequence_length, stride, batch_size):
   """Total bits of `data` (uint8), each byte scored once with context.
 
@@ -116,7 +132,8 @@ def score_bytes(scorer, data, sequence_length, stride, batch_size):
     new_end = min(n, end + stride)
     windows.append((new_end - length, length - (new_end - end)))
     end = new_end
-  total = 0.0
+  total, scored = 0.0, 0
+  progress = _Progress(-(-len(windows) // batch_size), 'byte')
   for b in range(0, len(windows), batch_size):
     chunk = windows[b:b + batch_size]
     x = np.stack([np.asarray(data[s:s + length]) for s, _ in chunk]).astype(
@@ -127,12 +144,15 @@ def score_bytes(scorer, data, sequence_length, stride, batch_size):
     lp = scorer.log2_probs(x)
     for j, (_, first) in enumerate(chunk):
       total -= float(lp[j, first:].sum())
+      scored += length - first
+    progress.update(b // batch_size + 1, total, scored)
   return total, n
 
 
 def score_images(scorer, tokens, batch_size):
   """Total bits of every subpixel of `tokens` (int [N, D]); returns (bits, N*D)."""
   total = 0.0
+  progress = _Progress(-(-len(tokens) // batch_size), 'dim')
   for b in range(0, len(tokens), batch_size):
     x = tokens[b:b + batch_size].astype(np.int32)
     real = len(x)
@@ -140,6 +160,7 @@ def score_images(scorer, tokens, batch_size):
       x = np.concatenate([x, np.zeros((batch_size - real, x.shape[1]),
                                       np.int32)])
     total -= float(scorer.log2_probs(x)[:real].sum())
+    progress.update(b // batch_size + 1, total, (b + real) * tokens.shape[1])
   return total, tokens.size
 
 
