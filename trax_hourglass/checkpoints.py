@@ -241,7 +241,8 @@ def read_arrays(path, n_arrays=None):
   return arrays
 
 
-def _sha256_of(path):
+def sha256_of(path):
+  """Hex sha256 of a file, read in 1 MiB chunks."""
   h = hashlib.sha256()
   with open(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 20), b''):
@@ -494,7 +495,7 @@ def _verify_manifest(folder):
       raise CheckpointError(
           f'{file_path}: has {size} bytes, its manifest says '
           f'{record["bytes"]} (truncated or modified)')
-    if _sha256_of(file_path) != record['sha256']:
+    if sha256_of(file_path) != record['sha256']:
       raise CheckpointError(
           f'{file_path}: sha256 differs from its manifest (modified or '
           'corrupt)')

@@ -103,18 +103,9 @@ def npz_image_inputs(path=gin.REQUIRED, batch_size=8, eval_batch_size=None,
 
 def load_tfds_images(dataset_name, split, data_dir=None, download=True):
   """All images of a TFDS split as uint8 [N, H, W, 3] (TFDS prepares them)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = text.default_data_dir(data_dir)
-  try:
-    ds = tfds.load(dataset_name, split=split, data_dir=data_dir,
-                   download=download, shuffle_files=False)
-  except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(
-        f'TFDS dataset {dataset_name!r} (split {split!r}) is not available in '
-        f'{data_dir} ({type(e).__name__}: {e}). Prepare it there with '
-        f'`tfds build {dataset_name} --data_dir={data_dir}` on a machine with '
-        'network access, or pass --data_dir where it is prepared.') from e
-  images = [ex['image'] for ex in tfds.as_numpy(ds)]
+  images = [ex['image'] for ex in text.tfds_examples(
+      dataset_name, split, data_dir, download)]
   return np.stack(images).astype(np.uint8)
 
 

@@ -13,7 +13,6 @@ test. Any other byte file is split 90/5/5 by length: [0, floor(0.9 n)),
 [floor(0.9 n), floor(0.95 n)), [floor(0.95 n), n).
 """
 
-import hashlib
 import os
 import shutil
 import urllib.error
@@ -23,6 +22,7 @@ import zipfile
 import gin
 import numpy as np
 
+from trax_hourglass import checkpoints
 from trax_hourglass.data import streams
 
 ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'
@@ -51,12 +51,19 @@ def default_data_dir(data_dir=None):
       or os.path.join('~', 'tensorflow_datasets'))
 
 
-def _sha256(path):
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
+def tfds_examples(name, split, data_dir, download):
+  """The examples of a TFDS split as numpy, or a clear error saying how to get it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    ds = tfds.load(name, split=split, data_dir=data_dir, download=download,
+                   shuffle_files=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise FileNotFoundError(
+        f'TFDS dataset {name!r} (split {split!r}) is not available in '
+        f'{data_dir} ({type(e).__name__}: {e}). Prepare it there with '
+        f'`tfds build {name} --data_dir={data_dir}` on a machine with '
+        'network access, or pass --data_dir where it is prepared.') from e
+  return tfds.as_numpy(ds)
 
 
 def _offline_help(data_dir, reason):
@@ -68,7 +75,7 @@ def _offline_help(data_dir, reason):
 
 
 def _check_zip(zip_path):
-  digest = _sha256(zip_path)
+  digest = checkpoints.sha256_of(zip_path)
   if digest != ENWIK8_ZIP_SHA256:
     raise ValueError(
         f'{zip_path}: sha256 is {digest}, expected {ENWIK8_ZIP_SHA256} (the '

@@ -136,18 +136,8 @@ def wiki40b_inputs(spm_path=gin.REQUIRED, batch_size=8, max_length=2048,
   data_dir = text.default_data_dir(data_dir)
 
   def texts(split):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     tfds_split = 'train' if split == 'train' else eval_split
-    try:
-      ds = tfds.load('wiki40b/en', split=tfds_split, data_dir=data_dir,
-                     download=download, shuffle_files=False)
-    except Exception as e:  # pylint: disable=broad-except
-      raise FileNotFoundError(
-          f'TFDS dataset wiki40b/en ({tfds_split}) is not available in '
-          f'{data_dir} ({type(e).__name__}: {e}). Prepare it there with '
-          f'`tfds build wiki40b/en --data_dir={data_dir}` on a machine with '
-          'network access, or pass --data_dir where it is prepared.') from e
-    for ex in tfds.as_numpy(ds):
+    for ex in text.tfds_examples('wiki40b/en', tfds_split, data_dir, download):
       yield ex['text'].decode('utf-8')
 
   return sentencepiece_lm_inputs(texts, spm_path, 'wiki40b_en', batch_size,
