@@ -16,13 +16,9 @@ from trax.layers import base
 from trax_hourglass import checkpoints
 
 
-def _is_marker(x):
-  return x is base.EMPTY_WEIGHTS or (
-      isinstance(x, dict) and x == base.GET_WEIGHTS_FROM_CACHE)
-
-
 def _flat_weights(weights):
-  return [w for w in fastmath.tree_flatten(weights) if not _is_marker(w)]
+  """trax's flat weight list: shared weights once, empty layers skipped."""
+  return base.flatten_weights_and_state(weights, ())[0]
 
 
 def read_trax_checkpoint_weights(path):
