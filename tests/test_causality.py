@@ -35,6 +35,7 @@ UPSAMPLING = {
 }
 ATTENTION = {
     'relative': L.RelativeAttentionWrapper,
+    'rotary': L.RotaryCausalAttention,
     'softmax': tl.CausalAttention,
     'performer': tl.CausalFavor,
     'sparse_qkv': sparsity.MultiplicativeConvCausalAttention,

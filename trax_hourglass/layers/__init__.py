@@ -1,4 +1,4 @@
-"""Layers of the hourglass: resampling and attention."""
+"""Layers of the hourglass: resampling, attention and sparse layers."""
 
 from trax_hourglass.layers.attention import causal_mask
 from trax_hourglass.layers.attention import RelativeAttention
@@ -13,3 +13,6 @@ from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers.resampling import LinearPooling
 from trax_hourglass.layers.resampling import LinearUpsampling
 from trax_hourglass.layers.resampling import NaiveUpsampling
+from trax_hourglass.layers.rotary import RotaryCausalAttention
+from trax_hourglass.layers.sparse import FeedForwardBlock
+from trax_hourglass.layers.sparse import VocabProjection

@@ -23,6 +23,7 @@ from trax.fastmath import numpy as jnp
 from trax.layers import base
 from trax.layers import initializers as init
 
+from trax_hourglass.layers import favor
 from trax_hourglass.layers.dropout import apply_dropout
 
 _BIAS_INIT_STDDEV = 1e-6
@@ -165,7 +166,8 @@ class RelativeDotProductAttention(base.Layer):
   Output: (batch, Lq, d_model), causal across the funnel (see `causal_mask`).
   """
 
-  def __init__(self, n_heads, kv_pooling, dropout=0.0, mode='train'):
+  def __init__(self, n_heads, kv_pooling, dropout=0.0, mode='train', factor=1,
+               is_upsampling=False, max_inference_length=2048):
     super().__init__(n_in=6, n_out=1, name='RelativeDotProductAttention')
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f'dropout={dropout} must be in [0, 1).')
@@ -173,8 +175,21 @@ class RelativeDotProductAttention(base.Layer):
     self._kv_pooling = kv_pooling
     self._dropout = dropout
     self._mode = mode
+    # Predict mode sees one query at a time, so it cannot infer the funnel from
+    # lengths; it is told, with the longest key sequence to cache.
+    self._factor = factor
+    self._is_upsampling = is_upsampling
+    self._max_keys = max_inference_length
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      q = input_signature[3]
+      cache = jnp.zeros((q.shape[0], self._max_keys, q.shape[-1]), q.dtype)
+      self.state = (cache, cache, jnp.zeros((), jnp.int32))
 
   def forward(self, inputs):
+    if self._mode == 'predict':
+      return self._decode_step(*inputs)
     location_bias, context_bias, pos_emb, q, k, v = inputs
     n_heads = self._n_heads
     q, k, v = (_split_heads(x, n_heads) for x in (q, k, v))
@@ -196,6 +211,43 @@ class RelativeDotProductAttention(base.Layer):
       outputs.append(self._attend(logits, mask, v[:, :, :n_keys], block))
     return _merge_heads(jnp.concatenate(outputs, axis=2))
 
+  def _decode_step(self, location_bias, context_bias, pos_proj, q, k, v):
+    """One query against the key/value cache; see `decode_offsets`.
+
+    pos_proj: (d_model + 1, d_model), the position projection's kernel over its
+    bias (`PositionProjection` in predict mode): projecting the query onto the
+    kernel once is cheaper than projecting every cached offset's sinusoid.
+    """
+    if q.shape[1] != 1:
+      raise ValueError(
+          f'Predict mode takes one query per call, got {q.shape[1]}; '
+          'HourglassLM feeds longer inputs (prompts) one token at a time.')
+    k_cache, v_cache, n_done = self.state
+    slot, offsets, visible, table_start, table = decode_offsets(
+        n_done, self._max_keys, self._factor, self._is_upsampling,
+        self._kv_pooling)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(
+        k_cache, k.astype(k_cache.dtype), slot, axis=1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(
+        v_cache, v.astype(v_cache.dtype), slot, axis=1)
+    self.state = (k_cache, v_cache, n_done + 1)
+
+    n_heads = self._n_heads
+    q, keys, values = (_split_heads(x, n_heads) for x in (q, k_cache, v_cache))
+    d_model, d_head = pos_proj.shape[1], q.shape[-1]
+    content = jnp.einsum('bnid,bnjd->bnij', q + context_bias, keys)
+    q_loc = q + location_bias  # (batch, heads, 1, d_head)
+    kernel = pos_proj[:-1].reshape(d_model, n_heads, d_head)
+    bias = pos_proj[-1].reshape(n_heads, d_head)
+    q_on_kernel = jnp.einsum('bnie,dne->bnid', q_loc, kernel)
+    sinusoids = jnp.asarray(sinusoidal_embeddings(table, d_model))
+    by_offset = jnp.einsum('rd,bnid->bnir', sinusoids, q_on_kernel)
+    position = jnp.take(by_offset, offsets - table_start, axis=-1)
+    position = position + jnp.einsum('bnie,ne->bni', q_loc, bias)[..., None]
+    out = self._attend(content + position, visible[None, None, None, :],
+                       values, 0)
+    return _merge_heads(out)
+
   def _attend(self, logits, mask, values, block):
     """Masked softmax of logits (batch, heads, C, K), dropout, times values."""
     logits = logits * (1.0 / np.sqrt(values.shape[-1]))
@@ -216,31 +268,89 @@ def _query_blocks(length, unit=1, min_block=64, max_blocks=4):
   return [(i * size, (i + 1) * size) for i in range(n_blocks)]
 
 
-def RelativePositionEmbeddings(d_model, kv_pooling):
-  """(queries, keys) -> (P, d_model) sinusoids of the positions they need."""
+def decode_offsets(n_done, n_keys, factor, is_upsampling, kv_pooling):
+  """Where the next query's keys go and what it sees, in predict mode.
+
+  The query is number `n_done` of its level. Same level: its key goes to slot
+  n_done. Shortening: it summarises `factor` new keys, written from slot
+  factor*n_done (query i sits at key f*i). Upsampling: key j summarises queries
+  up to f*j; each query rewrites slot n_done // f with the same vector.
+
+  Returns:
+    slot: where this call's keys are written.
+    offsets: (n_keys,) int relative offsets of every cached key from the query,
+      clipped into the table (clipped keys are masked).
+    visible: (n_keys,) bool, the causal mask of `causal_mask`.
+    table_start, table: the offsets' positions are table[offset - table_start],
+      a static array of positions (in input tokens, see `relative_positions`).
+  """
+  keys = jnp.arange(n_keys)
+  if is_upsampling:
+    slot = n_done // factor
+    offsets, visible = factor * keys - n_done, keys <= slot
+    low, high, scale = -(factor * n_keys - 1), 0, 1
+  else:
+    slot = n_done * factor
+    offsets, visible = keys - slot, keys // factor <= n_done
+    low, high, scale = -(n_keys - 1), factor - 1, kv_pooling
+  table = scale * np.arange(low, high + 1)
+  return slot, jnp.clip(offsets, low, high), visible, low, table
+
+
+def RelativePositionEmbeddings(d_model, kv_pooling, mode='train'):
+  """(queries, keys) -> (P, d_model) sinusoids of the positions they need.
+
+  In predict mode the attention builds them per query (see
+  `RelativeDotProductAttention`); this emits a placeholder (1, d_model).
+  """
   def embeddings(queries, keys):
+    if mode == 'predict':
+      return jnp.zeros((1, d_model), queries.dtype)
     positions = relative_positions(queries.shape[1], keys.shape[1], kv_pooling)
     return jnp.asarray(sinusoidal_embeddings(positions, d_model))
   return tl.Fn('RelativePositionEmbeddings', embeddings)
 
 
+class PositionProjection(tl.Dense):
+  """The projection of position sinusoids: a `tl.Dense`, same weights.
+
+  In predict mode it outputs its kernel over its bias, (d_in + 1, d_out), and
+  the attention applies it per query (cheaper than projecting every offset).
+  """
+
+  def __init__(self, n_units, mode='train'):
+    super().__init__(n_units)
+    self._mode = mode
+
+  def forward(self, x):
+    if self._mode != 'predict':
+      return super().forward(x)
+    kernel, bias = self.weights
+    return jnp.concatenate([kernel, bias[None, :]], axis=0)
+
+
 def RelativeAttention(d_model, n_heads, dropout, mode, context_bias_layer,
-                      location_bias_layer, kv_pooling):
+                      location_bias_layer, kv_pooling, factor=1,
+                      is_upsampling=False, max_inference_length=2048):
   """Returns a layer: (queries_in, keys_in) -> vecs, causal relative attention.
 
   queries_in: (batch, Lq, d_model); keys_in: (batch, Lk, d_model), one length a
   multiple of the other; output (batch, Lq, d_model). `kv_pooling` is the
   accumulated shortening of keys_in, so distances are counted in input tokens.
+  Predict mode (one query per call) needs the funnel spelled out: `factor`
+  between the lengths, `is_upsampling` if queries are the longer, and the
+  longest key sequence, `max_inference_length`, to cache.
   """
   return tl.Serial(
-      tl.Branch(RelativePositionEmbeddings(d_model, kv_pooling),
+      tl.Branch(RelativePositionEmbeddings(d_model, kv_pooling, mode),
                 tl.Select([0], n_in=2), tl.Select([1], n_in=2),
                 tl.Select([1], n_in=2)),  # pos, q_in, k_in, k_in
-      tl.Parallel(tl.Dense(d_model), tl.Dense(d_model), tl.Dense(d_model),
-                  tl.Dense(d_model)),  # pos_emb, q, k, v
+      tl.Parallel(PositionProjection(d_model, mode), tl.Dense(d_model),
+                  tl.Dense(d_model), tl.Dense(d_model)),  # pos_emb, q, k, v
       context_bias_layer,
       location_bias_layer,  # location_bias, context_bias, pos_emb, q, k, v
-      RelativeDotProductAttention(n_heads, kv_pooling, dropout, mode),  # vecs
+      RelativeDotProductAttention(n_heads, kv_pooling, dropout, mode, factor,
+                                  is_upsampling, max_inference_length),  # vecs
       tl.Dense(d_model),  # vecs: (batch, Lq, d_model)
   )
 
@@ -255,18 +365,18 @@ def RelativeAttentionWrapper(d_feature, n_heads=1, dropout=0.0,
   Same signature as trax's `RelativeAttentionWrapper`, so gin files written for
   trax's HourglassLM keep working; the default attention of `HourglassLM`.
   """
-  del max_inference_length
   if context_bias_layer is None or location_bias_layer is None:
     context_bias_layer, location_bias_layer = RelativeAttentionBiases(
         d_feature, n_heads)
   return tl.Serial(
       tl.Select([0, 0]),  # vecs, vecs
       RelativeAttention(d_feature, n_heads, dropout, mode, context_bias_layer,
-                        location_bias_layer, total_pooling),
+                        location_bias_layer, total_pooling,
+                        max_inference_length=max_inference_length),
   )
 
 
-def _constructor_parameters(attention_type):
+def constructor_parameters(attention_type):
   """Parameter names of a layer class or function, seen through partials and gin."""
   fn = attention_type
   while isinstance(fn, functools.partial):
@@ -279,8 +389,43 @@ def _constructor_parameters(attention_type):
     return {}
 
 
+def _with_predict_mode(attention_type):
+  """trax's `tl.CausalFavor` ignores predict mode: use ours, same weights."""
+  fn, keywords = attention_type, {}
+  while isinstance(fn, functools.partial):
+    keywords = {**fn.keywords, **keywords}
+    fn = fn.func
+  if inspect.unwrap(fn) is inspect.unwrap(tl.CausalFavor):
+    return functools.partial(favor.CausalFavor, **keywords)
+  return attention_type
+
+
+def has_positions(attention_type):
+  """Whether an attention type encodes positions itself.
+
+  Ours do (relative and rotary: they take `total_pooling`), and so do trax's
+  LSH wrappers with `rotary_position_emb=True` (given in a partial or a gin
+  binding). Without positions (`tl.CausalAttention`, `tl.CausalFavor`, sparse
+  QKV, plain LSH) HourglassLM adds absolute positions at the embedding.
+  """
+  params = constructor_parameters(attention_type)
+  if 'context_bias_layer' in params or 'total_pooling' in params:
+    return True
+  fn, keywords = attention_type, {}
+  while isinstance(fn, functools.partial):
+    keywords = {**fn.keywords, **keywords}
+    fn = fn.func
+  if 'rotary_position_emb' not in keywords:
+    try:
+      keywords = gin.get_bindings(fn)
+    except (ValueError, TypeError, KeyError):  # Not a gin configurable.
+      keywords = {}
+  return bool(keywords.get('rotary_position_emb', False))
+
+
 def SelfAttention(attention_type, d_model, n_heads, dropout, mode,
-                  context_bias_layer, location_bias_layer, total_pooling):
+                  context_bias_layer, location_bias_layer, total_pooling,
+                  max_inference_length=2048):
   """The attention adapter: builds any attention type as vecs -> vecs.
 
   `attention_type` is our `RelativeAttentionWrapper` or a trax attention class
@@ -288,17 +433,28 @@ def SelfAttention(attention_type, d_model, n_heads, dropout, mode,
   `MultiplicativeConvCausalAttention`, ...), a `functools.partial` of one, or a
   gin reference to one. Their constructors differ; this reads the signature and
   passes each what it takes, exactly as trax's HourglassLM does, so the weights
-  have the same layout.
+  have the same layout. `max_inference_length` (the level's longest sequence in
+  predict mode) and `total_pooling` go to those that take them.
   """
-  params = _constructor_parameters(attention_type)
+  attention_type = _with_predict_mode(attention_type)
+  params = constructor_parameters(attention_type)
+  extra = {}
+  if 'max_inference_length' in params:
+    extra['max_inference_length'] = max_inference_length
+  if 'total_pooling' in params:
+    extra['total_pooling'] = total_pooling
   if 'context_bias_layer' in params:
     return attention_type(
         d_model, n_heads=n_heads, dropout=dropout, mode=mode,
         context_bias_layer=context_bias_layer,
-        location_bias_layer=location_bias_layer, total_pooling=total_pooling)
+        location_bias_layer=location_bias_layer, **extra)
   if 'd_qk' in params:  # Reformer-style layers (LSH, PureLSH, ...).
     d_head = d_model // n_heads
+    if 'predict_mem_len' in params:  # Remember the whole level, drop none.
+      extra['predict_mem_len'] = extra['predict_drop_len'] = (
+          max_inference_length)
     return attention_type(
         n_heads=n_heads, d_qk=d_head, d_v=d_head, causal=True, masked=False,
-        output_dropout=dropout, attention_dropout=dropout, mode=mode)
-  return attention_type(d_model, n_heads=n_heads, dropout=dropout, mode=mode)
+        output_dropout=dropout, attention_dropout=dropout, mode=mode, **extra)
+  return attention_type(d_model, n_heads=n_heads, dropout=dropout, mode=mode,
+                        **extra)

@@ -10,7 +10,9 @@ Shortening maps (batch, len, d_model) -> (batch, len/k, d_model); upsampling map
 """
 
 import gin
+import jax
 import trax.layers as tl
+from trax.layers import base
 from trax.fastmath import numpy as jnp
 
 from trax_hourglass.layers.attention import RelativeAttention
@@ -60,11 +62,42 @@ def LinearPooling(shorten_factor, d_model, *args, dropout=0.0, mode='train',
 
 
 @_configurable
-def NaiveUpsampling(shorten_factor, d_model, *args, **kwargs):
-  """Repeats each vector `shorten_factor` times."""
+def NaiveUpsampling(shorten_factor, d_model, *args, mode='train', **kwargs):
+  """Repeats each vector `shorten_factor` times.
+
+  Predict mode gets the one short vector covering the current token: identity.
+  """
   del d_model, args, kwargs
+  if mode == 'predict':
+    return tl.Serial(name='NaiveUpsampling')
   return tl.Fn('NaiveUpsampling',
                lambda x: jnp.repeat(x, shorten_factor, axis=1))
+
+
+class SplitBlocks(base.Layer):
+  """(batch, len/k, k*d) -> (batch, len, d); predict mode: the current token's d.
+
+  In predict mode the input is the short vector covering the current token,
+  and a token counter in the state says which of its k slices that is.
+  """
+
+  def __init__(self, shorten_factor, mode='train'):
+    super().__init__(name='SplitBlocks')
+    self._factor = shorten_factor
+    self._mode = mode
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      self.state = jnp.zeros((), jnp.int32)
+
+  def forward(self, x):
+    batch, length, width = x.shape
+    blocks = x.reshape(batch, length * self._factor, width // self._factor)
+    if self._mode != 'predict':
+      return blocks
+    n_done = self.state
+    self.state = n_done + 1
+    return jax.lax.dynamic_slice_in_dim(blocks, n_done % self._factor, 1, 1)
 
 
 @_configurable
@@ -72,12 +105,10 @@ def LinearUpsampling(shorten_factor, d_model, *args, dropout=0.0, mode='train',
                      **kwargs):
   """Projects each vector to `shorten_factor` vectors of d_model."""
   del args, kwargs
-  def split_blocks(x):
-    return x.reshape(x.shape[0], x.shape[1] * shorten_factor, -1)
   return tl.Serial(
       tl.Dense(shorten_factor * d_model),  # vecs: (batch, len/k, k*d_model)
       Dropout(rate=dropout, mode=mode),
-      tl.Fn('SplitBlocks', split_blocks),  # vecs: (batch, len, d_model)
+      SplitBlocks(shorten_factor, mode),  # vecs: (batch, len, d_model)
   )
 
 
@@ -100,7 +131,7 @@ def FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
 def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
                         dropout, dropout_shared_axes, mode, ff_activation,
                         context_bias_layer, location_bias_layer, total_pooling,
-                        resampling_fn):
+                        resampling_fn, max_inference_length=2048):
   """Resampling refined by attention (the paper's attention pooling/upsampling).
 
   `resampling_fn` makes the queries at the new length; they attend to the vectors
@@ -110,10 +141,17 @@ def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
   Shortening: vecs (batch, len, d) -> (batch, len/k, d).
   Upsampling: (short (batch, len/k, d), residual (batch, len, d)) ->
               (vecs (batch, len, d), residual).
+  Predict mode: len is k (the current shifted block) when shortening, and 1
+  when upsampling; `max_inference_length` (a multiple of k) is the longest
+  sequence at the finer level.
   """
   def _Dropout():
     return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
 
+  # Predict mode caches the keys; max_inference_length is the longest sequence
+  # at the finer of the two levels.
+  keys_len = (max_inference_length // shorten_factor if is_upsampling
+              else max_inference_length)
   return [
       tl.LayerNorm(),  # h
       tl.Branch([resampling_fn(shorten_factor, d_model, mode=mode),
@@ -121,7 +159,8 @@ def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
       [tl.Select([0, 2, 1, 2]), tl.Add()] if is_upsampling else [],  # +residual
       tl.Residual(  # queries attend to h; kv_pooling: h's accumulated shortening
           RelativeAttention(d_model, n_heads, dropout, mode, context_bias_layer,
-                            location_bias_layer, total_pooling),
+                            location_bias_layer, total_pooling, shorten_factor,
+                            is_upsampling, keys_len),
           _Dropout(),
       ),  # vecs
       FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,

@@ -6,39 +6,195 @@ full-length layers. Arguments, defaults and weights match trax's
 `trax.models.research.hourglass.HourglassLM`; see README for what is added.
 """
 
+import dataclasses
+import functools
+import math
+
 import gin
+import jax
 import trax.layers as tl
+from trax import shapes
 from trax.fastmath import numpy as jnp
+from trax.layers import base
+from trax.layers.combinators import inputs_from_stack
+from trax.layers.combinators import outputs_onto_stack
 
 from trax_hourglass.hierarchy import parse_hierarchy
 from trax_hourglass.layers.attention import RelativeAttentionBiases
 from trax_hourglass.layers.attention import RelativeAttentionWrapper
 from trax_hourglass.layers.attention import SelfAttention
+from trax_hourglass.layers.attention import constructor_parameters
+from trax_hourglass.layers.attention import has_positions
 from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
-from trax_hourglass.layers.resampling import FeedForwardResidual
+from trax_hourglass.layers.resampling import LinearPooling
 from trax_hourglass.layers.resampling import LinearUpsampling
+from trax_hourglass.layers.sparse import FeedForwardBlock
+from trax_hourglass.layers.sparse import VocabProjection
 
 
-def CausalShift(shorten_factor, mode='train'):
+class CausalShift(base.Layer):
   """Shifts vectors right by k-1 before shortening by k, so nothing leaks.
 
   Shortened vector i then summarises tokens up to k*i (its block, shifted), and
   upsampled position t only sees shortened vectors of tokens <= t. Without the
   shift, position k*i would see token k*i + k - 1 of the future.
+
+  train/eval: vecs (batch, len, d) -> (batch, len, d), shifted.
+  predict: vec (batch, 1, d) -> (batch, k, d), the last k inputs: when the
+  token count is a multiple of k, that is the next shifted block to shorten.
   """
-  return tl.ShiftRight(shorten_factor - 1, mode=mode)
+
+  def __init__(self, shorten_factor, mode='train'):
+    super().__init__(name=f'CausalShift({shorten_factor - 1})')
+    self._factor = shorten_factor
+    self._mode = mode
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      batch, _, d = input_signature.shape
+      self.state = (jnp.zeros((batch, self._factor, d), input_signature.dtype),
+                    jnp.zeros((), jnp.int32))
+
+  def forward(self, x):
+    shift = self._factor - 1
+    if self._mode != 'predict':
+      return jnp.pad(x, ((0, 0), (shift, 0), (0, 0)))[:, :x.shape[1]]
+    window, n_done = self.state
+    window = jnp.concatenate([window[:, 1:], x.astype(window.dtype)], axis=1)
+    self.state = (window, n_done + 1)
+    return window
 
 
-def PadToMultiple(multiple):
+class LatestShortened(base.Layer):
+  """Identity that, in predict mode, remembers the last shortened vector.
+
+  The shortened layers run once every k tokens; the k-1 tokens between reuse
+  this one (see `ShortenedLevel`).
+  """
+
+  def __init__(self, mode='train'):
+    super().__init__(name='LatestShortened')
+    self._mode = mode
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      self.state = jnp.zeros(input_signature.shape, input_signature.dtype)
+
+  def forward(self, x):
+    if self._mode == 'predict':
+      self.state = x
+    return x
+
+
+class ShortenedLevel(tl.Serial):
+  """vecs -> vecs + upsample(middle(shorten(shift(vecs)))), one hourglass level.
+
+  A `tl.Serial` of Dup, CausalShift, shortening, middle layers, LatestShortened,
+  upsampling, LayerNorm and Add. In predict mode (one token per call) the
+  shortening and the middle layers run only when a shortened position is
+  complete, every k-th token, under `lax.cond`; the other tokens upsample the
+  remembered shortened vector. Nested levels do the same at their own pace.
+  """
+
+  def __init__(self, shorten_factor, shortening, middle, upsampling,
+               mode='train', factor_dropout=()):
+    super().__init__(
+        tl.Dup(),  # vecs, vecs
+        CausalShift(shorten_factor, mode),  # shifted, vecs
+        tl.Serial(shortening),  # short: (batch, len/k, d_model), vecs
+        tl.Serial(middle),  # short, vecs
+        LatestShortened(mode),  # short, vecs
+        tl.Serial(upsampling),  # up: (batch, len, d_model), vecs
+        tl.LayerNorm(),  # up, vecs
+        tl.Add(),  # vecs: up + vecs
+        name=f'ShortenedLevel({shorten_factor})')
+    self._factor = shorten_factor
+    self._mode = mode
+    # Shorten-factor dropout: the same level built at other factors, with the
+    # same weight layout; training runs one, drawn per step, on our weights.
+    self._factor_dropout = tuple(factor_dropout)
+
+  def forward(self, xs):
+    if self._factor_dropout and self._mode == 'train':
+      return self._forward_random_factor(xs)
+    if self._mode != 'predict':
+      return super().forward(xs)
+    state = list(self.state)
+    rngs = list(jax.random.split(self.rng, len(self.sublayers)))
+
+    def apply(index, stack, state):
+      layer = self.sublayers[index]
+      outputs, state[index] = layer.pure_fn(
+          inputs_from_stack(stack, layer.n_in), self.weights[index],
+          state[index], rngs[index], use_cache=True)
+      return outputs_onto_stack(outputs, stack, layer.n_in)
+
+    stack = apply(0, xs, state)  # vecs, vecs
+    n_done = state[1][1]  # Tokens before this one.
+    stack = apply(1, stack, state)  # window: (batch, k, d_model), vecs
+    window, rest = stack[0], stack[1:]
+
+    def shorten(window_and_states):
+      window, inner = window_and_states
+      inner = list(state[:2]) + list(inner)
+      short = window
+      for index in (2, 3, 4):
+        short = apply(index, short, inner)
+      return short, _in_structure_of(tuple(state[2:5]), tuple(inner[2:5]))
+
+    def remember(window_and_states):
+      _, inner = window_and_states
+      return inner[2], inner
+
+    short, inner = jax.lax.cond(n_done % self._factor == 0, shorten, remember,
+                                (window, tuple(state[2:5])))
+    state[2:5] = inner
+    stack = (short,) + tuple(rest)
+    for index in (5, 6, 7):
+      stack = apply(index, stack, state)
+    self.state = tuple(state)
+    return stack
+
+
+  def _forward_random_factor(self, xs):
+    """One level per factor in one compiled step; lax.switch runs one of them."""
+    choice_rng, rng = jax.random.split(self.rng)
+    weights, state = self.weights, self.state
+
+    def branch(level):
+      def run(xs):
+        return level.pure_fn(xs, weights, state, rng, use_cache=True)[0]
+      return run
+
+    choice = jax.random.randint(choice_rng, (), 0, len(self._factor_dropout))
+    return jax.lax.switch(choice, [branch(level)
+                                   for level in self._factor_dropout], xs)
+
+
+def _in_structure_of(old_state, new_state):
+  """new_state's values in old_state's tree structure.
+
+  lax.cond and lax.scan need one state structure in and out, but some trax
+  layers relabel theirs after a first call (_RememberPad: {'init': ()} becomes
+  {'forward': ()}, no leaves change).
+  """
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(old_state),
+                                      jax.tree_util.tree_leaves(new_state))
+
+
+def PadToMultiple(multiple, mode='train'):
   """toks: (batch, len) -> (batch, len') with len' the next multiple, zeros after.
 
   Padding goes after the tokens, so by causality no real position sees it.
+  Predict mode takes a token at a time: nothing to pad.
   """
   def pad(toks):
     extra = -toks.shape[1] % multiple
     return jnp.pad(toks, ((0, 0), (0, extra))) if extra else toks
+  if mode == 'predict':
+    return tl.Fn(f'PadToMultiple{multiple}', lambda toks: toks)
   return tl.Fn(f'PadToMultiple{multiple}', pad)
 
 
@@ -47,16 +203,89 @@ def CropToInputLength():
   return tl.Fn('CropToInputLength', lambda vecs, toks: vecs[:, :toks.shape[1]])
 
 
+class TokenShift(base.Layer):
+  """toks -> toks shifted right by one (train/eval), so token t predicts t+1.
+
+  Predict mode follows trax: the caller feeds the previous token (0 first), so
+  nothing shifts; the state counts the tokens fed (see `Autoregressive`).
+  """
+
+  def __init__(self, mode='train'):
+    super().__init__(name='ShiftRight(1)')
+    self._mode = mode
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      self.state = jnp.zeros((), jnp.int32)
+
+  def forward(self, toks):
+    if self._mode != 'predict':
+      return jnp.pad(toks, ((0, 0), (1, 0)))[:, :-1]
+    self.state = self.state + toks.shape[1]
+    return toks
+
+
+class Autoregressive(tl.Serial):
+  """A predict-mode model (one token per call) that also takes longer inputs.
+
+  trax's `autoregressive_sample` feeds a prompt in one call; the layers decode
+  one token at a time, so a longer input runs them under `lax.scan`. Same
+  sublayers, hence the same weights, as the `tl.Serial` of train/eval mode.
+  The caches hold `max_len` tokens: a call that goes past them raises when its
+  new state comes back (a host-side check, free of callbacks in the step).
+  """
+
+  def __init__(self, *sublayers, max_len):
+    super().__init__(*sublayers, name='HourglassLM')
+    self._max_len = max_len
+    self._counter = [isinstance(layer, TokenShift)
+                     for layer in self.sublayers].index(True)
+
+  def init_weights_and_state(self, input_signature):
+    batch = input_signature.shape[0]
+    super().init_weights_and_state(
+        shapes.ShapeDtype((batch, 1), input_signature.dtype))
+
+  @property
+  def state(self):
+    return tl.Serial.state.fget(self)
+
+  @state.setter
+  def state(self, state):
+    tl.Serial.state.fset(self, state)
+    n_tokens = state[self._counter]
+    if not isinstance(n_tokens, (jax.core.Tracer, dict)) and (
+        int(n_tokens) > self._max_len):
+      raise ValueError(
+          f'HourglassLM(mode="predict") got token number {int(n_tokens)}, '
+          f'past its max_len={self._max_len}: build it with a larger max_len '
+          '(the caches grow with it) or start a new sequence.')
+
+  def forward(self, xs):
+    toks = xs
+    if toks.shape[1] == 1:
+      return super().forward(toks)
+
+    def step(state, tok):
+      self.state = state
+      logits = tl.Serial.forward(self, tok[:, None])
+      return _in_structure_of(state, self.state), logits[:, 0]
+
+    state, logits = jax.lax.scan(step, self.state, toks.T)
+    self.state = state
+    return logits.transpose(1, 0, 2)  # (batch, len, vocab_size)
+
+
 def DecoderBlock(attention, d_model, d_ff, dropout, dropout_shared_axes, mode,
-                 ff_activation):
+                 ff_activation, ff_sparsity=0):
   """Pre-norm Transformer block around `attention`: vecs -> vecs."""
   def _Dropout():
     return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
 
   return [
       tl.Residual(tl.LayerNorm(), attention, _Dropout()),  # vecs
-      FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
-                          ff_activation),  # vecs
+      FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
+                       ff_activation, ff_sparsity),  # vecs
   ]
 
 
@@ -76,13 +305,24 @@ def HourglassLM(vocab_size,
                 downsampling_fn=AttentionResampling,
                 upsampling_fn=AttentionResampling,
                 attention_downsampling_fn=AveragePooling,
-                attention_upsampling_fn=LinearUpsampling):
+                attention_upsampling_fn=LinearUpsampling,
+                max_len=2048,
+                ff_sparsity=0,
+                loss_sparsity=0,
+                shorten_factor_dropout=()):
   """Returns a hierarchical Transformer language model.
 
   Input: tokens (batch, len) of ints in [0, vocab_size), any len: the model pads
   internally to a multiple of the total shorten factor and crops back.
   Output: (batch, len, vocab_size) unnormalised log-probabilities (logits, as
   trax's `TransformerLM`) of token t given tokens < t.
+
+  In predict mode (trax's decoding convention) the model keeps key/value caches
+  per level in its state and takes the previous token, 0 first: feeding
+  0, x0, x1, ... yields the eval-mode logits of x one position per call. A
+  longer input (a prompt) is decoded token by token in one call. Shortened
+  layers run once every k tokens of their level. Weights are those of a train
+  or eval model with the same arguments.
 
   Args:
     vocab_size: Number of token ids.
@@ -95,7 +335,7 @@ def HourglassLM(vocab_size,
     n_heads: Attention heads.
     dropout: Dropout rate for hidden vectors and attention probabilities.
     dropout_shared_axes: Axes sharing one dropout mask, e.g. (0, 1).
-    mode: 'train' or 'eval'.
+    mode: 'train', 'eval' or 'predict'.
     ff_activation: Activation layer class of the feed-forward blocks.
     vanilla_attn_type: Attention in the full-length layers: our
       `RelativeAttentionWrapper` or a trax attention class (see
@@ -109,13 +349,39 @@ def HourglassLM(vocab_size,
       shortens.
     attention_upsampling_fn: The upsampling inside `AttentionResampling` when it
       upsamples.
+    max_len: Longest sequence in predict mode (the caches' size); decoding
+      past it raises. Train and eval take any length. Also the length of the
+      absolute positions added at the embedding when `vanilla_attn_type` has
+      no positions of its own (e.g. `tl.CausalAttention`, `tl.CausalFavor`).
+    ff_sparsity: 0 (dense) or N: every layer's feed-forward block is trax's
+      `SparseFF`, one unit active in each block of N ("Sparse is Enough in
+      Scaling Transformers"); see `layers.FeedForwardBlock`.
+    loss_sparsity: 0 (dense) or N: the vocabulary projection is the
+      multiplicative sparse dense of the same paper; see
+      `layers.VocabProjection`.
+    shorten_factor_dropout: () or factors, e.g. (2, 3), for a single shortened
+      level: each training step shortens by a factor drawn uniformly from
+      them (one compiled step holds all), so the weights work at each; eval
+      and predict use the factor in `hierarchy`. Needs resampling whose
+      weights do not depend on the factor (not linear pooling/upsampling).
 
   Returns:
     A trax layer: tokens -> logits.
   """
-  if mode == 'predict':
-    raise ValueError("mode='predict' is not supported yet; use 'train' or 'eval'.")
+  if mode not in ('train', 'eval', 'predict'):
+    raise ValueError(f"mode={mode!r}; use 'train', 'eval' or 'predict'.")
   spec = parse_hierarchy(hierarchy, vanilla_layers)
+  if max_len < 1:
+    raise ValueError(f'max_len={max_len} must be positive, e.g. 2048.')
+  factor_dropout = _check_factor_dropout(shorten_factor_dropout, spec, [
+      downsampling_fn, upsampling_fn,
+      attention_downsampling_fn if downsampling_fn is AttentionResampling
+      else None,
+      attention_upsampling_fn if upsampling_fn is AttentionResampling
+      else None])
+  # Caches hold whole shortened positions: round up to the total factor.
+  padded_len = -(-max_len // spec.total_factor) * spec.total_factor
+  pad_multiple = math.lcm(spec.total_factor, *factor_dropout)
   context_bias, location_bias = RelativeAttentionBiases(d_model, n_heads)
 
   def _Dropout():
@@ -126,50 +392,86 @@ def HourglassLM(vocab_size,
     return [
         DecoderBlock(  # pylint: disable=g-complex-comprehension
             SelfAttention(attention_type, d_model, n_heads, dropout, mode,
-                          context_bias, location_bias, total_pooling),
-            d_model, d_ff, dropout, dropout_shared_axes, mode, ff_activation)
+                          context_bias, location_bias, total_pooling,
+                          padded_len // total_pooling),
+            d_model, d_ff, dropout, dropout_shared_axes, mode, ff_activation,
+            ff_sparsity)
         for _ in range(n_layers)
     ] + [tl.LayerNorm()]
 
   def _Resampling(factory, resampling_fn, factor, total_pooling, upsampling):
+    kwargs = {}
+    if 'max_inference_length' in constructor_parameters(factory):
+      kwargs['max_inference_length'] = padded_len // total_pooling
     return factory(
         factor, d_model=d_model, is_upsampling=upsampling, d_ff=d_ff,
         n_heads=n_heads, dropout=dropout,
         dropout_shared_axes=dropout_shared_axes, mode=mode,
         ff_activation=ff_activation, context_bias_layer=context_bias,
         location_bias_layer=location_bias, total_pooling=total_pooling,
-        resampling_fn=resampling_fn)
+        resampling_fn=resampling_fn, **kwargs)
 
-  def _Valley(levels, total_pooling):
+  def _Valley(levels, total_pooling, factor_dropout=()):
     """vecs (batch, len/p, d) -> vecs, shortening by the first of `levels`."""
     level, inner = levels[0], levels[1:]
     factor = level.shorten_factor
+    if factor_dropout and mode == 'train':
+      factor_dropout = [_Valley([dataclasses.replace(  # pylint: disable=g-complex-comprehension
+          level, shorten_factor=k, total_factor=total_pooling * k)], 1)
+                        for k in factor_dropout]
+    else:
+      factor_dropout = ()
     pooling = total_pooling * factor
     blocks = _Blocks(level.n_layers, pooling, middle_attn_type)
     middle = [blocks, _Valley(inner, pooling), _Blocks(
         level.n_layers, pooling, middle_attn_type)] if inner else [blocks]
-    return [
-        tl.Dup(),  # vecs, vecs
-        CausalShift(factor, mode=mode),  # vecs shifted by k-1, vecs
+    return ShortenedLevel(
+        factor,
         _Resampling(downsampling_fn, attention_downsampling_fn, factor,
-                    total_pooling, upsampling=False),  # short: (b, len/pk, d)
-        middle,  # short
+                    total_pooling, upsampling=False),  # (b, len/pk, d)
+        middle,  # short: (batch, len/pk, d_model)
         _Resampling(upsampling_fn, attention_upsampling_fn, factor,
-                    total_pooling, upsampling=True),  # vecs: (b, len/p, d)
-        tl.LayerNorm(),
-        tl.Add(),  # vecs: upsampled + residual
-    ]
+                    total_pooling, upsampling=True),  # (b, len/p, d)
+        mode=mode, factor_dropout=factor_dropout)
 
   n_pre, n_post = spec.vanilla_layers
-  return tl.Serial(  # toks: (batch, len)
+  model = (functools.partial(Autoregressive, max_len=max_len)
+           if mode == 'predict' else tl.Serial)
+  return model(  # toks: (batch, len)
       tl.Dup(),  # toks, toks
-      PadToMultiple(spec.total_factor),  # toks: (batch, len'), toks
-      tl.ShiftRight(mode=mode),
+      PadToMultiple(pad_multiple, mode),  # toks: (batch, len'), toks
+      TokenShift(mode),
       tl.Embedding(vocab_size, d_model),  # vecs: (batch, len', d_model)
       _Dropout(),
+      [] if has_positions(vanilla_attn_type) else tl.PositionalEncoding(
+          max_len=padded_len, mode=mode),  # vecs: tokens + absolute positions
       _Blocks(n_pre, 1, vanilla_attn_type),  # vecs
-      _Valley(spec.levels, 1) if spec.levels else [],  # vecs
+      _Valley(spec.levels, 1, factor_dropout) if spec.levels else [],  # vecs
       _Blocks(n_post, 1, vanilla_attn_type) if spec.levels else [],  # vecs
-      tl.Dense(vocab_size),  # logits: (batch, len', vocab_size)
+      VocabProjection(vocab_size, d_model, loss_sparsity, mode),  # logits
       CropToInputLength(),  # logits: (batch, len, vocab_size)
   )
+
+
+def _check_factor_dropout(factors, spec, resampling_fns):
+  """Returns shorten_factor_dropout as a tuple, or raises saying what works."""
+  factors = tuple(factors or ())
+  if not factors:
+    return ()
+  example = "e.g. hierarchy='8@3', shorten_factor_dropout=(2, 3)"
+  if len(spec.levels) != 1:
+    raise ValueError(
+        f'shorten_factor_dropout={factors} needs exactly one shortened level, '
+        f'got {len(spec.levels)}; {example}.')
+  if not all(isinstance(k, int) and k >= 1 for k in factors):
+    raise ValueError(
+        f'shorten_factor_dropout={factors} must hold positive ints; {example}.')
+  sized = [fn for fn in resampling_fns if fn in (LinearPooling, LinearUpsampling)]
+  if sized:
+    names = ', '.join(sorted({fn.__name__ for fn in sized}))
+    raise ValueError(
+        f'shorten_factor_dropout={factors} needs resampling whose weights do not '
+        f'depend on the factor, but {names} has k*d_model-sized weights; use '
+        'AveragePooling / NaiveUpsampling (also inside AttentionResampling: '
+        'attention_upsampling_fn=NaiveUpsampling).')
+  return factors

@@ -1,0 +1,214 @@
+"""Predict mode: incremental decoding reproduces eval mode exactly.
+
+Feeding 0, x0, x1, ... one token at a time to HourglassLM(mode='predict') must
+give the eval-mode logits of x at every position, for every resampling type,
+nested hierarchies, the attention swaps and sparse layers; with the weights of
+the eval model loaded unchanged. Also: prompts in one call, batches,
+`autoregressive_sample`, the max_len error, and shorten-factor dropout.
+"""
+
+import functools
+
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import numpy as np
+import pytest
+import trax.layers as tl
+from trax import shapes
+from trax.layers.research import sparsity
+from trax.supervised import decoding
+
+import trax_hourglass as th
+
+L = th.layers
+VOCAB, LENGTH, BATCH = 11, 12, 2
+SHORTENING = {
+    'attention(average)': (L.AttentionResampling, L.AveragePooling),
+    'attention(linear)': (L.AttentionResampling, L.LinearPooling),
+    'average': (L.AveragePooling, L.AveragePooling),
+    'linear': (L.LinearPooling, L.AveragePooling),
+}
+UPSAMPLING = {
+    'attention(linear)': (L.AttentionResampling, L.LinearUpsampling),
+    'attention(repeat)': (L.AttentionResampling, L.NaiveUpsampling),
+    'repeat': (L.NaiveUpsampling, L.LinearUpsampling),
+    'linear': (L.LinearUpsampling, L.LinearUpsampling),
+}
+ATTENTION = {
+    'relative': L.RelativeAttentionWrapper,
+    'rotary': L.RotaryCausalAttention,
+    'softmax': tl.CausalAttention,
+    'performer': tl.CausalFavor,
+    'sparse_qkv': functools.partial(
+        sparsity.MultiplicativeConvCausalAttention, sparsity=2),
+}
+HIERARCHIES = ['1@2', '2@3', '1@4', '1@2 1@4 1@2', '1@2 1@6 1@2', '1@3 1@6 1@3']
+
+
+def _pair(max_len=LENGTH, **kwargs):
+  """(eval model with random weights at scale 0.5, predict model, same weights).
+
+  trax initialises the shared position biases at 1e-6, which would hide a
+  wrong position layout; scale 0.5 makes every term count.
+  """
+  args = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_heads=2, dropout=0.0)
+  args.update(kwargs)
+  evaluator = th.HourglassLM(mode='eval', **args)
+  evaluator.init(shapes.ShapeDtype((BATCH, LENGTH), np.int32))
+  flat, tree = jax.tree_util.tree_flatten(evaluator.weights)
+  rng = np.random.RandomState(0)
+  evaluator.weights = jax.tree_util.tree_unflatten(
+      tree, [np.asarray(rng.normal(0, 0.5, w.shape), w.dtype) for w in flat])
+  decoder = th.HourglassLM(mode='predict', max_len=max_len, **args)
+  decoder.init(shapes.ShapeDtype((BATCH, 1), np.int32))
+  decoder.weights = evaluator.weights  # Same tree, loads unchanged.
+  return evaluator, decoder
+
+
+def _tokens(seed=0, length=LENGTH):
+  return np.random.RandomState(seed).randint(
+      1, VOCAB, size=(BATCH, length)).astype(np.int32)
+
+
+def _decoder_inputs(tokens):
+  """trax's convention: 0 first, then the previous token."""
+  return np.concatenate([np.zeros((BATCH, 1), np.int32), tokens[:, :-1]], 1)
+
+
+def _decode(decoder, tokens, chunks):
+  """Logits of decoding `tokens` in calls of the given lengths."""
+  fast, inputs, outputs, start = tl.Accelerate(decoder), _decoder_inputs(
+      tokens), [], 0
+  for size in chunks:
+    outputs.append(np.asarray(fast(inputs[:, start:start + size])))
+    start += size
+  return np.concatenate(outputs, axis=1)
+
+
+def test_one_token_at_a_time_equals_eval_mode():
+  evaluator, decoder = _pair(hierarchy='2@1 2@3 2@1')
+  tokens = _tokens()
+  got = _decode(decoder, tokens, [1] * LENGTH)
+  np.testing.assert_allclose(got, np.asarray(evaluator(tokens)), atol=1e-4)
+
+
+def test_a_prompt_in_one_call_then_tokens_equals_eval_mode():
+  """autoregressive_sample feeds the prompt in one call: any split works."""
+  evaluator, decoder = _pair(hierarchy='1@2 1@4 1@2', vanilla_layers=(0, 1))
+  tokens = _tokens(1)
+  got = _decode(decoder, tokens, [5, 1, 4, 2])
+  np.testing.assert_allclose(got, np.asarray(evaluator(tokens)), atol=1e-4)
+
+
+@hypothesis.settings(max_examples=3, deadline=None, derandomize=True,
+                     phases=[hypothesis.Phase.generate])  # Shrinking recompiles.
+@hypothesis.given(
+    hierarchy=st.sampled_from(HIERARCHIES),
+    vanilla=st.tuples(st.integers(0, 1), st.integers(0, 1)),
+    shortening=st.sampled_from(sorted(SHORTENING)),
+    upsampling=st.sampled_from(sorted(UPSAMPLING)),
+    vanilla_attn=st.sampled_from(sorted(ATTENTION)),
+    middle_attn=st.sampled_from(sorted(ATTENTION)),
+    ff_sparsity=st.sampled_from([0, 4]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_configurations_decode_exactly(
+    hierarchy, vanilla, shortening, upsampling, vanilla_attn, middle_attn,
+    ff_sparsity, seed):
+  down, attn_down = SHORTENING[shortening]
+  up, attn_up = UPSAMPLING[upsampling]
+  evaluator, decoder = _pair(
+      hierarchy=hierarchy, vanilla_layers=vanilla, downsampling_fn=down,
+      upsampling_fn=up, attention_downsampling_fn=attn_down,
+      attention_upsampling_fn=attn_up,
+      vanilla_attn_type=ATTENTION[vanilla_attn],
+      middle_attn_type=ATTENTION[middle_attn], ff_sparsity=ff_sparsity)
+  tokens = _tokens(seed)
+  got = _decode(decoder, tokens, [LENGTH])  # Token by token, under lax.scan.
+  np.testing.assert_allclose(got, np.asarray(evaluator(tokens)), atol=1e-4)
+
+
+@pytest.mark.slow  # ~1 min: four nested models; run with `pytest -m slow`.
+def test_every_resampling_and_attention_type_decodes_exactly():
+  """Each type at least once, whatever hypothesis drew above."""
+  for (shortening, upsampling), attention in zip(
+      zip(sorted(SHORTENING), sorted(UPSAMPLING)),
+      ['relative', 'softmax', 'performer', 'sparse_qkv']):
+    down, attn_down = SHORTENING[shortening]
+    up, attn_up = UPSAMPLING[upsampling]
+    evaluator, decoder = _pair(
+        hierarchy='1@2 1@6 1@2', downsampling_fn=down, upsampling_fn=up,
+        attention_downsampling_fn=attn_down, attention_upsampling_fn=attn_up,
+        middle_attn_type=ATTENTION[attention],
+        vanilla_attn_type=ATTENTION['rotary' if attention == 'relative'
+                                    else attention])
+    tokens = _tokens(2)
+    got = _decode(decoder, tokens, [LENGTH])
+    np.testing.assert_allclose(
+        got, np.asarray(evaluator(tokens)), atol=1e-4,
+        err_msg=f'{shortening} / {upsampling} / {attention}')
+
+
+def test_past_max_len_raises_instead_of_returning_garbage():
+  _, decoder = _pair(max_len=5, hierarchy='1@3')
+  fast = tl.Accelerate(decoder)
+  np.asarray(fast(np.zeros((BATCH, 5), np.int32)))  # 5 tokens: fine.
+  with pytest.raises(ValueError, match=r'token number 6, past its max_len=5'):
+    fast(np.zeros((BATCH, 1), np.int32))
+
+
+def test_autoregressive_sample_continues_a_batch_of_prompts_greedily():
+  evaluator, decoder = _pair(hierarchy='1@2', max_len=LENGTH)
+  prompt = _tokens(3, length=4)
+  sampled = decoding.autoregressive_sample(
+      decoder, inputs=prompt, batch_size=BATCH, temperature=0.0,
+      max_length=LENGTH - 4, eos_id=-1)
+  assert sampled.shape == (BATCH, LENGTH - 4)
+  sequence = np.concatenate([prompt, sampled], axis=1)
+  # Greedy: each sampled token is the eval model's argmax given its prefix.
+  logits = np.asarray(evaluator(sequence))
+  np.testing.assert_array_equal(sampled, logits[:, 3:-1].argmax(-1))
+
+
+def test_shorten_factor_dropout_trains_every_factor_and_loads_into_each():
+  args = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_heads=2, dropout=0.0,
+              attention_upsampling_fn=L.NaiveUpsampling)
+  trainer = th.HourglassLM(hierarchy='1@1 1@3 1@1', mode='train',
+                           shorten_factor_dropout=(2, 3), **args)
+  trainer.init(shapes.ShapeDtype((BATCH, LENGTH), np.int32))
+  tokens = _tokens(4)
+  by_factor = {}
+  for k in (2, 3):  # The same weights work at each factor's hierarchy.
+    evaluator = th.HourglassLM(hierarchy=f'1@1 1@{k} 1@1', mode='eval', **args)
+    evaluator.init(shapes.ShapeDtype((BATCH, LENGTH), np.int32))
+    evaluator.weights = trainer.weights
+    by_factor[k] = np.asarray(evaluator(tokens))
+  assert np.abs(by_factor[2] - by_factor[3]).max() > 1e-3
+  step = jax.jit(trainer.pure_fn)
+  seen = set()
+  for seed in range(8):  # Each training step runs one factor, drawn per step.
+    out = np.asarray(step(tokens, trainer.weights, trainer.state,
+                          jax.random.PRNGKey(seed))[0])
+    matches = [k for k, ref in by_factor.items()
+               if np.allclose(out, ref, atol=1e-4)]
+    assert len(matches) == 1, 'a training step matched no factor'
+    seen.add(matches[0])
+  assert seen == {2, 3}
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(shorten_factor_dropout=(2, 3)), 'LinearUpsampling'),
+    (dict(shorten_factor_dropout=(2, 3), hierarchy='1@2 1@4 1@2',
+          attention_upsampling_fn=L.NaiveUpsampling), 'exactly one shortened'),
+    (dict(shorten_factor_dropout=(0, 3),
+          attention_upsampling_fn=L.NaiveUpsampling), 'positive ints'),
+    (dict(mode='predicting'), "mode='predicting'"),
+    (dict(max_len=0), 'max_len=0'),
+])
+def test_bad_arguments_say_what_works(kwargs, message):
+  args = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_heads=2,
+              hierarchy='1@3', mode='train')
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=message):
+    th.HourglassLM(**args)
