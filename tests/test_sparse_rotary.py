@@ -308,11 +308,6 @@ def test_hourglass_with_rotary_attention_runs():
 
 # Gin variants.
 
-_NEW_HOURGLASS_PARAMS = ('ff_sparsity', 'loss_sparsity')
-_MISSING = [p for p in _NEW_HOURGLASS_PARAMS
-            if p not in inspect.signature(trax_hourglass.HourglassLM).parameters]
-
-
 def _parse(name, bindings=()):
   gin.clear_config()
   trainer._progress_callback_class()  # pylint: disable=protected-access
@@ -338,9 +333,8 @@ def test_new_layers_are_gin_configurable():
 @pytest.mark.parametrize('name', [
     'enwik8_hourglass_lsh.gin',
     'enwik8_hourglass_performer.gin',
-    pytest.param('enwik8_hourglass_sparse.gin', marks=pytest.mark.xfail(
-        bool(_MISSING), strict=False,
-        reason=f'HourglassLM has no {", ".join(_MISSING)} yet')),
+    'enwik8_hourglass_sparse.gin',
+    'enwik8_hourglass_sfd.gin',
 ])
 def test_gin_variant_parses_and_builds(name):
   try:

@@ -415,11 +415,13 @@ def has_positions(attention_type):
   while isinstance(fn, functools.partial):
     keywords = {**fn.keywords, **keywords}
     fn = fn.func
-  if 'rotary_position_emb' not in keywords:
-    try:
-      keywords = gin.get_bindings(fn)
-    except (ValueError, TypeError, KeyError):  # Not a gin configurable.
-      keywords = {}
+  for selector in (fn, getattr(fn, '__name__', None)):
+    if 'rotary_position_emb' in keywords or selector is None:
+      break
+    try:  # Gin bindings of the configurable (by name for external classes).
+      keywords = gin.get_bindings(selector)
+    except (ValueError, TypeError, KeyError):  # Not in the gin registry.
+      pass
   return bool(keywords.get('rotary_position_emb', False))
 
 
