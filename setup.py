@@ -43,9 +43,9 @@ setuptools.setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         'console_scripts': [
-            'hourglass-demo=trax_hourglass.cli.demo:main',
             'trainer=trax_hourglass.cli.trainer:main',
             'hourglass-eval=trax_hourglass.cli.evaluate:main',
+            'hourglass-sample=trax_hourglass.cli.sample:main',
         ],
     },
     license='Apache 2.0',

@@ -101,15 +101,21 @@ def make_model(name, cfg, mode='train'):
   Args:
     name: one of `ALL_MODELS`.
     cfg: dict with vocab_size, d_model, d_ff, n_heads, dropout, seq_len and,
-      for the Hourglass models, vanilla_layers (tuple) and hierarchy (str).
+      for the Hourglass models, vanilla_layers (tuple) and hierarchy (str);
+      optionally max_len, the predict-mode cache length of `ours` and the
+      positional-embedding length of the Transformers (default
+      max(2048, seq_len)).
     mode: 'train', 'eval' or 'predict'.
   """
   import trax  # pylint: disable=g-import-not-at-top
   width = dict(d_model=cfg['d_model'], d_ff=cfg['d_ff'],
                n_heads=cfg['n_heads'], dropout=cfg['dropout'], mode=mode)
+  max_len = cfg.get('max_len') or max(2048, cfg['seq_len'])
   if name in ('ours', 'original'):
     if name == 'ours':
       from trax_hourglass import HourglassLM  # pylint: disable=g-import-not-at-top
+      if mode == 'predict':
+        width['max_len'] = max_len
     else:
       from trax.models.research.hourglass import HourglassLM  # pylint: disable=g-import-not-at-top
     return HourglassLM(cfg['vocab_size'],
@@ -119,7 +125,7 @@ def make_model(name, cfg, mode='train'):
     n_layers = int(name[len('transformer'):])
     # Positional embeddings must cover the sequence; 2048 is trax's default.
     return trax.models.TransformerLM(cfg['vocab_size'], n_layers=n_layers,
-                                     max_len=max(2048, cfg['seq_len']),
+                                     max_len=max_len,
                                      **width)
   raise ValueError(f'Unknown model {name!r}; expected one of {ALL_MODELS}.')
 

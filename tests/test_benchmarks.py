@@ -20,6 +20,7 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(REPO_ROOT, 'benchmarks')
 TRAIN_SPEED = os.path.join(BENCHMARKS, 'train_speed.py')
+SAMPLE_SPEED = os.path.join(BENCHMARKS, 'sample_speed.py')
 
 
 def _load(name):
@@ -85,6 +86,49 @@ def test_train_speed_rejects_bad_flags():
     train_speed.main(['--quick', '--warmup', '1'])
   with pytest.raises(SystemExit, match='Unknown'):
     train_speed.main(['--models', 'gpt2'])
+
+
+def test_sample_speed_quick(tmp_path):
+  models = ['ours', 'ours_sample', 'original', 'transformer12',
+            'transformer12_sample']
+  json_path = tmp_path / 'sample_speed.json'
+  result = subprocess.run(
+      [sys.executable, SAMPLE_SPEED, '--quick', '--json', str(json_path)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
+  details = f'stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}'
+  assert result.returncode == 0, details
+
+  rows = _table_rows(result.stdout)
+  header = next(line for line in result.stdout.splitlines()
+                if line.startswith('| model |'))
+  assert 'tokens/s' in header, details
+  for model in models:
+    assert float(rows[model][2].replace(',', '')) > 0, details
+  assert 'ours / original: ' in result.stdout
+  assert 'ours / transformer12: ' in result.stdout
+  assert 'ours_sample / transformer12_sample: ' in result.stdout
+
+  report = json.loads(json_path.read_text())
+  s = report['summary']
+  for model in models:
+    assert s[model]['n_runs'] == 1 and s[model]['tokens_per_s_median'] > 0
+    assert s[model]['n_params'] > 0
+  assert s['ours']['n_params'] == s['original']['n_params']
+  assert s['ours']['ratio_vs_original'] == pytest.approx(
+      s['ours']['tokens_per_s_median'] / s['original']['tokens_per_s_median'])
+  runs = {r['model']: r for r in report['runs']}
+  assert runs['ours']['timed_tokens'] == 24 - 2  # The 2 warmup tokens.
+  assert runs['original']['timed_tokens'] == 4
+
+
+def test_sample_speed_rejects_bad_flags():
+  sample_speed = _load('sample_speed')
+  with pytest.raises(SystemExit, match='max_len'):
+    sample_speed.main(['--n_tokens', '100', '--max_len', '50'])
+  with pytest.raises(SystemExit, match='warmup'):
+    sample_speed.main(['--quick', '--warmup', '0'])
+  with pytest.raises(SystemExit, match='Unknown'):
+    sample_speed.main(['--models', 'gpt2'])
 
 
 def test_common_helpers():

@@ -1,4 +1,5 @@
-"""Console scripts of trax_hourglass (`trainer`, `hourglass-eval`)."""
+"""Console scripts of trax_hourglass (`trainer`, `hourglass-eval`,
+`hourglass-sample`)."""
 
 import sys
 

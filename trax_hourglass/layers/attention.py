@@ -184,8 +184,9 @@ class RelativeDotProductAttention(base.Layer):
   def init_weights_and_state(self, input_signature):
     if self._mode == 'predict':
       q = input_signature[3]
-      cache = jnp.zeros((q.shape[0], self._max_keys, q.shape[-1]), q.dtype)
-      self.state = (cache, cache, jnp.zeros((), jnp.int32))
+      shape = (q.shape[0], self._max_keys, q.shape[-1])
+      self.state = (jnp.zeros(shape, q.dtype), jnp.zeros(shape, q.dtype),
+                    jnp.zeros((), jnp.int32))  # Distinct buffers: donatable.
 
   def forward(self, inputs):
     if self._mode == 'predict':

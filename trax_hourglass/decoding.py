@@ -1,0 +1,472 @@
+"""Sampling from predict-mode language models: text, image completion, grids.
+
+    model = load_predict_model('~/runs/hg_enwik8')        # training output dir
+    tokens = sample(model, 200, prompt=np.frombuffer(b'The ', np.uint8)[None],
+                    temperature=0.8, top_k=40)            # (1, 200) int32
+
+`sample` runs the whole decoding loop on the device: the prompt goes through
+the model in one call, then each compiled call generates a chunk of tokens in
+a `lax.fori_loop` (model step and sampling fused, the state's buffers donated),
+so Python runs once per chunk, not once per token. Chunks grow to about a
+quarter second each, so `progress` can be told about once a second; the
+random key is split per token, so the tokens for a seed do not depend on the
+chunking. Compiled steps are kept per model: sampling again is immediate.
+
+Works on any trax predict-mode LM that follows trax's decoding convention
+(`HourglassLM(mode='predict')`, `trax.models.TransformerLM(mode='predict')`):
+each call takes the previous tokens (0 first) and returns the logits of the
+next ones.
+"""
+
+import functools
+import os
+import time
+import weakref
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from trax import shapes
+
+from trax_hourglass import checkpoints
+from trax_hourglass.data import images as image_data
+from trax_hourglass.models import weights as weight_loading
+from trax_hourglass.models.hourglass import HourglassLM
+
+# Upper bound of tokens per compiled call (the size of its output buffer).
+_MAX_CHUNK = 256
+# Aim for calls of about this many seconds: Python overhead stays negligible
+# and `progress` hears from us about every second.
+_SECONDS_PER_CALL = 0.25
+_PROGRESS_EVERY_S = 1.0
+
+# Per model (weakly held): fresh states by batch size, and compiled functions.
+_FRESH_STATES = weakref.WeakKeyDictionary()
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _choose(logits, key, temperature, top_k):
+  """logits (batch, vocab) -> tokens (batch,) int32.
+
+  temperature 0 is argmax; top_k in 1..vocab keeps the k largest logits (0:
+  all). Both are traced: other values do not recompile.
+  """
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  top_k = jnp.where((top_k < 1) | (top_k > vocab), vocab, top_k)
+  # Sorting a large vocabulary costs: only when some tokens are cut.
+  kth = jax.lax.cond(
+      top_k < vocab,
+      lambda x: jnp.sort(x, axis=-1)[:, vocab - top_k][:, None],
+      lambda x: jnp.full((x.shape[0], 1), -jnp.inf, x.dtype), logits)
+  kept = jnp.where(logits < kth, -jnp.inf, logits)
+  drawn = jax.random.categorical(key, kept / jnp.maximum(temperature, 1e-6),
+                                 axis=-1)
+  return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1),
+                   drawn).astype(jnp.int32)
+
+
+def _compiled(model):
+  """(prefill, run), `model`'s decoding steps, jitted once per model."""
+  if model in _COMPILED:
+    return _COMPILED[model]
+  # Predict mode has no dropout: the model's own rng is a constant.
+  model_rng = jax.random.PRNGKey(0)
+
+  def prefill(weights, state, toks, key, temperature, top_k):
+    """toks (batch, P+1), 0 first -> (next token (batch,), state, key)."""
+    logits, state = model.pure_fn(toks, weights, state, model_rng)
+    key, sub = jax.random.split(key)
+    return _choose(logits[:, -1], sub, temperature, top_k), state, key
+
+  def run(weights, state, tok, key, temperature, top_k, n):
+    """Feeds tok (batch,), then n-1 sampled ones; out[:, :n] the n samples."""
+    def body(i, carry):
+      state, tok, key, out = carry
+      logits, state = model.pure_fn(tok[:, None], weights, state, model_rng)
+      key, sub = jax.random.split(key)
+      tok = _choose(logits[:, -1], sub, temperature, top_k)
+      out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
+      return state, tok, key, out
+
+    out = jnp.zeros((tok.shape[0], _MAX_CHUNK), jnp.int32)
+    state, tok, key, out = jax.lax.fori_loop(0, n, body,
+                                             (state, tok, key, out))
+    return out, state, tok, key
+
+  # The fresh state given to prefill is kept for the next call: not donated.
+  # run's state is always the previous call's output: donate it.
+  _COMPILED[model] = (jax.jit(prefill), jax.jit(run, donate_argnums=(1,)))
+  return _COMPILED[model]
+
+
+def _fresh_state(model, batch_size):
+  """The state of `model` before any token, for `batch_size` sequences."""
+  per_model = _FRESH_STATES.setdefault(model, {})
+  if batch_size not in per_model:
+    # init draws new weights as well: keep the trained ones.
+    weights = model.weights
+    model.init(shapes.ShapeDtype((batch_size, 1), np.int32))
+    per_model[batch_size] = model.state
+    model.weights = weights
+  return per_model[batch_size]
+
+
+def _own_buffers(state, fresh):
+  """`state` with no buffer of `fresh` and none twice: safe to donate.
+
+  jit hands an input that comes out unchanged back as the same array, and
+  init may put one array in several places; donating those would delete the
+  kept fresh state or donate a buffer twice.
+  """
+  seen = {id(x) for x in jax.tree_util.tree_leaves(fresh)}
+
+  def own(x):
+    if id(x) in seen:
+      return jnp.array(x, copy=True)
+    seen.add(id(x))
+    return x
+
+  return jax.tree_util.tree_map(own, state)
+
+
+def _prompt_batch(prompt, batch_size):
+  """prompt None, (P,) or (batch, P) -> int32 (batch, P) (P may be 0)."""
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size}; it must be at least 1.')
+  if prompt is None:
+    return np.zeros((batch_size, 0), np.int32)
+  prompt = np.asarray(prompt)
+  if prompt.dtype.kind not in 'iub':
+    raise ValueError(f'prompt must hold integer token ids, got dtype '
+                     f'{prompt.dtype}; e.g. np.frombuffer(text.encode(), '
+                     'np.uint8) for byte-level models.')
+  if prompt.ndim == 1:
+    prompt = np.tile(prompt[None], (batch_size, 1))
+  elif prompt.ndim != 2 or batch_size not in (1, prompt.shape[0]):
+    raise ValueError(
+        f'prompt has shape {prompt.shape}; use (length,) for the same prompt '
+        f'in all {batch_size} sequences, or (batch_size, length).')
+  return prompt.astype(np.int32)
+
+
+def sample(model, n_tokens, prompt=None, batch_size=1, temperature=1.0,
+           top_k=None, seed=0, progress=None):
+  """Samples `n_tokens` new tokens after `prompt` from a predict-mode LM.
+
+  Every call starts new sequences (from the model's state before any token);
+  afterwards `model.state` is the state after them, as with trax's decoding.
+
+  Args:
+    model: a trax LM in 'predict' mode with trained weights set, e.g. from
+      `load_predict_model`.
+    n_tokens: how many tokens to generate (>= 1).
+    prompt: int array (batch, P), or (P,) for the same prompt in every
+      sequence, or None to start from nothing (the start token 0 only).
+    batch_size: sequences to sample at once when `prompt` is None or 1-D; a
+      2-D prompt sets it (then batch_size must be 1 or the prompt's batch).
+    temperature: softmax temperature; 0 is greedy (argmax) decoding.
+    top_k: if set, sample only among the `top_k` most likely tokens.
+    seed: random seed: the same seed gives the same tokens.
+    progress: optional callable(n_done, n_total, tokens_per_s), called about
+      once a second and at the end; tokens_per_s counts new tokens of the
+      whole batch per second, measured after the first compiled call.
+
+  Returns:
+    int32 array (batch, n_tokens) of the new tokens (prompt excluded).
+
+  Raises:
+    ValueError: for a bad argument, or when P + n_tokens is past the model's
+      `max_len`.
+  """
+  n_tokens = int(n_tokens)
+  if n_tokens < 1:
+    raise ValueError(f'n_tokens={n_tokens}; ask for at least 1 token.')
+  if temperature < 0:
+    raise ValueError(f'temperature={temperature}; use 0 (greedy) or more.')
+  if top_k is not None and int(top_k) < 1:
+    raise ValueError(f'top_k={top_k}; use None (all tokens) or >= 1.')
+  prompt = _prompt_batch(prompt, batch_size)
+  batch, prompt_len = prompt.shape
+  max_len = getattr(model, '_max_len', None)  # HourglassLM(mode='predict').
+  if max_len is not None and prompt_len + n_tokens > max_len:
+    raise ValueError(
+        f'a prompt of {prompt_len} tokens + n_tokens={n_tokens} is past the '
+        f"model's max_len={max_len}: ask for at most {max_len - prompt_len} "
+        f'tokens, or build the model with max_len >= {prompt_len + n_tokens}.')
+  prefill, run = _compiled(model)
+  weights = model.weights
+  # Traced arguments: other values do not recompile.
+  temperature = np.float32(temperature)
+  top_k = np.int32(0 if top_k is None else top_k)  # 0: all tokens.
+
+  start = time.perf_counter()
+  toks = np.concatenate([np.zeros((batch, 1), np.int32), prompt], axis=1)
+  fresh = _fresh_state(model, batch)
+  tok, state, key = prefill(weights, fresh, toks, jax.random.PRNGKey(seed),
+                            temperature, top_k)
+  state = _own_buffers(state, fresh)
+  chunks = [np.asarray(tok)[:, None]]
+  done, chunk = 1, 1
+  first = None  # (time, tokens done) after the first (compiling) run call.
+  last_report = start
+  while done < n_tokens:
+    n = min(chunk, n_tokens - done)
+    call_start = time.perf_counter()
+    out, state, tok, key = run(weights, state, tok, key, temperature, top_k,
+                               n)
+    chunks.append(np.asarray(out)[:, :n])  # Waits for the chunk.
+    done += n
+    now = time.perf_counter()
+    if first is None:
+      first = (now, done)
+      chunk = 8
+    else:  # Next chunk: about _SECONDS_PER_CALL at this call's speed.
+      per_token = (now - call_start) / n
+      chunk = int(min(_MAX_CHUNK, max(1, _SECONDS_PER_CALL / per_token)))
+    # Not right after the first call: its time is mostly compilation.
+    if progress is not None and (done == n_tokens or (
+        now - last_report >= _PROGRESS_EVERY_S and done > first[1])):
+      progress(done, n_tokens, _rate(batch, start, first, now, done))
+      last_report = now
+  if progress is not None and first is None:  # n_tokens == 1.
+    progress(done, n_tokens, _rate(batch, start, first,
+                                   time.perf_counter(), done))
+  model.state = state
+  return np.concatenate(chunks, axis=1)
+
+
+def _rate(batch, start, first, now, done):
+  """New tokens per second, after the first compiled call when there is one."""
+  if first is not None and done > first[1] and now > first[0]:
+    return batch * (done - first[1]) / (now - first[0])
+  return batch * done / max(now - start, 1e-9)
+
+
+def complete_images(model, images, seed=0, temperature=1.0, top_k=None,
+                    progress=None):
+  """Keeps the top half of each image and samples the bottom half.
+
+  Pixels are tokens in raster order with channels interleaved (see
+  `trax_hourglass.data.images.flatten_images`), so the top H//2 rows are the
+  prompt and the rest is sampled, all images as one batch.
+
+  Args:
+    model: predict-mode image model (vocab 256), max_len >= H*W*C.
+    images: uint8 (n, H, W, C).
+    seed, temperature, top_k, progress: as in `sample`.
+
+  Returns:
+    uint8 (n, H, W, C): the top halves of `images` with sampled bottoms.
+  """
+  images = np.asarray(images)
+  tokens = image_data.flatten_images(images)  # Checks uint8 (n, H, W, C).
+  n, height, width, channels = images.shape
+  kept = (height // 2) * width * channels
+  if kept == 0:
+    raise ValueError(f'images of height {height} have no top half to keep; '
+                     'use images at least 2 pixels high.')
+  new = sample(model, tokens.shape[1] - kept, prompt=tokens[:, :kept],
+               batch_size=n, temperature=temperature, top_k=top_k, seed=seed,
+               progress=progress)
+  return image_data.unflatten_images(
+      np.concatenate([tokens[:, :kept], new], axis=1), height, width, channels)
+
+
+def image_grid(originals, completions, border=2, fill=255):
+  """A grid image: originals in the top row, completions in rows below.
+
+  Args:
+    originals: uint8 (n, H, W, C).
+    completions: uint8 (n, H, W, C), or (k, n, H, W, C) for k rows of them.
+    border: pixels between and around the images.
+    fill: value of the border pixels (255: white).
+
+  Returns:
+    uint8 (rows*H + (rows+1)*border, n*W + (n+1)*border, C), rows = 1 + k.
+  """
+  originals = np.asarray(originals)
+  completions = np.asarray(completions)
+  if completions.ndim == originals.ndim:
+    completions = completions[None]
+  if originals.ndim != 4 or completions.shape[1:] != originals.shape:
+    raise ValueError(
+        f'originals {originals.shape} and completions {completions.shape} '
+        'must be (n, H, W, C) and (n, H, W, C) or (k, n, H, W, C).')
+  rows = [originals] + list(completions)
+  n, height, width, channels = originals.shape
+  grid = np.full((len(rows) * (height + border) + border,
+                  n * (width + border) + border, channels), fill, np.uint8)
+  for r, row in enumerate(rows):
+    for c, image in enumerate(row):
+      y, x = border + r * (height + border), border + c * (width + border)
+      grid[y:y + height, x:x + width] = image
+  return grid
+
+
+def save_png(array, path):
+  """Writes uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as a PNG file.
+
+  Uses PIL when installed, else TensorFlow's encoder; creates the folder.
+
+  Returns:
+    The path written (user-expanded).
+  """
+  array = np.asarray(array)
+  if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+      array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+    raise ValueError(f'save_png needs uint8 (H, W) or (H, W, 1|3|4), got '
+                     f'{array.dtype} {array.shape}.')
+  path = os.path.expanduser(os.fspath(path))
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+  except ImportError:  # TensorFlow is a dependency: always there.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if array.ndim == 2:
+      array = array[..., None]
+    tf.io.write_file(path, tf.io.encode_png(array))
+    return path
+  Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1
+                  else array).save(path, format='PNG')
+  return path
+
+
+# ---------------------------------------------------------------------------
+# Loading a predict-mode model.
+# ---------------------------------------------------------------------------
+
+
+def parse_run_config(config_files, bindings=()):
+  """Parses a run's gin config(s); returns its train.model function.
+
+  Clears gin's config first, so that bindings of an earlier model do not leak
+  into this one. Configurables of other programs are skipped.
+  """
+  from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
+  from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
+  from trax_hourglass import data as _data  # pylint: disable=g-import-not-at-top,unused-import
+  from trax_hourglass.cli import trainer  # pylint: disable=g-import-not-at-top
+  for path in config_files:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'gin config {path} does not exist.')
+  gin.clear_config()
+  trainer._progress_callback_class()  # pylint: disable=protected-access
+  # Not finalized (locked): building a model may still import modules that
+  # register configurables, which a locked config refuses.
+  gin.parse_config_files_and_bindings(list(config_files), list(bindings),
+                                      finalize_config=False, skip_unknown=True)
+  try:
+    model = gin.query_parameter('train.model')
+  except ValueError:
+    model = None
+  if model is None:
+    raise ValueError(f'gin config {", ".join(config_files)} binds no '
+                     'train.model; pass a training config, or model_fn.')
+  return model.scoped_configurable_fn
+
+
+def _is_our_hourglass(model_fn):
+  while isinstance(model_fn, functools.partial):
+    model_fn = model_fn.func
+  if model_fn is HourglassLM:
+    return True
+  wrapped = getattr(model_fn, '__wrapped__', None)  # gin's scoped function.
+  return wrapped is not None and _is_our_hourglass(wrapped)
+
+
+def _checkpoint_location(path):
+  """(directory, basename) of an output dir or a *.pkl.gz checkpoint file."""
+  if os.path.isdir(path):
+    return path, 'model'
+  directory, name = os.path.split(path)
+  if not name.endswith('.pkl.gz'):
+    raise ValueError(f'checkpoint {path} is neither a directory nor a '
+                     '*.pkl.gz file; pass a training output_dir or its '
+                     'model.pkl.gz.')
+  return directory, name[:-len('.pkl.gz')]
+
+
+def load_predict_model(checkpoint_or_weights, model_fn=None, config_file=None,
+                       max_len=2048, batch_size=1, original=False,
+                       **model_kwargs):
+  """Builds a predict-mode model and loads trained weights into it.
+
+  Args:
+    checkpoint_or_weights: a training output dir (its committed `model`
+      checkpoint, read crash-safely), a `*.pkl.gz` checkpoint file, or weights
+      (`train_model.weights`, or a flat list of arrays).
+    model_fn: the model function, e.g. `HourglassLM` (default: `train.model`
+      of the gin config, else `HourglassLM`); called with `mode='predict'`
+      and `model_kwargs`.
+    config_file: gin config(s) of the run; default `config.gin` beside the
+      checkpoint (the trainer writes it there), unless `model_fn` is given.
+      Parsing replaces gin's global config.
+    max_len: longest sequence (prompt + new tokens) of our HourglassLM, the
+      size of its caches. Other models keep their configured max_len (for
+      trax's TransformerLM it sizes weights).
+    batch_size: sequences per call (`sample` adapts it when asked for others).
+    original: the checkpoint was written by trax's own HourglassLM (e.g. a
+      released one); give the architecture with `config_file` (one of our
+      gin configs, e.g. gin/cifar10_hourglass.gin) or `model_kwargs`.
+    **model_kwargs: arguments for `model_fn`, over the config's.
+
+  Returns:
+    The model in 'predict' mode with the weights, for (batch_size, 1) inputs.
+  """
+  source = checkpoint_or_weights
+  path = None
+  if isinstance(source, (str, os.PathLike)):
+    path = os.path.expanduser(os.fspath(source))
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'checkpoint {path} does not exist; pass a '
+                              'training output_dir or a model.pkl.gz file.')
+    directory, basename = _checkpoint_location(path)
+    if config_file is None and model_fn is None and not original:
+      default = os.path.join(directory, 'config.gin')
+      if os.path.exists(default):
+        config_file = default
+  configs = ([config_file] if isinstance(config_file, (str, os.PathLike))
+             else list(config_file or []))
+  configs = [os.path.expanduser(os.fspath(c)) for c in configs]
+  if model_fn is None:
+    model_fn = parse_run_config(configs) if configs else HourglassLM
+  elif configs:
+    parse_run_config(configs)  # Its bindings apply to model_fn.
+  # Read the weights first: a missing checkpoint fails before any building.
+  if path is None:
+    weights, where = source, 'the given weights'
+  elif original:
+    weights = weight_loading.read_trax_checkpoint_weights(
+        os.path.join(directory, basename + '.pkl.gz'))
+    where = path
+  else:
+    ckpt = checkpoints.read_checkpoint(directory, basename, n_tasks=0)
+    if ckpt is None:
+      raise FileNotFoundError(f'no checkpoint {basename}.pkl.gz in '
+                              f'{directory}; has the run saved one yet?')
+    weights = [np.asarray(w) for w in checkpoints.from_bits(
+        ckpt.flat_weights)]
+    where = f'{path} (step {ckpt.step})'
+
+  kwargs = dict(model_kwargs, mode='predict')
+  if _is_our_hourglass(model_fn):
+    kwargs['max_len'] = max_len
+  try:
+    model = model_fn(**kwargs)
+  except TypeError as e:  # E.g. no vocab_size: no config and no kwargs.
+    raise ValueError(
+        f'cannot build the model ({e}); pass the run\'s gin config '
+        '(config_file) or the model arguments, e.g. vocab_size=256.') from e
+  model.init(shapes.ShapeDtype((batch_size, 1), np.int32))
+  _FRESH_STATES.setdefault(model, {})[batch_size] = model.state
+  try:
+    weight_loading.load_trax_hourglass_weights(model, weights)
+  except ValueError as e:
+    built = (f'config {", ".join(configs)}' if configs else
+             f'arguments {model_kwargs}')
+    raise ValueError(f'the weights of {where} do not fit the model built from '
+                     f'{built}: {e}') from e
+  return model
