@@ -101,7 +101,7 @@ def test_a_prompt_in_one_call_then_tokens_equals_eval_mode():
   np.testing.assert_allclose(got, np.asarray(evaluator(tokens)), atol=1e-4)
 
 
-@hypothesis.settings(max_examples=3, deadline=None, derandomize=True,
+@hypothesis.settings(max_examples=2, deadline=None, derandomize=True,
                      phases=[hypothesis.Phase.generate])  # Shrinking recompiles.
 @hypothesis.given(
     hierarchy=st.sampled_from(HIERARCHIES),

@@ -1,11 +1,9 @@
 """Tests of the sparse layers (layers/sparse.py), the rotary attention
-(layers/rotary.py) and the enwik8 gin variants that use such layers.
+(layers/rotary.py); gin/ files using them are built in test_trainer.py.
 
 Models are tiny and shared through module fixtures: the machine has 2 cores.
 """
 
-import inspect
-import os
 import re
 
 import gin
@@ -14,8 +12,6 @@ import numpy as np
 import pytest
 
 import trax_hourglass
-from trax_hourglass import data  # pylint: disable=unused-import (registers)
-from trax_hourglass.cli import trainer
 from trax_hourglass.layers import resampling
 from trax_hourglass.layers import rotary
 from trax_hourglass.layers.rotary import RotaryCausalAttention
@@ -25,7 +21,6 @@ from trax_hourglass.layers.sparse import VocabProjection
 import trax.layers as tl  # pylint: disable=g-bad-import-order (after compat)
 from trax import shapes
 
-GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'gin')
 D_MODEL, D_FF, VOCAB, N_HEADS, LENGTH = 16, 32, 16, 2, 7
 
 
@@ -306,44 +301,11 @@ def test_hourglass_with_rotary_attention_runs():
   assert logits.shape == (1, 8, VOCAB) and np.all(np.isfinite(logits))
 
 
-# Gin variants.
-
-def _parse(name, bindings=()):
-  gin.clear_config()
-  trainer._progress_callback_class()  # pylint: disable=protected-access
-  gin.parse_config_files_and_bindings([os.path.join(GIN_DIR, name)],
-                                      list(bindings), skip_unknown=False)
-
-
-_REDUCED = ['trax_hourglass.HourglassLM.d_model = 32',
-            'trax_hourglass.HourglassLM.d_ff = 64',
-            'trax_hourglass.HourglassLM.n_heads = 2',
-            'trax_hourglass.HourglassLM.vanilla_layers = (1, 1)',
-            "trax_hourglass.HourglassLM.hierarchy = '1@3'"]
-
+# Gin.
 
 def test_new_layers_are_gin_configurable():
   try:
     for name in ('FeedForwardBlock', 'VocabProjection', 'RotaryCausalAttention'):
       gin.parse_config(f"trax_hourglass.{name}.mode = 'eval'")
-  finally:
-    gin.clear_config()
-
-
-@pytest.mark.parametrize('name', [
-    'enwik8_hourglass_lsh.gin',
-    'enwik8_hourglass_performer.gin',
-    'enwik8_hourglass_sparse.gin',
-    'enwik8_hourglass_sfd.gin',
-])
-def test_gin_variant_parses_and_builds(name):
-  try:
-    _parse(name)
-    length = gin.query_parameter('enwik8_inputs.sequence_length')
-    _parse(name, _REDUCED)
-    model = trax_hourglass.HourglassLM(mode='eval')
-    weights, _ = model.weights_and_state_signature(
-        shapes.ShapeDtype((1, length), np.int32))
-    assert jax.tree_util.tree_leaves(weights)
   finally:
     gin.clear_config()

@@ -234,7 +234,9 @@ def _bound_or_none(name):
     return None
 
 
-@pytest.mark.parametrize('name', sorted(PAPER))
+@pytest.mark.parametrize('name', [  # One by default; all with -m slow (~2 min).
+    name if name == 'cifar10' else pytest.param(name, marks=pytest.mark.slow)
+    for name in sorted(PAPER)])
 def test_paper_configs_have_the_original_parameter_counts(name):
   expected, length = PAPER[name]
   try:
@@ -244,9 +246,8 @@ def test_paper_configs_have_the_original_parameter_counts(name):
     gin.clear_config()
 
 
-@pytest.mark.parametrize('name', [
-    name if name == 'cifar10' else pytest.param(name, marks=pytest.mark.slow)
-    for name in sorted(PAPER)])
+@pytest.mark.slow  # Builds trax's own models (~20 s each): -m slow.
+@pytest.mark.parametrize('name', sorted(PAPER))
 def test_trax_original_models_have_these_counts(name):
   """The expected numbers, counted with trax's own HourglassLM (5-15 s each:
   only cifar10 in the default suite, the others with `pytest -m slow`)."""
