@@ -12,34 +12,14 @@ from hypothesis import strategies as st
 import numpy as np
 import trax.layers as tl
 from trax import shapes
-from trax.layers.research import sparsity
 
 import trax_hourglass as th
+from configurations import ATTENTION, SHORTENING, UPSAMPLING  # pylint: disable=g-bad-import-order
 
 VOCAB, LENGTH, D_MODEL = 16, 24, 16  # Fixed shapes: compiled ops are reused.
 
 HIERARCHIES = ['1@2', '1@3', '2@4', '1@6', '1@2 1@4 1@2', '1@2 1@6 1@2',
                '1@3 1@6 1@3', '1@2 1@4 1@8 1@4 1@2']
-L = th.layers
-SHORTENING = {
-    'attention(average)': (L.AttentionResampling, L.AveragePooling),
-    'attention(linear)': (L.AttentionResampling, L.LinearPooling),
-    'average': (L.AveragePooling, L.AveragePooling),
-    'linear': (L.LinearPooling, L.AveragePooling),
-}
-UPSAMPLING = {
-    'attention(linear)': (L.AttentionResampling, L.LinearUpsampling),
-    'attention(repeat)': (L.AttentionResampling, L.NaiveUpsampling),
-    'repeat': (L.NaiveUpsampling, L.LinearUpsampling),
-    'linear': (L.LinearUpsampling, L.LinearUpsampling),
-}
-ATTENTION = {
-    'relative': L.RelativeAttentionWrapper,
-    'rotary': L.RotaryCausalAttention,
-    'softmax': tl.CausalAttention,
-    'performer': tl.CausalFavor,
-    'sparse_qkv': sparsity.MultiplicativeConvCausalAttention,
-}
 
 
 def _model(hierarchy, vanilla, shortening, upsampling, vanilla_attn,

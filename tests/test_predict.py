@@ -7,8 +7,6 @@ the eval model loaded unchanged. Also: prompts in one call, batches,
 `autoregressive_sample`, the max_len error, and shorten-factor dropout.
 """
 
-import functools
-
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -16,33 +14,13 @@ import numpy as np
 import pytest
 import trax.layers as tl
 from trax import shapes
-from trax.layers.research import sparsity
 from trax.supervised import decoding
 
 import trax_hourglass as th
+from configurations import ATTENTION, SHORTENING, UPSAMPLING  # pylint: disable=g-bad-import-order
 
 L = th.layers
 VOCAB, LENGTH, BATCH = 11, 12, 2
-SHORTENING = {
-    'attention(average)': (L.AttentionResampling, L.AveragePooling),
-    'attention(linear)': (L.AttentionResampling, L.LinearPooling),
-    'average': (L.AveragePooling, L.AveragePooling),
-    'linear': (L.LinearPooling, L.AveragePooling),
-}
-UPSAMPLING = {
-    'attention(linear)': (L.AttentionResampling, L.LinearUpsampling),
-    'attention(repeat)': (L.AttentionResampling, L.NaiveUpsampling),
-    'repeat': (L.NaiveUpsampling, L.LinearUpsampling),
-    'linear': (L.LinearUpsampling, L.LinearUpsampling),
-}
-ATTENTION = {
-    'relative': L.RelativeAttentionWrapper,
-    'rotary': L.RotaryCausalAttention,
-    'softmax': tl.CausalAttention,
-    'performer': tl.CausalFavor,
-    'sparse_qkv': functools.partial(
-        sparsity.MultiplicativeConvCausalAttention, sparsity=2),
-}
 HIERARCHIES = ['1@2', '2@3', '1@4', '1@2 1@4 1@2', '1@2 1@6 1@2', '1@3 1@6 1@3']
 
 

@@ -157,7 +157,6 @@ class ShortenedLevel(tl.Serial):
     self.state = tuple(state)
     return stack
 
-
   def _forward_random_factor(self, xs):
     """One level per factor in one compiled step; lax.switch runs one of them."""
     choice_rng, rng = jax.random.split(self.rng)
