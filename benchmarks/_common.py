@@ -184,29 +184,54 @@ def parse_result(stdout):
   return None
 
 
-def run_worker(argv, timeout_s, xla_flags=()):
+def proc_rss_mib(pid):
+  """Current resident set size of process `pid` in MiB, or None if unreadable."""
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      for line in f:
+        if line.startswith('VmRSS:'):
+          return int(line.split()[1]) / 1024.  # Reported in kB.
+  except (OSError, ValueError, IndexError):
+    pass  # Not Linux, or the process is exiting.
+  return None
+
+
+def run_worker(argv, timeout_s, xla_flags=(), max_rss_mib=None):
   """Runs `argv` as a child process; returns a dict with its outputs and peak RSS.
 
   The child is reaped with `os.wait4`, which gives that one child's rusage
   (`RUSAGE_CHILDREN` would mix all children reaped so far).
 
+  Args:
+    argv: the command line.
+    timeout_s: seconds before the child is killed (`timed_out=True`).
+    xla_flags: XLA flags appended to the child's `XLA_FLAGS`.
+    max_rss_mib: if set, the child is killed as soon as its resident memory
+      (VmRSS, polled every 50 ms) exceeds this many MiB (`over_memory=True`),
+      before it can push the machine into swap or the kernel's OOM killer.
+
   Returns:
-    dict(returncode, stdout, stderr, wall_s, peak_rss_mib, timed_out).
+    dict(returncode, stdout, stderr, wall_s, peak_rss_mib, timed_out,
+    over_memory).
   """
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=out, stderr=err,
                             env=worker_env(xla_flags),
                             cwd=REPO_ROOT)
-    timed_out = False
+    timed_out = over_memory = False
     try:
       while True:
         pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
           break
         if time.perf_counter() - start > timeout_s:
-          proc.kill()
           timed_out = True
+        elif max_rss_mib is not None:
+          rss = proc_rss_mib(proc.pid)
+          over_memory = rss is not None and rss > max_rss_mib
+        if timed_out or over_memory:
+          proc.kill()
           _, status, rusage = os.wait4(proc.pid, 0)
           break
         time.sleep(0.05)
@@ -220,7 +245,106 @@ def run_worker(argv, timeout_s, xla_flags=()):
     err.seek(0)
     return dict(returncode=proc.returncode, stdout=out.read(),
                 stderr=err.read(), wall_s=wall_s, timed_out=timed_out,
+                over_memory=over_memory,
                 peak_rss_mib=rusage.ru_maxrss / 1024.)  # KiB on Linux.
+
+
+def worker_failure_status(proc):
+  """(status, reason) of a worker that printed no result line."""
+  if proc.get('over_memory'):
+    return 'over memory', (f'killed at {proc["peak_rss_mib"]:,.0f} MiB '
+                           f'resident memory')
+  if proc['timed_out']:
+    return 'timeout', f'timed out after {proc["wall_s"]:,.0f} s'
+  return 'error', f'worker exited {proc["returncode"]} without a result'
+
+
+def cost_analysis_flops(cost):
+  """The 'flops' entry of a jax `cost_analysis()` result (dict, or list of them)."""
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops is not None and flops >= 0 else None
+
+
+def train_step_flops(model, batch, weights=None, state=None):
+  """XLA's FLOP count of one forward + backward pass of an LM and its loss.
+
+  Lowers (does not compile: at long lengths a second compilation would cost
+  minutes) `jax.value_and_grad` of `model.pure_fn` followed by a masked
+  log-softmax cross-entropy, and returns XLA's `HloCostAnalysis` FLOPs of that
+  unoptimized program: matmuls as 2*M*N*K, elementwise ops one per element.
+  The optimizer update is not counted (a few FLOPs per parameter).
+
+  Args:
+    model: an initialized trax layer mapping tokens [batch, length] to logits.
+    batch: (inputs, targets, weights) arrays; only shapes and dtypes are used.
+    weights: model weights (default `model.weights`).
+    state: model state (default `model.state`).
+
+  Returns:
+    FLOPs as a float, or None if XLA reports none.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  weights = model.weights if weights is None else weights
+  state = model.state if state is None else state
+
+  def loss(w, s, inputs, targets, mask, rng):
+    logits, _ = model.pure_fn(inputs, w, s, rng)
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * mask) / jnp.sum(mask)
+
+  spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.asarray(a).dtype)
+  lowered = jax.jit(jax.value_and_grad(loss)).lower(
+      weights, state, *[spec(a) for a in batch], jax.random.PRNGKey(SEED))
+  return cost_analysis_flops(lowered.cost_analysis())
+
+
+def matmul_peak_worker(size=2048, reps=10, warmup=3):
+  """Times a jitted float32 [size, size] @ [size, size]; prints one result line.
+
+  The reference for "achieved FLOP/s": the rate this process reaches on the one
+  operation XLA's CPU backend runs best (a large dense matmul, all cores).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  record = dict(model='matmul_peak', status='ok', pid=os.getpid(), size=size)
+  keys = jax.random.split(jax.random.PRNGKey(SEED))
+  a, b = (jax.random.normal(k, (size, size), jnp.float32) for k in keys)
+  matmul = jax.jit(jnp.matmul)
+  for _ in range(warmup):  # The first call compiles.
+    block(matmul(a, b))
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    block(matmul(a, b))
+    times.append(time.perf_counter() - start)
+  flops = 2. * size ** 3
+  record.update(reps=reps, median_s=median(times), min_s=min(times),
+                gflops_per_s=flops / median(times) / 1e9,
+                gflops_per_s_best=flops / min(times) / 1e9,
+                **device_summary())
+  emit_result(record)
+  return 0
+
+
+def measure_matmul_peak(script, size, timeout_s=300, xla_flags=()):
+  """Runs `script --_worker matmul_peak --_config {"size": size}` in a fresh process.
+
+  Returns:
+    The worker's result dict (status 'ok' with gflops_per_s, or a failure).
+  """
+  argv = [sys.executable, script, '--_worker', 'matmul_peak',
+          '--_config', json.dumps(dict(size=size))]
+  proc = run_worker(argv, timeout_s, xla_flags=xla_flags)
+  record = parse_result(proc['stdout'])
+  if record is None:
+    status, reason = worker_failure_status(proc)
+    record = dict(model='matmul_peak', status=status,
+                  reason=f'{reason}\n{tail(proc["stderr"])}')
+  return record
 
 
 def tail(text, n_lines=15):

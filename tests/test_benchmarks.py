@@ -2,77 +2,86 @@
 
 The end-to-end tests run, e.g.,
 
-  python benchmarks/train_speed.py --quick --models original,transformer6
+  python benchmarks/train_speed.py --quick --models ours --seq_lens 48,96
 
 as a subprocess (as a user would) and check that it exits 0 and prints a
-markdown table with a positive tokens/s for every requested model. Each model
-costs roughly 30-60 s on a 2-core CPU, mostly trax import and XLA compilation.
+markdown table with a positive tokens/s (and GFLOP/s) for every requested
+model and length. Each model costs roughly 20-60 s on a 2-core CPU, mostly
+trax import and XLA compilation. The length search of max_length.py, the
+memory guard of `_common.run_worker` and the FLOP count are unit-tested
+without workers.
 """
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARKS = os.path.join(REPO_ROOT, 'benchmarks')
-TRAIN_SPEED = os.path.join(BENCHMARKS, 'train_speed.py')
-SAMPLE_SPEED = os.path.join(BENCHMARKS, 'sample_speed.py')
+import benchmark_scripts  # pylint: disable=g-bad-import-order
+from benchmark_scripts import REPO_ROOT  # pylint: disable=g-bad-import-order
+
+TRAIN_SPEED = benchmark_scripts.path('train_speed')
+SAMPLE_SPEED = benchmark_scripts.path('sample_speed')
+MAX_LENGTH = benchmark_scripts.path('max_length')
 
 
-def _load(name):
-  """Imports benchmarks/<name>.py (benchmarks/ is not a package); no trax."""
-  if BENCHMARKS not in sys.path:
-    sys.path.insert(0, BENCHMARKS)  # train_speed does `import _common`.
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(BENCHMARKS, name + '.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def _table_rows(stdout):
-  """Markdown table rows of the benchmark output, as {model: [cells]}."""
+def _header_rows(stdout, key=('model',)):
+  """The markdown table of `stdout` as {key cells: {header: cell}}."""
+  lines = [l for l in stdout.splitlines() if l.startswith('| ')]
+  cells = [[c.strip() for c in l.strip().strip('|').split('|')] for l in lines]
+  header = next(c for c in cells if c[0] == key[0])
   rows = {}
-  for line in stdout.splitlines():
-    cells = [c.strip() for c in line.strip().strip('|').split('|')]
-    if line.startswith('| ') and cells[0] not in ('model', ':---'):
-      rows[cells[0]] = cells
+  for row in cells:
+    if row is not header and not row[0].startswith(('---', ':--')):
+      named = dict(zip(header, row))
+      rows[tuple(named[k] for k in key)] = named
   return rows
 
 
-@pytest.mark.parametrize('models', [  # The baselines' path: -m slow.
-    pytest.param('original,transformer6', marks=pytest.mark.slow), 'ours'])
-def test_train_speed_quick(models, tmp_path):
+def _number(cell):
+  return float(cell.replace(',', '').rstrip('%x'))
+
+
+@pytest.mark.parametrize('models,seq_lens', [  # Baselines' path: -m slow.
+    pytest.param('original,transformer6', '48', marks=pytest.mark.slow),
+    ('ours', '48,96')])
+def test_train_speed_quick(models, seq_lens, tmp_path):
   json_path = tmp_path / 'train_speed.json'
   result = subprocess.run(
       [sys.executable, TRAIN_SPEED, '--quick', '--models', models,
-       '--json', str(json_path)],
+       '--seq_lens', seq_lens, '--json', str(json_path)],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
   details = f'stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}'
   assert result.returncode == 0, details
 
-  rows = _table_rows(result.stdout)
-  header = next(line for line in result.stdout.splitlines()
-                if line.startswith('| model |'))
-  assert 'tokens/s' in header, details
-  for model in models.split(','):
-    assert model in rows, details
-    tokens_per_s = float(rows[model][2].replace(',', ''))
-    assert tokens_per_s > 0, details
+  rows = _header_rows(result.stdout, key=('length', 'model'))
+  assert 'Matmul peak' in result.stdout, details
+  lengths = seq_lens.split(',')
+  for length in lengths:
+    for model in models.split(','):
+      row = rows[length, model]
+      assert _number(row['tokens/s (median)']) > 0, details
+      assert _number(row['GFLOP/s']) > 0, details
+      assert 0 < _number(row['% of matmul peak']) < 1000, details
+      assert row['status'] == 'ok', details
+  # --tokens_per_step 96 (--quick): batch 2 at length 48, 1 at 96.
+  assert rows[lengths[0], models.split(',')[0]]['batch'] == '2'
 
   report = json.loads(json_path.read_text())
-  for model in models.split(','):
-    summary = report['summary'][model]
-    assert summary['n_runs'] == 1
-    assert summary['tokens_per_s_median'] > 0
-    assert summary['peak_rss_mib_max'] > 0
-    assert summary['n_params'] > 0
+  assert report['matmul_peak']['gflops_per_s'] > 0
+  for length in lengths:
+    for model in models.split(','):
+      summary = report['summary'][length][model]
+      assert summary['n_runs'] == 1
+      assert summary['tokens_per_s_median'] > 0
+      assert summary['peak_rss_mib_max'] > 0
+      assert summary['n_params'] > 0
+      assert summary['flops_per_step'] > 0
+  png = tmp_path / 'train_speed.png'  # Next to --json by default.
+  assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   if 'original' in models and 'transformer6' in models:
-    s = report['summary']
+    s = report['summary']['48']
     assert s['original']['ratio_vs_original'] == pytest.approx(1.0)
     assert s['transformer6']['ratio_vs_original'] == pytest.approx(
         s['transformer6']['tokens_per_s_median']
@@ -80,13 +89,133 @@ def test_train_speed_quick(models, tmp_path):
 
 
 def test_train_speed_rejects_bad_flags():
-  train_speed = _load('train_speed')
-  with pytest.raises(SystemExit, match='divisible'):
+  train_speed = benchmark_scripts.load('train_speed')
+  with pytest.raises(SystemExit, match='length 100 must be a positive multip'):
     train_speed.main(['--models', 'original', '--seq_len', '100'])
+  with pytest.raises(SystemExit, match='length 1000 must be .* multiple of 3'):
+    train_speed.main(['--seq_lens', '768,1000'])
+  with pytest.raises(SystemExit, match="--seq_lens '768,x' is not"):
+    train_speed.main(['--seq_lens', '768,x'])
+  with pytest.raises(SystemExit, match='not both'):
+    train_speed.main(['--seq_len', '768', '--seq_lens', '768'])
+  with pytest.raises(SystemExit, match='--tokens_per_step 0 must be >= 1'):
+    train_speed.main(['--tokens_per_step', '0'])
+  with pytest.raises(SystemExit, match='--max_rss_gib -1.0 must be >= 0'):
+    train_speed.main(['--max_rss_gib', '-1'])
   with pytest.raises(SystemExit, match='warmup'):
-    train_speed.main(['--quick', '--warmup', '1'])
+    train_speed.main(['--quick', '--warmup', '0'])
   with pytest.raises(SystemExit, match='Unknown'):
     train_speed.main(['--models', 'gpt2'])
+  assert train_speed.parse_lengths('1536, 768,768') == (768, 1536)
+  cfg = dict(batch=None, tokens_per_step=6144)
+  assert [train_speed.batch_for(cfg, n) for n in (768, 6144, 12288)] == [
+      8, 1, 1]
+  assert train_speed.batch_for(dict(cfg, batch=3), 12288) == 3
+
+
+def test_max_length_quick(tmp_path):
+  json_path = tmp_path / 'max_length.json'
+  # One length (the cap) keeps it to one worker; the search is tested below.
+  result = subprocess.run(
+      [sys.executable, MAX_LENGTH, '--quick', '--models', 'ours',
+       '--max_seq_len', '48', '--json', str(json_path)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  details = f'stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}'
+  assert result.returncode == 0, details
+  row = _header_rows(result.stdout)['ours',]
+  assert row['longest length trained'] == '48', details
+  assert row['why'].startswith('cap'), details
+  assert _number(row['its peak RSS MiB']) > 0, details
+  report = json.loads(json_path.read_text())
+  ours = report['results']['ours']
+  fitted = [n for n, ok, _ in ours['tried'] if ok]
+  assert ours['longest'] == max(fitted) == 48
+  assert (tmp_path / 'max_length.png').read_bytes()[:4] == b'\x89PNG'
+
+
+def test_max_length_search():
+  max_length = benchmark_scripts.load('max_length')
+
+  def search(limit, max_len=98304, bisect_steps=2, start=768):
+    fits = lambda n: (n <= limit, {'length': n})
+    return max_length.search_max_length(fits, start, max_len, 768,
+                                        bisect_steps)
+
+  r = search(5000)  # Doubling fails at 6144; bisection: 4608 fits, 5376 not.
+  assert [(n, ok) for n, ok, _ in r['tried']] == [
+      (768, True), (1536, True), (3072, True), (6144, False), (4608, True),
+      (5376, False)]
+  assert (r['longest'], r['first_failure']) == (4608, 5376)
+  assert r['longest_info'] == {'length': 4608}
+  assert r['failure_info'] == {'length': 5376}
+  r = search(5000, bisect_steps=10)  # Stops when no multiple is left between.
+  assert (r['longest'], r['first_failure'], len(r['tried'])) == (4608, 5376, 6)
+  r = search(5000, bisect_steps=0)
+  assert (r['longest'], r['first_failure']) == (3072, 6144)
+  r = search(10 ** 9)  # Everything fits: stops at the cap.
+  assert [n for n, _, _ in r['tried']] == [768 * 2 ** i for i in range(8)]
+  assert (r['longest'], r['first_failure']) == (98304, None)
+  r = search(10 ** 9, max_len=2304)  # A cap between doublings is tried too.
+  assert [n for n, _, _ in r['tried']] == [768, 1536, 2304]
+  r = search(100)  # Not even the start fits.
+  assert (r['longest'], r['first_failure'], len(r['tried'])) == (None, 768, 1)
+
+
+def test_max_length_rejects_bad_flags():
+  max_length = benchmark_scripts.load('max_length')
+  with pytest.raises(SystemExit, match='length 100 must be .* multiple of 3'):
+    max_length.main(['--granularity', '100'])
+  with pytest.raises(SystemExit, match='--max_seq_len 1000 must be a positive'):
+    max_length.main(['--max_seq_len', '1000'])
+  with pytest.raises(SystemExit, match='--max_seq_len 768 must be >= --start'):
+    max_length.main(['--start', '1536', '--max_seq_len', '768'])
+  with pytest.raises(SystemExit, match='--max_rss_gib 0.0 must be > 0'):
+    max_length.main(['--max_rss_gib', '0'])
+  with pytest.raises(SystemExit, match='Unknown'):
+    max_length.main(['--models', 'gpt2'])
+
+
+def test_run_worker_memory_guard():
+  common = benchmark_scripts.load('_common')
+  hog = ('import time; x = bytearray(b"x") * (300 << 20); '
+         'print("allocated", flush=True); time.sleep(60)')
+  proc = common.run_worker([sys.executable, '-c', hog], timeout_s=120,
+                           max_rss_mib=100)
+  assert proc['over_memory'] and not proc['timed_out'], proc
+  assert proc['wall_s'] < 30 and proc['returncode'] != 0, proc
+  assert proc['peak_rss_mib'] > 100, proc
+  assert common.worker_failure_status(proc)[0] == 'over memory'
+  small = common.run_worker([sys.executable, '-c', 'print("hi")'],
+                            timeout_s=120, max_rss_mib=100)
+  assert not small['over_memory'] and small['returncode'] == 0, small
+  assert small['stdout'].strip() == 'hi'
+  slow = common.run_worker(
+      [sys.executable, '-c', 'import time; time.sleep(60)'], timeout_s=0.5)
+  assert slow['timed_out'] and not slow['over_memory'], slow
+  assert common.worker_failure_status(slow)[0] == 'timeout'
+
+
+def test_train_step_flops_matches_hand_count():
+  # TransformerLM: 6 x (matmul weights) x tokens + 3 x the attention matmuls'
+  # 4 B L^2 d per layer (forward + 2x for backward); XLA also counts
+  # elementwise ops, a few % at these sizes.
+  common = benchmark_scripts.load('_common')
+  trax = common.import_trax('transformer6')
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  vocab, d, d_ff, n_layers, batch, length = 256, 128, 512, 2, 2, 128
+  model = trax.models.TransformerLM(vocab, d_model=d, d_ff=d_ff, n_heads=4,
+                                    n_layers=n_layers, max_len=length,
+                                    mode='train')
+  tokens = np.ones((batch, length), np.int32)
+  model.init(shapes.signature(tokens))
+  flops = common.train_step_flops(
+      model, (tokens, tokens, np.ones((batch, length), np.float32)))
+  matmul_weights = n_layers * (4 * d * d + 2 * d * d_ff) + d * vocab
+  hand = (6 * matmul_weights * batch * length
+          + 3 * n_layers * 4 * batch * length ** 2 * d)
+  assert flops == pytest.approx(hand, rel=0.2)
+  assert flops > hand  # Elementwise ops come on top.
 
 
 def test_sample_speed_quick(tmp_path):
@@ -100,7 +229,7 @@ def test_sample_speed_quick(tmp_path):
   details = f'stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}'
   assert result.returncode == 0, details
 
-  rows = _table_rows(result.stdout)
+  rows = benchmark_scripts.table_rows(result.stdout, 'model')
   header = next(line for line in result.stdout.splitlines()
                 if line.startswith('| model |'))
   assert 'tokens/s' in header, details
@@ -122,7 +251,7 @@ def test_sample_speed_quick(tmp_path):
 
 
 def test_sample_speed_rejects_bad_flags():
-  sample_speed = _load('sample_speed')
+  sample_speed = benchmark_scripts.load('sample_speed')
   with pytest.raises(SystemExit, match='max_len'):
     sample_speed.main(['--n_tokens', '100', '--max_len', '50'])
   with pytest.raises(SystemExit, match='warmup'):
@@ -132,7 +261,7 @@ def test_sample_speed_rejects_bad_flags():
 
 
 def test_common_helpers():
-  common = _load('_common')
+  common = benchmark_scripts.load('_common')
   assert common.parse_int_tuple('2,2') == (2, 2)
   assert common.parse_int_tuple('(1, 3)') == (1, 3)
   assert common.max_shorten_factor('8@3') == 3

@@ -13,6 +13,7 @@ from trax_hourglass import compat
 compat.apply()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
 import trax
 from trax import fastmath
 from trax import layers as tl
@@ -141,6 +142,29 @@ def test_loop_resumes_from_its_checkpoint(tmp_path):
   resumed.run(1)
   assert resumed.step == 3
   assert _trained_on(resumed.model.weights, weights)
+
+
+# _fix_first_step_recompile
+
+
+def _step_compilations(records):
+  return sum('compilation of jit(single_device_update_fn)' in r.getMessage()
+             for r in records)
+
+
+def test_loop_compiles_its_training_step_once(tmp_path, caplog):
+  # Fresh weights are uncommitted, a step's outputs committed: without the fix
+  # jit compiled the training step again on step 2 (and after every resume).
+  with caplog.at_level('WARNING', logger='jax._src.dispatch'):
+    with jax.log_compiles():
+      loop = _loop(str(tmp_path))
+      loop.run(3)
+      assert _step_compilations(caplog.records) == 1
+      resumed = _loop(str(tmp_path))  # Weights read back from the checkpoint.
+      assert resumed.step == 2
+      resumed.run(2)
+  assert _step_compilations(caplog.records) == 2  # One more: a new Trainer.
+  assert _trained_on(resumed.model.weights, loop.model.weights)
 
 
 # _fix_save_computation_graphs (use_loop=False) and _fix_tree_unflatten (True)

@@ -140,6 +140,43 @@ def _fix_save_computation_graphs():
   trainer_lib.Trainer.save_computation_graphs = save_computation_graphs
 
 
+def _fix_first_step_recompile():
+  # A Loop's first training step gets freshly initialised weights and state, which
+  # jax holds uncommitted; later steps get the previous step's (committed) outputs.
+  # jit keys its compilation cache on that, so every run compiled the whole training
+  # step twice. Commit them first, to the device jit would run on anyway.
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from trax.optimizers import trainer  # pylint: disable=g-import-not-at-top
+  accelerate_update_fn = trainer._accelerate_update_fn  # pylint: disable=protected-access
+
+  def _committed(x):
+    return isinstance(x, jax.Array) and x._committed  # pylint: disable=protected-access
+
+  def _accelerate(forward_and_backward_fn, optimizer, n_devices,
+                  accelerate=True, adasum=False):
+    update = accelerate_update_fn(forward_and_backward_fn, optimizer, n_devices,
+                                  accelerate=accelerate, adasum=adasum)
+    if n_devices != 1 or not accelerate:
+      return update
+
+    def committed_update(weights_and_slots, step, opt_params, batch, state,
+                         rng):
+      leaves = jax.tree_util.tree_leaves((weights_and_slots, state))
+      if not all(_committed(x) for x in leaves):
+        device = next((list(x.devices())[0] for x in leaves if _committed(x)),
+                      jax.devices()[0])
+        weights_and_slots, state = jax.tree_util.tree_map(
+            lambda x: x if _committed(x) or not isinstance(
+                x, (jax.Array, np.ndarray)) else jax.device_put(x, device),
+            (weights_and_slots, state))
+      return update(weights_and_slots, step, opt_params, batch, state, rng)
+
+    return committed_update
+
+  trainer._accelerate_update_fn = _accelerate  # pylint: disable=protected-access
+
+
 def apply():
   """Imports trax (fast) and applies every fix, once."""
   global _APPLIED
@@ -151,4 +188,5 @@ def apply():
   import trax.supervised  # pylint: disable=g-import-not-at-top,unused-import
   _fix_tree_unflatten()
   _fix_save_computation_graphs()
+  _fix_first_step_recompile()
   _APPLIED = True

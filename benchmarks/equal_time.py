@@ -1,0 +1,760 @@
+"""Equal training time: which model reaches the lowest bits per byte?
+
+The paper's claim in miniature ("at the same compute, Hourglass beats the
+Transformer"), its ablations, and the attention swaps, all measured the same
+way: every variant trains for the same wall time, from the same seed, on the
+same batches of the same real text, and is scored on the same held-out bytes.
+
+Suites (`--suite`, or any mix with `--variants`):
+
+  claim       hourglass     HourglassLM '2@1 4@3 2@1', relative attention,
+                            attention resampling (the default model)
+              vanilla       the same 8 relative-attention blocks, no
+                            shortening ('8@1'): differs in the shortening only
+              transformer6  trax TransformerLM, 6 layers, same width
+              transformer12 trax TransformerLM, 12 layers, same width
+  ablations   hourglass and, changing one thing each:
+              <shorten>_<upsample> for shortening avg (average pooling),
+                            linear (linear pooling), attn (attention pooling,
+                            the default) x upsampling repeat, linear, attn
+                            (the default): avg_repeat ... attn_linear
+              factor2, factor4  shortening by 2 or 4 instead of 3
+              no_shift      without the k-1 shift before shortening: the
+                            model sees the future (see "leak" below)
+  swaps       hourglass (relative attention) and rotary, softmax, lsh,
+              performer, sparse_qkv (attention swaps), sparse_ff (sparse
+              feed-forward + loss), sfd (shorten-factor dropout (2, 3); also
+              scored at factor 2 with the same weights, row "sfd@2")
+
+Reference configuration (the defaults): d_model 128, d_ff 512, 4 heads,
+hierarchy '2@1 4@3 2@1', dropout 0, sequences of 384 bytes, batch 16, Adam
+(b2 0.98, eps 1e-9, no weight decay) at 1e-3 after a linear warmup of 100
+steps, 240 s of training per variant. Trax's TransformerLM keeps its own
+choices (absolute positions, ReLU feed-forward); models without positions of
+their own (softmax, performer, sparse_qkv) get trax's `PositionalEncoding` at
+the embedding, a trainable seq_len x d_model table counted in their params.
+
+Data: any byte file (`--data`, e.g. the shared enwik8 head), split as
+`trax_hourglass.data.text.byte_file_splits` splits it: bytes [0, 90%) train,
+[90%, 95%) validation, [95%, 100%) test. Training batches are random windows
+of the train split (a function of the seed and the step: every variant sees
+the same batches in the same order). Bits per byte is the mean cross-entropy,
+in bits, of every byte of consecutive windows (each scored on its own, so its
+first bytes have little context): during training on `--eval_batches`
+batches of the validation split (the curve in the plot), at the end on every
+whole window of the test split (the table's "test bits/byte").
+
+Leak: at the end each variant also scores `--probe_positions` byte positions
+in each window of the first 2 test batches twice: as usual (teacher forcing)
+and with that byte and all later ones replaced by 0 (the future hidden). A
+causal model gives the same loss (the "leak" column is 0 up to float
+rounding); a model that peeks, like no_shift, scores better when it can see
+the future: its leak, in bits per byte, is how much of its test score came
+from the future.
+
+Clock: each variant runs in its own fresh worker process; the worker builds a
+real `trax.supervised.training.Loop`, runs the step that compiles the
+training step (its time is "compile s", it counts in "steps"), then trains in
+chunks of steps until `--seconds` of training time have passed. Evaluations
+(`--eval_points` of them, evenly spaced in training time, plus one before) are
+off the training clock. On a shared machine a wall-time budget measures the
+machine as much as the model: each worker records the load average before and
+after, and the report prints them. Run it on an otherwise idle machine.
+
+Reproduce (from the repository root; each variant takes --seconds plus 1-2
+minutes of import, compilation and evaluation):
+
+  python benchmarks/equal_time.py --suite claim \
+      --data ../shared/data/enwik8-head.xml --out benchmarks/results/claim
+  python benchmarks/equal_time.py --suite ablations --seconds 120 \
+      --data ../shared/data/enwik8-head.xml --out benchmarks/results/ablations
+  python benchmarks/equal_time.py --suite swaps --seconds 60 --batch 8 \
+      --data ../shared/data/enwik8-head.xml --out benchmarks/results/swaps
+
+Quick smoke run (tiny sizes, ~20 s per variant, XLA optimization off; its
+numbers mean nothing; used by tests/test_benchmark_equal_time.py):
+
+  python benchmarks/equal_time.py --quick --data SMALL_TEXT_FILE \
+      --variants hourglass,no_shift --out /tmp/equal_time_quick
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+SHORTENING = {'avg': 'AveragePooling', 'linear': 'LinearPooling',
+              'attn': 'AttentionResampling'}
+UPSAMPLING = {'repeat': 'NaiveUpsampling', 'linear': 'LinearUpsampling',
+              'attn': 'AttentionResampling'}
+RESAMPLING = tuple(f'{s}_{u}' for s in SHORTENING for u in UPSAMPLING
+                   if (s, u) != ('attn', 'attn'))  # attn_attn is `hourglass`.
+SWAPS = ('rotary', 'softmax', 'lsh', 'performer', 'sparse_qkv', 'sparse_ff',
+         'sfd')
+SUITES = {
+    'claim': ('hourglass', 'vanilla', 'transformer6', 'transformer12'),
+    'ablations': ('hourglass',) + RESAMPLING + ('factor2', 'factor4',
+                                                'no_shift'),
+    'swaps': ('hourglass',) + SWAPS,
+}
+ALL_VARIANTS = tuple(dict.fromkeys(v for vs in SUITES.values() for v in vs))
+# Run in place of 'lsh' when the PureLSHSelfAttentionWrapper worker fails.
+LSH_FALLBACK = 'lsh_fallback'
+
+REFERENCE = dict(vocab_size=256, d_model=128, d_ff=512, n_heads=4,
+                 hierarchy='2@1 4@3 2@1', dropout=0.0, seq_len=384, batch=16,
+                 learning_rate=1e-3, warmup_steps=100, seconds=240.,
+                 eval_points=8, eval_batches=8, test_batches=0,
+                 probe_positions=16, lsh_chunk_len=64, ff_sparsity=32,
+                 loss_sparsity=4, fast_compile=False)
+# Tiny sizes that compile in seconds. lsh_chunk_len 16: LSH needs 2 * length a
+# multiple of the chunk at every level (96 and 32 here).
+QUICK = dict(REFERENCE, d_model=32, d_ff=64, n_heads=2,
+             hierarchy='1@1 1@3 1@1', seq_len=48, batch=2, warmup_steps=10,
+             seconds=10., eval_points=2, eval_batches=2, test_batches=2,
+             probe_positions=4, lsh_chunk_len=16, fast_compile=True)
+FAST_COMPILE_XLA_FLAGS = ('--xla_backend_optimization_level=0',)
+COMPILE_STEPS = 1  # The first step compiles the training step.
+MAX_CHUNK_S = 5.0  # Longest run of steps between two looks at the clock.
+LEAK_BATCHES = 2  # Test batches probed for the leak (a forward per position).
+
+
+def _never(step):
+  del step
+  return False
+
+
+def _levels(hierarchy):
+  """[(index, n_layers, factor)] of every level in 'n@k ...' notation."""
+  levels = []
+  for i, token in enumerate(hierarchy.split()):
+    n, _, k = token.partition('@')
+    if n.isdigit() and k.isdigit():
+      levels.append((i, int(n), int(k)))
+  return levels
+
+
+def _single_level(hierarchy, why):
+  """(index, n_layers, factor) of the one shortened level, or SystemExit."""
+  levels = [level for level in _levels(hierarchy) if level[2] > 1]
+  if len(levels) != 1:
+    raise SystemExit(f'{why} needs --hierarchy with exactly one shortened '
+                     f"level (e.g. '2@1 4@3 2@1'), got {hierarchy!r}.")
+  return levels[0]
+
+
+def _with_factor(hierarchy, factor, why):
+  """`hierarchy` with its one shortened level's factor replaced by `factor`."""
+  index, n_layers, _ = _single_level(hierarchy, why)
+  tokens = hierarchy.split()
+  tokens[index] = f'{n_layers}@{factor}'
+  return ' '.join(tokens)
+
+
+def _n_layers(hierarchy):
+  """Layers of a paper-notation hierarchy: '2@1 4@3 2@1' has 8."""
+  return sum(n for _, n, _ in _levels(hierarchy))
+
+
+def variant_hierarchy(variant, cfg):
+  """The hierarchy string `variant` trains with (None: not an hourglass)."""
+  if variant.startswith('transformer'):
+    return None
+  if variant == 'vanilla':
+    return f'{_n_layers(cfg["hierarchy"])}@1'
+  if variant in ('factor2', 'factor4'):
+    return _with_factor(cfg['hierarchy'], int(variant[-1]), variant)
+  return cfg['hierarchy']
+
+
+def describe(variant, cfg):
+  """How `variant` differs from the default hourglass (the table's legend)."""
+  both = 'vanilla_attn_type = middle_attn_type = '
+  if variant == 'hourglass':
+    return (f'HourglassLM hierarchy {cfg["hierarchy"]!r}, relative attention, '
+            'attention pooling and upsampling (the defaults)')
+  if variant == 'vanilla':
+    return (f'the same relative-attention blocks, no shortening: hierarchy '
+            f'{variant_hierarchy(variant, cfg)!r}')
+  if variant.startswith('transformer'):
+    return (f'trax.models.TransformerLM, n_layers {variant[len("transformer"):]}'
+            ', same d_model/d_ff/n_heads/dropout, max_len = seq_len')
+  if variant in RESAMPLING:
+    shorten, up = variant.split('_')
+    return (f'downsampling_fn = @trax_hourglass.{SHORTENING[shorten]}, '
+            f'upsampling_fn = @trax_hourglass.{UPSAMPLING[up]}')
+  if variant in ('factor2', 'factor4'):
+    return f'hierarchy {variant_hierarchy(variant, cfg)!r}'
+  if variant == 'no_shift':
+    return ('CausalShift replaced by the identity (not causal: shortened '
+            'vector i sees its whole block)')
+  if variant == 'rotary':
+    return both + '@trax_hourglass.RotaryCausalAttention'
+  if variant == 'softmax':
+    return (both + '@trax.layers.CausalAttention (+ absolute positions at the '
+            'embedding)')
+  if variant == 'lsh':
+    return (both + '@trax.layers.PureLSHSelfAttentionWrapper; '
+            'PureLSHSelfAttentionWrapper.pure_lsh_implementation = '
+            '@PureLSHSelfAttention, .rotary_position_emb = True, .bias = True, '
+            ".num_weights = 2, .weights_format = 'model'; PureLSHSelfAttention."
+            f'chunk_len = {cfg["lsh_chunk_len"]}, .n_hashes = 2, '
+            '.n_buckets = None, .n_chunks_before = 1, .n_chunks_after = 0')
+  if variant == LSH_FALLBACK:
+    return (both + '@trax.layers.LSHSelfAttention; LSHSelfAttention.chunk_len '
+            f'= {cfg["lsh_chunk_len"]}, .n_hashes = 2, .n_chunks_before = 1, '
+            '.n_chunks_after = 0 (+ absolute positions at the embedding)')
+  if variant == 'performer':
+    return (both + '@trax.layers.CausalFavor (+ absolute positions at the '
+            'embedding)')
+  if variant == 'sparse_qkv':
+    return (both + '@trax.layers.MultiplicativeConvCausalAttention; '
+            f'MultiplicativeConvCausalAttention.sparsity = {cfg["n_heads"]}, '
+            '.length_kernel_size = 3')
+  if variant == 'sparse_ff':
+    return (f'ff_sparsity = {cfg["ff_sparsity"]}, loss_sparsity = '
+            f'{cfg["loss_sparsity"]}')
+  if variant == 'sfd':
+    _, _, factor = _single_level(cfg['hierarchy'], 'sfd')
+    return (f'shorten_factor_dropout = (2, {factor}), attention_upsampling_fn '
+            '= @trax_hourglass.NaiveUpsampling; scored at factor '
+            f'{factor}, and as sfd@2 with the same weights in hierarchy '
+            f'{_with_factor(cfg["hierarchy"], 2, "sfd")!r}')
+  raise ValueError(f'Unknown variant {variant!r}')
+
+
+# ------------------------------------------------------------------- worker --
+
+
+def _model_fn(variant, cfg):
+  """mode -> uninitialized model of `variant` (imports trax: workers only)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import trax  # pylint: disable=g-import-not-at-top
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax.layers.research import sparsity  # pylint: disable=g-import-not-at-top
+  import trax_hourglass  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import layers as L  # pylint: disable=g-import-not-at-top
+  from trax_hourglass.models import hourglass  # pylint: disable=g-import-not-at-top
+  width = dict(vocab_size=cfg['vocab_size'], d_model=cfg['d_model'],
+               d_ff=cfg['d_ff'], n_heads=cfg['n_heads'],
+               dropout=cfg['dropout'],
+               # Only the positions used: absolute position tables (trax's
+               # Transformer, softmax, performer, sparse_qkv, plain LSH) are
+               # seq_len x d_model, counted in params.
+               max_len=cfg['seq_len'])
+  if variant.startswith('transformer'):
+    return functools.partial(trax.models.TransformerLM,
+                             n_layers=int(variant[len('transformer'):]),
+                             **width)
+  kwargs = dict(width, hierarchy=variant_hierarchy(variant, cfg))
+  attention = {
+      'rotary': L.RotaryCausalAttention,
+      'softmax': tl.CausalAttention,
+      'lsh': functools.partial(
+          tl.PureLSHSelfAttentionWrapper,
+          pure_lsh_implementation=tl.PureLSHSelfAttention,
+          rotary_position_emb=True, bias=True, num_weights=2,
+          weights_format='model', chunk_len=cfg['lsh_chunk_len'], n_hashes=2,
+          n_buckets=None, n_chunks_before=1, n_chunks_after=0),
+      LSH_FALLBACK: functools.partial(
+          tl.LSHSelfAttention, chunk_len=cfg['lsh_chunk_len'], n_hashes=2,
+          n_buckets=None, n_chunks_before=1, n_chunks_after=0),
+      'performer': tl.CausalFavor,
+      'sparse_qkv': functools.partial(
+          sparsity.MultiplicativeConvCausalAttention,
+          sparsity=cfg['n_heads'], length_kernel_size=3),
+  }.get(variant)
+  if attention is not None:
+    kwargs.update(vanilla_attn_type=attention, middle_attn_type=attention)
+  if variant in RESAMPLING:
+    shorten, up = variant.split('_')
+    kwargs.update(downsampling_fn=getattr(L, SHORTENING[shorten]),
+                  upsampling_fn=getattr(L, UPSAMPLING[up]))
+  if variant == 'sparse_ff':
+    kwargs.update(ff_sparsity=cfg['ff_sparsity'],
+                  loss_sparsity=cfg['loss_sparsity'])
+  if variant == 'sfd':
+    _, _, factor = _single_level(cfg['hierarchy'], 'sfd')
+    kwargs.update(shorten_factor_dropout=(2, factor),
+                  attention_upsampling_fn=L.NaiveUpsampling)
+  if variant == 'no_shift':
+    # The ablation only: every level built in this process skips the shift.
+    hourglass.CausalShift = lambda factor, mode='train': tl.Fn(
+        'NoShift', lambda x: x)
+  return functools.partial(trax_hourglass.HourglassLM, **kwargs)
+
+
+class _Evaluator:
+  """Bits/byte of a weight tree on a fixed list of batches; and the leak."""
+
+  def __init__(self, model_fn, batches, seq_len):
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from trax import shapes  # pylint: disable=g-import-not-at-top
+    self._batches = batches
+    model = model_fn(mode='eval')
+    model.init(shapes.ShapeDtype((batches[0].shape[0], seq_len), np.int32))
+    self._state = model.state
+    rng = jax.random.PRNGKey(_common.SEED)  # Unused in eval mode (no dropout).
+
+    def nll(weights, state, tokens):
+      """Per-byte negative log-likelihood (nats): (batch, len)."""
+      logits, _ = model.pure_fn(tokens, weights, state, rng)
+      logp = jax.nn.log_softmax(logits.astype(np.float32), axis=-1)
+      return -jax.numpy.take_along_axis(logp, tokens[..., None], -1)[..., 0]
+
+    def hidden_future_nll(weights, state, tokens, position):
+      """nll of byte `position` when it and every later byte read as 0."""
+      visible = jax.numpy.arange(tokens.shape[1]) < position
+      logits, _ = model.pure_fn(jax.numpy.where(visible, tokens, 0), weights,
+                                state, rng)
+      logp = jax.nn.log_softmax(logits[:, position].astype(np.float32), -1)
+      return -jax.numpy.take_along_axis(logp, tokens[:, position, None], -1)
+
+    self._nll = jax.jit(nll)
+    self._hidden_nll = jax.jit(hidden_future_nll)
+
+  def __call__(self, weights):
+    total = sum(float(self._nll(weights, self._state, x).sum())
+                for x in self._batches)
+    n_bytes = sum(x.size for x in self._batches)
+    return total / (n_bytes * math.log(2.))
+
+  def leak(self, weights, positions):
+    """(teacher-forced, future-hidden) bits/byte at `positions` of each window."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    forced, hidden = [], []
+    for x in self._batches[:LEAK_BATCHES]:
+      forced.append(np.asarray(self._nll(weights, self._state, x))[:, positions])
+      hidden.append(np.concatenate(
+          [np.asarray(self._hidden_nll(weights, self._state, x, p))
+           for p in positions], axis=1))
+    to_bits = lambda nats: float(np.mean(nats) / math.log(2.))
+    return to_bits(forced), to_bits(hidden)
+
+
+def _worker(variant, cfg):
+  """Trains one variant in this (fresh) process; prints one result line."""
+  record = dict(variant=variant, status='ok', pid=os.getpid(),
+                load_before=os.getloadavg())
+  start = time.perf_counter()
+  try:
+    trax = _common.import_trax('ours')
+  except _common.ModelUnavailable as e:
+    record.update(status='unavailable', reason=str(e))
+    _common.emit_result(record)
+    return 0
+  record['import_s'] = time.perf_counter() - start
+
+  try:
+    import functools  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    from trax import layers as tl  # pylint: disable=g-import-not-at-top
+    from trax.supervised import training  # pylint: disable=g-import-not-at-top
+    from trax_hourglass.data import text  # pylint: disable=g-import-not-at-top
+    np.random.seed(_common.SEED)
+
+    # Data: the byte-file pipeline's splits and training batches.
+    data = text.load_bytes(cfg['data'])
+    bounds = text.byte_file_splits(len(data))
+    inputs = text.byte_file_inputs(
+        cfg['data'], batch_size=cfg['batch'], sequence_length=cfg['seq_len'],
+        seed=_common.SEED)
+
+    def windows(split, n_batches):
+      """Batches of consecutive windows of `split` (0: every whole window)."""
+      part = data[slice(*bounds[split])]
+      n_windows = len(part) // cfg['seq_len']
+      n_batches = n_batches or max(1, n_windows // cfg['batch'])
+      batch = text.eval_batches(part, cfg['batch'], cfg['seq_len'])
+      record[f'{split}_bytes'] = len(part)
+      record[f'{split}_scored_bytes'] = n_batches * cfg['batch'] * cfg['seq_len']
+      record[f'{split}_wraps'] = n_batches * cfg['batch'] > n_windows
+      return [batch(i)[0] for i in range(n_batches)]
+
+    valid_batches = windows('valid', cfg['eval_batches'])
+    test_batches = windows('test', cfg['test_batches'])
+    record.update(data_bytes=len(data), train_bytes=bounds['train'][1])
+
+    model_fn = _model_fn(variant, cfg)
+    start = time.perf_counter()
+    task = training.TrainTask(
+        labeled_data=inputs.train_stream(1),
+        loss_layer=tl.WeightedCategoryCrossEntropy(),
+        optimizer=trax.optimizers.Adam(cfg['learning_rate'],
+                                       weight_decay_rate=0.0, b1=0.9, b2=0.98,
+                                       eps=1e-9),
+        lr_schedule=trax.lr.multifactor(
+            constant=cfg['learning_rate'], factors='constant * linear_warmup',
+            warmup_steps=cfg['warmup_steps']))
+    loop = training.Loop(model_fn(mode='train'), [task], output_dir=None,
+                         checkpoint_at=_never, permanent_checkpoint_at=_never,
+                         eval_at=_never, n_devices=1,
+                         random_seed=_common.SEED)
+    _common.block(loop.model.weights)
+    record['init_s'] = time.perf_counter() - start
+    record['n_params'] = _common.count_params(loop.model.weights)
+    evaluate = _Evaluator(model_fn, valid_batches, cfg['seq_len'])
+
+    # Untimed: the step that compiles the training step.
+    start = time.perf_counter()
+    loop.run(COMPILE_STEPS)
+    _common.block((loop.model.weights, loop.model.state))
+    record['compile_s'] = time.perf_counter() - start
+    log = lambda msg: print(f'[{variant}] {msg}', file=sys.stderr, flush=True)
+
+    curve, eval_s = [], 0.
+
+    def eval_point(train_s, timed_steps):
+      nonlocal eval_s
+      t = time.perf_counter()
+      bpb = evaluate(loop.model.weights)
+      eval_s += time.perf_counter() - t
+      curve.append(dict(train_s=train_s, step=loop.step, bits_per_byte=bpb,
+                        tokens=loop.step * cfg['batch'] * cfg['seq_len'],
+                        timed_steps=timed_steps))
+      log(f'{train_s:7.1f} s, step {loop.step:6d}: {bpb:.4f} bits/byte')
+      if not math.isfinite(bpb):
+        raise FloatingPointError(f'validation loss is {bpb} at step '
+                                 f'{loop.step}')
+
+    t = time.perf_counter()
+    eval_point(0., 0)
+    record['first_eval_s'] = time.perf_counter() - t  # Includes its compile.
+    budget = cfg['seconds']
+    targets = [budget * (i + 1) / cfg['eval_points']
+               for i in range(cfg['eval_points'])]
+    train_s, timed_steps, step_s = 0., 0, None
+    for target in targets:
+      while True:
+        remaining = target - train_s
+        if step_s is None:  # First timed chunk: one step, to learn its cost.
+          n = 1
+        elif remaining < 2 * step_s:  # Stop within half a step of the target.
+          n = int(remaining / step_s + 0.5)
+        else:  # At most half the time left: a slowdown cannot overshoot much.
+          n = max(1, int(min(MAX_CHUNK_S, remaining / 2) / step_s))
+        if n < 1 or remaining <= 0:
+          break
+        t = time.perf_counter()
+        loop.run(n)
+        _common.block((loop.model.weights, loop.model.state))
+        elapsed = time.perf_counter() - t
+        train_s += elapsed
+        timed_steps += n
+        step_s = elapsed / n
+      eval_point(train_s, timed_steps)
+
+    # Off the clock: the test split, and the leak at random probe positions.
+    t = time.perf_counter()
+    test = _Evaluator(model_fn, test_batches, cfg['seq_len'])
+    record['test_bits_per_byte'] = test(loop.model.weights)
+    positions = np.sort(np.random.default_rng(_common.SEED).choice(
+        cfg['seq_len'], min(cfg['probe_positions'], cfg['seq_len']),
+        replace=False))
+    forced, hidden = test.leak(loop.model.weights, positions)
+    record.update(probe_positions=positions.tolist(), probe_forced_bpb=forced,
+                  probe_hidden_bpb=hidden, leak_bits_per_byte=hidden - forced,
+                  test_s=time.perf_counter() - t)
+    log(f'test: {record["test_bits_per_byte"]:.4f} bits/byte; at '
+        f'{len(positions)} probe positions {forced:.4f} teacher-forced, '
+        f'{hidden:.4f} with the future hidden')
+
+    if variant == 'sfd':
+      at_two = _with_factor(cfg['hierarchy'], 2, 'sfd')
+      fn_two = functools.partial(model_fn, hierarchy=at_two,
+                                 shorten_factor_dropout=())
+      t = time.perf_counter()
+      record['test_bits_per_byte_at_2'] = _Evaluator(
+          fn_two, test_batches, cfg['seq_len'])(loop.model.weights)
+      record['eval_at_2_s'] = time.perf_counter() - t
+      record['hierarchy_at_2'] = at_two
+      log(f'at factor 2 ({at_two!r}): '
+          f'{record["test_bits_per_byte_at_2"]:.4f} test bits/byte')
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    record.update(status='error', reason=f'{type(e).__name__}: {e}'[:2000])
+    _common.emit_result(record)
+    return 1
+
+  record.update(
+      curve=curve, valid_bits_per_byte=curve[-1]['bits_per_byte'],
+      train_s=train_s, steps=loop.step, timed_steps=timed_steps,
+      tokens_per_s=timed_steps * cfg['batch'] * cfg['seq_len'] / train_s,
+      step_ms=1000. * train_s / timed_steps, eval_s=eval_s,
+      self_peak_rss_mib=_common.self_peak_rss_mib(),
+      load_after=os.getloadavg(), **_common.device_summary())
+  _common.emit_result(record)
+  return 0
+
+
+# ------------------------------------------------------------------- parent --
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--data', metavar='PATH',
+                      help='Byte file to train and score on (required), '
+                      'e.g. ../shared/data/enwik8-head.xml.')
+  parser.add_argument('--suite', choices=sorted(SUITES), default='claim',
+                      help='Which variants to run (default %(default)s).')
+  parser.add_argument('--variants',
+                      help='Comma-separated variants instead of --suite\'s, '
+                      f'from {",".join(ALL_VARIANTS)}.')
+  parser.add_argument('--quick', action='store_true',
+                      help='Smoke test: tiny sizes, ~10 s per variant, XLA '
+                      'optimization off; explicit flags below still override.')
+  parser.add_argument('--out', metavar='DIR',
+                      help='Write equal_time.json and equal_time.png '
+                      '(validation bits/byte vs training time) here.')
+  # None = "take it from the reference (or --quick) configuration".
+  for name, type_ in [('seconds', float), ('seq_len', int), ('batch', int),
+                      ('d_model', int), ('d_ff', int), ('n_heads', int),
+                      ('hierarchy', str), ('dropout', float),
+                      ('learning_rate', float), ('warmup_steps', int),
+                      ('eval_points', int), ('eval_batches', int),
+                      ('test_batches', int), ('probe_positions', int),
+                      ('lsh_chunk_len', int)]:
+    parser.add_argument(f'--{name}', type=type_, default=None,
+                        help=f'Default {REFERENCE[name]!r} '
+                        f'({QUICK[name]!r} with --quick)'
+                        + ('; 0 = every whole test window.'
+                           if name == 'test_batches' else '.'))
+  parser.add_argument('--worker_timeout', type=float, default=None,
+                      help='Seconds before a worker is killed (default '
+                      '2 * --seconds + 1200).')
+  # Internal: run one variant in this process (spawned by the parent).
+  parser.add_argument('--_worker', metavar='VARIANT', help=argparse.SUPPRESS)
+  parser.add_argument('--_config', help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+def _resolve_config(args, variants):
+  cfg = dict(QUICK if args.quick else REFERENCE)
+  for name in cfg:
+    value = getattr(args, name, None)
+    if value is not None:
+      cfg[name] = value
+  if not args.data:
+    raise SystemExit('--data PATH is required: a byte file to train on, e.g. '
+                     '../shared/data/enwik8-head.xml.')
+  if not os.path.isfile(args.data):
+    raise SystemExit(f'--data {args.data}: no such file.')
+  cfg['data'] = os.path.abspath(args.data)
+  if (cfg['seconds'] <= 0 or cfg['eval_points'] < 1 or
+      cfg['eval_batches'] < 1 or cfg['test_batches'] < 0 or
+      cfg['probe_positions'] < 1):
+    raise SystemExit('--seconds, --eval_points, --eval_batches and '
+                     '--probe_positions must be positive, --test_batches >= 0.')
+  hierarchies = {v: variant_hierarchy(v, cfg) for v in variants}
+  if 'sfd' in variants:
+    hierarchies['sfd@2'] = _with_factor(cfg['hierarchy'], 2, 'sfd')
+  for name, hierarchy in hierarchies.items():
+    multiple = max((k for _, _, k in _levels(hierarchy or '')), default=1)
+    if cfg['seq_len'] % multiple:
+      raise SystemExit(f'--seq_len {cfg["seq_len"]} must be divisible by '
+                       f'{multiple}, the shortening of {name} (hierarchy '
+                       f'{hierarchy!r}).')
+  if 'lsh' in variants:
+    lengths = [cfg['seq_len'] // k for _, _, k in _levels(cfg['hierarchy'])]
+    bad = [n for n in lengths if (2 * n) % cfg['lsh_chunk_len']]
+    if bad:
+      raise SystemExit(
+          f'lsh: 2 * length must be a multiple of --lsh_chunk_len '
+          f'{cfg["lsh_chunk_len"]} at every level; lengths {lengths}.')
+  n_bytes = os.path.getsize(cfg['data'])
+  smallest = math.floor(0.95 * n_bytes) - math.floor(0.9 * n_bytes)
+  if smallest < cfg['seq_len']:
+    raise SystemExit(f'--data {args.data}: {n_bytes:,} bytes is too small for '
+                     f'--seq_len {cfg["seq_len"]} (5% of it is validation, 5% '
+                     'test).')
+  return cfg
+
+
+def _command_line(argv):
+  script = os.path.relpath(os.path.abspath(__file__), _common.REPO_ROOT)
+  return ' '.join(shlex.quote(a) for a in ['python', script] + list(argv))
+
+
+def _label(v, r):
+  return v if r['variant'] == v else f'{v} ({r["variant"]})'
+
+
+def _table(variants, results):
+  headers = ['variant', 'params', 'test bits/byte', 'leak bits/byte',
+             'valid bits/byte', 'train tokens/s', 'steps', 'train s',
+             'peak RSS MiB', 'compile s']
+  rows = []
+  for v in variants:
+    r = results[v]
+    if r['status'] != 'ok':
+      rows.append([_label(v, r), _common.fmt(r.get('n_params'), ','),
+                   'FAILED'] + ['n/a'] * 7)
+      continue
+    rows.append([_label(v, r), _common.fmt(r['n_params'], ','),
+                 _common.fmt(r['test_bits_per_byte'], '.3f'),
+                 _common.fmt(r['leak_bits_per_byte'], '.3f'),
+                 _common.fmt(r['valid_bits_per_byte'], '.3f'),
+                 _common.fmt(r['tokens_per_s']),
+                 _common.fmt(r['steps'], ','),
+                 _common.fmt(r['train_s'], '.0f'),
+                 _common.fmt(r['peak_rss_mib']),
+                 _common.fmt(r['compile_s'], '.0f')])
+    if 'test_bits_per_byte_at_2' in r:
+      rows.append([f'{v}@2', _common.fmt(r['n_params'], ','),
+                   _common.fmt(r['test_bits_per_byte_at_2'], '.3f')]
+                  + ['same run'] * 7)
+  return _common.markdown_table(headers, rows)
+
+
+def _plot(variants, results, cfg, title, path):
+  """valid bits/byte vs training seconds, one line per variant; False if no matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for v in variants:
+    r = results[v]
+    if r['status'] != 'ok':
+      continue
+    points = [p for p in r['curve'] if p['timed_steps'] > 0]
+    ax.plot([p['train_s'] for p in points],
+            [p['bits_per_byte'] for p in points], marker='o', markersize=3,
+            label=_label(v, r), linestyle='--' if r['variant'] == 'no_shift'
+            else '-')
+  ax.set_xlabel('training time (s, compilation and evaluation excluded)')
+  ax.set_ylabel('validation bits/byte')
+  ax.set_title(f'{title}: d_model {cfg["d_model"]}, {cfg["batch"]} x '
+               f'{cfg["seq_len"]} bytes/step, {os.path.basename(cfg["data"])}',
+               fontsize=10)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def _run_variant(variant, cfg, timeout_s, log):
+  argv = [sys.executable, os.path.abspath(__file__), '--_worker', variant,
+          '--_config', json.dumps(cfg)]
+  proc = _common.run_worker(
+      argv, timeout_s,
+      xla_flags=FAST_COMPILE_XLA_FLAGS if cfg['fast_compile'] else ())
+  record = _common.parse_result(proc['stdout']) or dict(
+      variant=variant, status='error',
+      reason='timed out' if proc['timed_out'] else
+      f'worker exited {proc["returncode"]} without a result')
+  record.update(peak_rss_mib=proc['peak_rss_mib'],
+                worker_wall_s=proc['wall_s'], returncode=proc['returncode'])
+  if record['status'] == 'ok':
+    log(f'{variant}: test {record["test_bits_per_byte"]:.4f} bits/byte, leak '
+        f'{record["leak_bits_per_byte"]:.4f}, {record["tokens_per_s"]:,.0f} '
+        f'tokens/s, {record["steps"]} steps, peak RSS '
+        f'{record["peak_rss_mib"]:,.0f} MiB, process {proc["wall_s"]:.1f} s')
+  else:
+    log(f'{variant}: FAILED: {record["reason"]}\n{_common.tail(proc["stderr"])}')
+  return record
+
+
+def _parent(args, argv):
+  if args.variants is None:
+    variants = list(SUITES[args.suite])
+    title = f'Equal training time, suite {args.suite!r}'
+  else:
+    variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+    title = 'Equal training time'
+  unknown = sorted(set(variants) - set(ALL_VARIANTS))
+  if unknown or not variants:
+    raise SystemExit(f'Unknown --variants {unknown}; choose from '
+                     f'{",".join(ALL_VARIANTS)}.')
+  cfg = _resolve_config(args, variants)
+  timeout_s = args.worker_timeout or 2 * cfg['seconds'] + 1200
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+  start = time.perf_counter()
+
+  results, failed = {}, {}
+  for v in variants:
+    record = _run_variant(v, cfg, timeout_s, log)
+    if v == 'lsh' and record['status'] == 'error':
+      log('lsh: PureLSHSelfAttentionWrapper failed; running LSHSelfAttention.')
+      record = dict(_run_variant(LSH_FALLBACK, cfg, timeout_s, log),
+                    wrapper_error=record['reason'])
+    if record['status'] != 'ok':
+      failed[record['variant']] = record['reason']
+    results[v] = record
+
+  ok = [results[v] for v in variants if results[v]['status'] == 'ok']
+  print(f'{title}: each variant trained {cfg["seconds"]:g} s (compilation and '
+        f'evaluation excluded) on {os.path.basename(cfg["data"])}'
+        + (f' ({ok[0]["data_bytes"]:,} bytes; train = first '
+           f'{ok[0]["train_bytes"]:,}, validation = next '
+           f'{ok[0]["valid_bytes"]:,}, test = last {ok[0]["test_bytes"]:,}, '
+           f'scored on {ok[0]["test_scored_bytes"]:,}'
+           + (' [wrapping]' if ok[0]['test_wraps'] else '') + ')'
+           if ok else '')
+        + f'; d_model {cfg["d_model"]}, d_ff {cfg["d_ff"]}, {cfg["n_heads"]} '
+        f'heads, dropout {cfg["dropout"]:g}, {cfg["batch"]} x '
+        f'{cfg["seq_len"]} bytes/step, Adam {cfg["learning_rate"]:g} after '
+        f'{cfg["warmup_steps"]} warmup steps, seed {_common.SEED}'
+        + (f', on {ok[0]["backend"]} ({ok[0]["device_kind"]}, '
+           f'{os.cpu_count()} CPUs)' if ok else '')
+        + (' [--quick: XLA optimization off, smoke test only, not a '
+           'measurement]' if cfg['fast_compile'] else '') + ':\n')
+  print(_table(variants, results))
+  print()
+  for v in variants:
+    r = results[v]
+    print(f'- {_label(v, r)}: {describe(r["variant"], cfg)}'
+          + (f'; run in place of PureLSHSelfAttentionWrapper, which failed: '
+             f'{r["wrapper_error"]}' if 'wrapper_error' in r else ''))
+  loads = [(v, results[v]['load_before'][0], results[v]['load_after'][0])
+           for v in variants if results[v]['status'] == 'ok']
+  if loads:
+    print('\n1-min load average before/after each variant: '
+          + ', '.join(f'{v} {a:.1f}/{b:.1f}' for v, a, b in loads)
+          + f' ({os.cpu_count()} CPUs).')
+  for name, reason in failed.items():
+    print(f'\n{name}: FAILED, {reason}')
+  print(f'\nCommand: {_command_line(argv)}')
+  log(f'total {time.perf_counter() - start:.0f} s')
+
+  if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, 'equal_time.json')
+    with open(json_path, 'w') as f:
+      json.dump(dict(benchmark='equal_time', command=_command_line(argv),
+                     config=cfg, variants=variants, results=results,
+                     descriptions={v: describe(results[v]['variant'], cfg)
+                                   for v in variants},
+                     failed=failed), f, indent=2, sort_keys=True)
+    png_path = os.path.join(args.out, 'equal_time.png')
+    if _plot(variants, results, cfg, title, png_path):
+      print(f'Wrote {json_path} and {png_path}.')
+    else:
+      print(f'Wrote {json_path}; no plot: matplotlib is not installed.')
+  return 1 if failed or not ok else 0
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = _parse_args(argv)
+  if args._worker:  # pylint: disable=protected-access
+    return _worker(args._worker, json.loads(args._config))  # pylint: disable=protected-access
+  return _parent(args, argv)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,318 @@
+"""Longest sequence each model trains on within a memory limit (default 20 GiB).
+
+For each model (ours, original, transformer6, transformer12; see
+train_speed.py), trains with batch 1 at lengths `--start` * 2^n (768, 1536,
+3072, ...) until a length goes over `--max_rss_gib` of resident memory, fails,
+times out or would pass `--max_seq_len`, then bisects between the last length
+that fit and the first that did not, in multiples of `--granularity` (768),
+for `--bisect_steps` (2) steps. Lengths are multiples of 768, not of 512,
+because the Hourglass hierarchy's shortening factor 3 must divide them.
+
+Each attempt is one train_speed.py worker in a fresh process (the same code
+as the throughput benchmark: a real `trax.supervised.training.Loop`, Adam,
+dropout on, the reference sizes d_model 256, hierarchy '8@3', vanilla_layers
+(2, 2)), with 1 untimed step (it compiles the training step) and 1 timed
+step. "Fits" means the worker finished both steps without its
+resident memory (VmRSS, polled every 50 ms by the parent) ever exceeding the
+limit; a worker over the limit is killed at once, so the limit also protects
+the machine. The peak RSS reported is the worker's whole process (Python,
+trax, XLA compilation, weights, optimizer slots and activations).
+
+Reproduce (from the repository root):
+
+  /work/venv/bin/python benchmarks/max_length.py \
+      --json /tmp/max_length.json --plot /tmp/max_length.png
+
+Estimated time on a 2-core CPU: each attempt is a worker of 3-5 minutes
+(2-3 of them compiling, as in train_speed.py) and a model takes about 7
+attempts (768 ... until a doubling fails, then 2 bisection steps), so 30-45
+minutes per model and 2-3 hours for all four. Attempts over the limit are
+killed as soon as they cross it.
+
+Quick smoke run (tiny sizes as train_speed.py --quick, lengths 48 and 96, XLA
+optimization off; its numbers mean nothing; used by tests/test_benchmarks.py):
+
+  /work/venv/bin/python benchmarks/max_length.py --quick --models ours
+"""
+
+import argparse
+import json
+import os
+import sys
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train_speed  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Search settings on top of train_speed's sizes; one timed step at batch 1.
+REFERENCE = dict(train_speed.REFERENCE, batch=1, steps=1, warmup=1,
+                 count_flops=False, start=768, granularity=768,
+                 max_seq_len=98304, bisect_steps=2, max_rss_gib=20.)
+QUICK = dict(train_speed.QUICK, batch=1, steps=1, warmup=1,
+             count_flops=False, start=48, granularity=48, max_seq_len=96,
+             bisect_steps=2, max_rss_gib=20.)
+
+
+def search_max_length(fits, start, max_len, granularity, bisect_steps):
+  """Longest length in multiples of `granularity` for which `fits` holds.
+
+  Doubles from `start` until `fits` fails or the next length would pass
+  `max_len` (then `max_len` itself is tried), then bisects between the last
+  length that fit and the first that did not for up to `bisect_steps` steps.
+  Assumes that what fits at one length fits at every shorter one.
+
+  Args:
+    fits: function(length) -> (ok, info); `info` (anything, e.g. the worker's
+      record) is kept for the report.
+    start: first length tried, a multiple of `granularity`.
+    max_len: the cap, a multiple of `granularity`, >= `start`.
+    granularity: every length tried is a multiple of it.
+    bisect_steps: how many lengths to try between the last fit and the first
+      failure.
+
+  Returns:
+    dict(longest=the longest length that fit, or None if `start` did not;
+    first_failure=the shortest length found not to fit, or None if `max_len`
+    fit; failure_info=`info` of that failure; longest_info=`info` of the
+    longest fit; tried=[(length, ok, info)] in the order tried).
+  """
+  tried = []
+
+  def attempt(length):
+    ok, info = fits(length)
+    tried.append((length, bool(ok), info))
+    return ok, info
+
+  longest = failure = longest_info = failure_info = None
+  length = start
+  while True:
+    ok, info = attempt(length)
+    if not ok:
+      failure, failure_info = length, info
+      break
+    longest, longest_info = length, info
+    if length >= max_len:
+      break
+    length = min(2 * length, max_len)
+  if longest is not None and failure is not None:
+    for _ in range(bisect_steps):
+      mid = (longest + failure) // 2 // granularity * granularity
+      if mid <= longest:  # No multiple of `granularity` left in between.
+        break
+      ok, info = attempt(mid)
+      if ok:
+        longest, longest_info = mid, info
+      else:
+        failure, failure_info = mid, info
+  return dict(longest=longest, first_failure=failure,
+              failure_info=failure_info, longest_info=longest_info,
+              tried=tried)
+
+
+def _parse_args(argv):
+  parser = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--models', default=','.join(_common.ALL_MODELS),
+                      help='Comma-separated subset of %(default)s.')
+  parser.add_argument('--quick', action='store_true',
+                      help='Smoke test: train_speed.py --quick sizes, lengths '
+                      '48 and 96, XLA optimization off.')
+  for name, type_, text in [
+      ('start', int, 'First length tried.'),
+      ('granularity', int, 'Bisection step; every length is a multiple.'),
+      ('max_seq_len', int, 'Longest length tried.'),
+      ('bisect_steps', int, 'Bisection steps after the doubling.'),
+      ('max_rss_gib', float, 'Memory limit (resident set, GiB).')]:
+    parser.add_argument(f'--{name}', type=type_, default=None,
+                        help=f'{text} Default {REFERENCE[name]!r} '
+                        f'({QUICK[name]!r} with --quick).')
+  parser.add_argument('--json', metavar='PATH',
+                      help='Also write config, every attempt and the result.')
+  parser.add_argument('--plot', metavar='PATH',
+                      help='PNG of peak RSS vs length (default: the --json '
+                      'path with .png, else no plot).')
+  parser.add_argument('--worker_timeout', type=float, default=None,
+                      help='Seconds before an attempt is killed and counted '
+                      'as not fitting (default 1800, 600 with --quick).')
+  return parser.parse_args(argv)
+
+
+def _resolve_config(args):
+  cfg = dict(QUICK if args.quick else REFERENCE)
+  for name in ('start', 'granularity', 'max_seq_len', 'bisect_steps',
+               'max_rss_gib'):
+    value = getattr(args, name)
+    if value is not None:
+      cfg[name] = value
+  train_speed.check_lengths([cfg['granularity']], cfg['hierarchy'],
+                            flag='--granularity')
+  for name in ('start', 'max_seq_len'):
+    if cfg[name] < 1 or cfg[name] % cfg['granularity']:
+      raise SystemExit(f'--{name} {cfg[name]} must be a positive multiple of '
+                       f'--granularity {cfg["granularity"]}.')
+  if cfg['max_seq_len'] < cfg['start']:
+    raise SystemExit(f'--max_seq_len {cfg["max_seq_len"]} must be >= --start '
+                     f'{cfg["start"]}.')
+  if cfg['bisect_steps'] < 0:
+    raise SystemExit(f'--bisect_steps {cfg["bisect_steps"]} must be >= 0.')
+  if cfg['max_rss_gib'] <= 0:
+    raise SystemExit(f'--max_rss_gib {cfg["max_rss_gib"]} must be > 0: the '
+                     'search stops at the memory limit.')
+  return cfg
+
+
+def _why(result, cfg):
+  """Why the search stopped: the first failure's status, or the cap."""
+  if result['first_failure'] is None:
+    return f'cap (--max_seq_len {cfg["max_seq_len"]})'
+  info = result['failure_info']
+  if info['status'] == 'over memory' and 'reason' in info and (
+      'allocat' in info['reason']):  # XLA refused the allocation up front.
+    reason = ' '.join(str(info['reason']).split())
+    return 'over memory (' + reason[reason.find('Out of memory'):][:80] + ')'
+  if info['status'] == 'over memory':
+    return f'over memory ({info["peak_rss_mib"]:,.0f} MiB at the kill)'
+  reason = ' '.join(str(info.get('reason', '')).split())[:100]
+  return f'{info["status"]}: {reason}'.strip(': ')
+
+
+def _table(models, results, cfg):
+  headers = ['model', 'longest length trained', 'its peak RSS MiB',
+             'its ms/step', 'first length that did not fit', 'why',
+             'lengths tried']
+  rows = []
+  for m in models:
+    r = results[m]
+    best = r['longest_info'] or {}
+    rows.append([
+        m, _common.fmt(r['longest'], ',', missing='none'),
+        _common.fmt(best.get('peak_rss_mib'), ',.0f'),
+        _common.fmt(best.get('step_ms'), ',.0f'),
+        _common.fmt(r['first_failure'], ',', missing='none'),
+        _why(r, cfg).replace('|', '/'),
+        ' '.join(f'{n}{"" if ok else "x"}' for n, ok, _ in r['tried'])])
+  return _common.markdown_table(headers, rows, align='lrrrrll')
+
+
+def _plot(models, results, cfg, path):
+  """Peak RSS vs length (log-log) with the limit; False if no matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  fig, ax = plt.subplots(figsize=(8, 5))
+  lengths = set()
+  for m in models:
+    tried = sorted(results[m]['tried'], key=lambda t: t[0])
+    ok = [(n, info['peak_rss_mib']) for n, fit, info in tried if fit]
+    line, = ax.plot([n for n, _ in ok], [rss for _, rss in ok], marker='o',
+                    label=m)
+    for n, fit, info in tried:
+      lengths.add(n)
+      if not fit and info.get('peak_rss_mib'):
+        ax.plot([n], [info['peak_rss_mib']], marker='x', markersize=9,
+                linestyle='none', color=line.get_color())
+    # Label only the search's outcome; every attempt would overlap.
+    r = results[m]
+    labels = [(r['longest'], r['longest_info'], f'{m}: longest {{:,}}'),
+              (r['first_failure'], r['failure_info'], '{:,}: {status}')]
+    for n, info, text in labels:
+      if n is not None and info.get('peak_rss_mib'):
+        ax.annotate(text.format(n, status=info['status']),
+                    (n, info['peak_rss_mib']), fontsize=7,
+                    color=line.get_color(), xytext=(4, -10),
+                    textcoords='offset points')
+  ax.axhline(cfg['max_rss_gib'] * 1024., color='gray', linestyle='--',
+             label=f'limit {cfg["max_rss_gib"]:g} GiB')
+  ax.set_xscale('log', base=2)
+  ax.set_yscale('log')  # The limit line is always there: log has data.
+  doubling = sorted(n for n in lengths if (n // cfg['start']) & (
+      n // cfg['start'] - 1) == 0)  # Powers of two times --start.
+  ax.set_xticks(doubling)
+  ax.set_xticklabels([f'{n:,}' for n in doubling], fontsize=8)
+  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+  ax.set_xlabel('sequence length (batch 1)')
+  ax.set_ylabel('worker peak RSS (MiB); x: did not fit')
+  ax.set_title(f'Training memory vs length, d_model {cfg["d_model"]}, '
+               f'hierarchy {cfg["hierarchy"]!r}'
+               + (' [--quick: not a measurement]' if cfg['fast_compile']
+                  else ''), fontsize=10)
+  ax.grid(True, which='both', alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return True
+
+
+def main(argv=None):
+  args = _parse_args(sys.argv[1:] if argv is None else argv)
+  models = train_speed._parse_models(args.models)  # pylint: disable=protected-access
+  cfg = _resolve_config(args)
+  timeout_s = args.worker_timeout or (600 if args.quick else 1800)
+  log = lambda msg: print(msg, file=sys.stderr, flush=True)
+
+  results, skipped = {}, {}
+  for m in models:
+    def fits(length, m=m):
+      record = train_speed.measure(m, cfg, length, 1, timeout_s)
+      if record['status'] == 'unavailable':
+        raise _common.ModelUnavailable(record['reason'])
+      ok = record['status'] == 'ok'
+      log(f'{m} at {length:,}: '
+          + (f'fits, peak RSS {record["peak_rss_mib"]:,.0f} MiB, '
+             f'{record["step_ms"]:,.0f} ms/step' if ok else
+             f'{record["status"].upper()}: {record["reason"]}, peak RSS '
+             f'{record["peak_rss_mib"]:,.0f} MiB')
+          + f', process {record["worker_wall_s"]:.0f} s')
+      return ok, record
+    try:
+      results[m] = search_max_length(fits, cfg['start'], cfg['max_seq_len'],
+                                     cfg['granularity'], cfg['bisect_steps'])
+    except _common.ModelUnavailable as e:
+      skipped[m] = str(e)
+      log(f'{m}: SKIPPED: {e}')
+
+  ran = [m for m in models if m in results]
+  print(f'Longest trainable sequence (batch 1, 1 compiling + 1 timed step) '
+        f'within {cfg["max_rss_gib"]:g} GiB resident memory: d_model '
+        f'{cfg["d_model"]}, d_ff {cfg["d_ff"]}, n_heads {cfg["n_heads"]}, '
+        f'vanilla_layers {tuple(cfg["vanilla_layers"])}, hierarchy '
+        f'{cfg["hierarchy"]!r}; lengths {cfg["start"]} x 2^n up to '
+        f'{cfg["max_seq_len"]}, then {cfg["bisect_steps"]} bisection steps in '
+        f'multiples of {cfg["granularity"]}'
+        + (' [--quick: XLA optimization off, smoke test only, not a '
+           'measurement]' if cfg['fast_compile'] else '') + '.\n')
+  print(_table(ran, results, cfg))
+  print('\n"lengths tried": in order; x = did not fit.')
+  for m, reason in skipped.items():
+    print(f'\n{m}: skipped, {reason}')
+
+  plot_path = args.plot or (os.path.splitext(args.json)[0] + '.png'
+                            if args.json else None)
+  if plot_path and ran:
+    try:
+      plotted = _plot(ran, results, cfg, plot_path)
+    except Exception as e:  # pylint: disable=broad-except
+      # The measurements are the result; never lose them (or the JSON) to it.
+      traceback.print_exc()
+      plotted = f'failed, {type(e).__name__}: {e}'
+    print(f'\nPlot: {plot_path}' if plotted is True else
+          f'\nNo plot: {plotted or "matplotlib is not installed"}.')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(benchmark='max_length', config=cfg, models=models,
+                     results=results, skipped=skipped, plot=plot_path), f,
+                indent=2, sort_keys=True)
+  # An error (not over memory / timeout) at the very first length is a bug.
+  broken = [m for m in ran if results[m]['longest'] is None
+            and results[m]['failure_info']['status'] == 'error']
+  return 1 if broken or not ran else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

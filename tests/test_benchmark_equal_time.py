@@ -1,0 +1,138 @@
+"""Tests for benchmarks/equal_time.py (quick mode only).
+
+The end-to-end test runs, as a user would,
+
+  python benchmarks/equal_time.py --quick --data TEXT \
+      --variants no_shift,transformer6,sfd --seconds 1 --eval_points 1 --out DIR
+
+on a small text file it writes itself, and checks the exit status, the
+markdown table, the JSON report and the plot. About 20-30 s per variant on a
+2-core CPU (more when it is busy), mostly trax import and XLA compilation.
+"""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import benchmark_scripts  # pylint: disable=g-bad-import-order
+from benchmark_scripts import REPO_ROOT  # pylint: disable=g-bad-import-order
+
+EQUAL_TIME = benchmark_scripts.path('equal_time')
+
+
+def _write_text(path, n_bytes=40_000, seed=0):
+  """Deterministic English-like text: words drawn with a Zipf-ish law."""
+  words = ('the of and to in a is that for it as was with be by on not he '
+           'this are or his from at which but have an they you were her she '
+           'there been one all we their has would when if so no more hourglass '
+           'transformer attention shortened layers sequence model bytes').split()
+  rng = np.random.default_rng(seed)
+  probs = 1. / np.arange(1, len(words) + 1)
+  picks = rng.choice(len(words), size=n_bytes // 3, p=probs / probs.sum())
+  text = ' '.join(words[i] for i in picks).replace(' the ', '. The ')
+  path.write_bytes(text.encode()[:n_bytes])
+
+
+def test_equal_time_quick(tmp_path):
+  data = tmp_path / 'text.txt'
+  _write_text(data)
+  out = tmp_path / 'out'
+  # A Transformer baseline, the no-shift ablation (its leak must show) and sfd
+  # (an hourglass with relative attention, scored at two factors).
+  variants = ['transformer6', 'no_shift', 'sfd']
+  result = subprocess.run(
+      [sys.executable, EQUAL_TIME, '--quick', '--data', str(data),
+       '--variants', ','.join(variants), '--seconds', '1', '--eval_points', '1',
+       '--out', str(out)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  details = f'stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}'
+  assert result.returncode == 0, details
+
+  header = next(line for line in result.stdout.splitlines()
+                if line.startswith('| variant |'))
+  assert 'test bits/byte' in header and 'leak bits/byte' in header, details
+  rows = benchmark_scripts.table_rows(result.stdout, 'variant')
+  for v in variants:
+    assert 0 < float(rows[v][2]) < 8.5, details  # Near log2(256) = 8 untrained.
+    assert float(rows[v][5].replace(',', '')) > 0, details  # tokens/s
+    assert int(rows[v][6].replace(',', '')) > 2, details  # steps
+  assert 0 < float(rows['sfd@2'][2]) < 8.5, details
+  assert 'Command: python benchmarks/equal_time.py --quick' in (
+      result.stdout), details
+
+  report = json.loads((out / 'equal_time.json').read_text())
+  assert report['failed'] == {}
+  results = report['results']
+  for v in variants:
+    r = results[v]
+    assert r['status'] == 'ok' and r['variant'] == v
+    assert r['n_params'] > 0 and r['peak_rss_mib'] > 0
+    assert r['train_s'] >= 0.5  # Trained about --seconds, not just compiled.
+    curve = r['curve']  # Before the timed training, and at its end.
+    assert [p['timed_steps'] > 0 for p in curve] == [False, True]
+    assert curve[-1]['step'] == r['steps']
+    assert all(math.isfinite(p['bits_per_byte']) for p in curve)
+    assert 7 < curve[0]['bits_per_byte'] < 9  # ~log2(256): barely trained.
+    assert curve[-1]['bits_per_byte'] < curve[0]['bits_per_byte']
+    assert r['valid_bytes'] == int(0.95 * 40_000) - int(0.9 * 40_000)
+    assert r['test_bytes'] == 40_000 - int(0.95 * 40_000)
+    assert len(r['probe_positions']) == 4
+  # Causal models score a byte the same whether or not the future is visible;
+  # without the k-1 shift the hourglass reads bytes it is asked to predict.
+  assert abs(results['transformer6']['leak_bits_per_byte']) < 1e-4
+  assert abs(results['sfd']['leak_bits_per_byte']) < 1e-4
+  assert abs(results['no_shift']['leak_bits_per_byte']) > 1e-3, details
+  assert results['sfd']['hierarchy_at_2'] == '1@1 1@2 1@1'
+  assert 'test_bits_per_byte_at_2' not in results['no_shift']
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    assert 'no plot' in result.stdout
+  else:
+    png = (out / 'equal_time.png').read_bytes()
+    assert png.startswith(b'\x89PNG')
+
+
+def test_equal_time_rejects_bad_flags(tmp_path):
+  equal_time = benchmark_scripts.load('equal_time')
+  data = tmp_path / 'text.txt'
+  _write_text(data, n_bytes=20_000)
+  quick = ['--quick', '--data', str(data)]
+  with pytest.raises(SystemExit, match='--data PATH is required'):
+    equal_time.main(['--quick'])
+  with pytest.raises(SystemExit, match='no such file'):
+    equal_time.main(['--quick', '--data', str(tmp_path / 'missing')])
+  with pytest.raises(SystemExit, match='Unknown'):
+    equal_time.main(quick + ['--variants', 'flash'])
+  with pytest.raises(SystemExit, match='divisible by 2, the shortening of sfd@2'):
+    equal_time.main(quick + ['--seq_len', '45', '--variants', 'sfd'])
+  with pytest.raises(SystemExit, match='divisible by 4, the shortening of factor4'):
+    equal_time.main(quick + ['--seq_len', '42', '--variants', 'factor4'])
+  with pytest.raises(SystemExit, match='lsh_chunk_len'):
+    equal_time.main(quick + ['--seq_len', '60', '--variants', 'lsh'])
+  with pytest.raises(SystemExit, match='exactly one shortened level'):
+    equal_time.main(quick + ['--hierarchy', '1@2 1@4 1@2', '--seq_len', '48',
+                             '--variants', 'sfd'])
+  with pytest.raises(SystemExit, match='too small'):
+    equal_time.main(quick + ['--seq_len', '1200', '--variants', 'hourglass'])
+
+
+def test_equal_time_variants():
+  equal_time = benchmark_scripts.load('equal_time')
+  cfg = equal_time.REFERENCE
+  assert equal_time.variant_hierarchy('vanilla', cfg) == '8@1'
+  assert equal_time.variant_hierarchy('factor2', cfg) == '2@1 4@2 2@1'
+  assert equal_time.variant_hierarchy('factor4', cfg) == '2@1 4@4 2@1'
+  assert equal_time.variant_hierarchy('transformer12', cfg) is None
+  assert equal_time.variant_hierarchy('hourglass', cfg) == cfg['hierarchy']
+  # The 3 x 3 resampling grid: 8 variants besides the default hourglass.
+  assert len(equal_time.RESAMPLING) == 8 and 'attn_attn' not in (
+      equal_time.RESAMPLING)
+  for suite in equal_time.SUITES.values():
+    assert suite[0] == 'hourglass'
+  for v in equal_time.ALL_VARIANTS:
+    assert equal_time.describe(v, cfg)
