@@ -625,6 +625,7 @@ def _plot(variants, results, cfg, title, path):
   except ImportError:
     return False
   fig, ax = plt.subplots(figsize=(8, 5))
+  ax.set_prop_cycle(color=plt.get_cmap('tab20').colors)  # 12 ablations: distinct.
   for v in variants:
     r = results[v]
     if r['status'] != 'ok':
