@@ -80,6 +80,24 @@ def import_trax(model_name):
   return trax
 
 
+def worker_import_trax(model_name, record):
+  """`import_trax` in a worker: times it into `record['import_s']`.
+
+  Returns:
+    The `trax` module, or None after printing `record` as 'unavailable' (the
+    worker then exits 0: a model still being written is not a failure).
+  """
+  start = time.perf_counter()
+  try:
+    trax = import_trax(model_name)
+  except ModelUnavailable as e:
+    record.update(status='unavailable', reason=str(e))
+    emit_result(record)
+    return None
+  record['import_s'] = time.perf_counter() - start
+  return trax
+
+
 def _apply_compat():
   """`from trax_hourglass import compat; compat.apply()`, robust to a broken package."""
   try:

@@ -344,14 +344,9 @@ def _worker(variant, cfg):
   """Trains one variant in this (fresh) process; prints one result line."""
   record = dict(variant=variant, status='ok', pid=os.getpid(),
                 load_before=os.getloadavg())
-  start = time.perf_counter()
-  try:
-    trax = _common.import_trax('ours')
-  except _common.ModelUnavailable as e:
-    record.update(status='unavailable', reason=str(e))
-    _common.emit_result(record)
+  trax = _common.worker_import_trax('ours', record)
+  if trax is None:
     return 0
-  record['import_s'] = time.perf_counter() - start
 
   try:
     import functools  # pylint: disable=g-import-not-at-top

@@ -140,14 +140,9 @@ def _worker(model_name, cfg):
   record = dict(model=model_name, status='ok', pid=os.getpid())
   base_name = model_name[:-len('_sample')] if model_name.endswith(
       '_sample') else model_name
-  start = time.perf_counter()
-  try:
-    trax = _common.import_trax(base_name)
-  except _common.ModelUnavailable as e:
-    record.update(status='unavailable', reason=str(e))
-    _common.emit_result(record)
+  trax = _common.worker_import_trax(base_name, record)
+  if trax is None:
     return 0
-  record['import_s'] = time.perf_counter() - start
 
   try:
     import numpy as np  # pylint: disable=g-import-not-at-top

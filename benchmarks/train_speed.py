@@ -120,14 +120,9 @@ def _worker(model_name, cfg):
     return _common.matmul_peak_worker(size=cfg['size'])
   record = dict(model=model_name, status='ok', pid=os.getpid(),
                 seq_len=cfg['seq_len'], batch=cfg['batch'])
-  start = time.perf_counter()
-  try:
-    trax = _common.import_trax(model_name)
-  except _common.ModelUnavailable as e:
-    record.update(status='unavailable', reason=str(e))
-    _common.emit_result(record)
+  trax = _common.worker_import_trax(model_name, record)
+  if trax is None:
     return 0
-  record['import_s'] = time.perf_counter() - start
 
   try:
     import numpy as np  # pylint: disable=g-import-not-at-top
