@@ -80,6 +80,20 @@ def import_trax(model_name):
   return trax
 
 
+def config_from_args(args, reference, quick, skip=()):
+  """`quick` if args.quick else `reference`, with every flag the user gave.
+
+  A flag overrides the config key of its name when it is not None; names in
+  `skip` are left for the caller (flags that need parsing).
+  """
+  cfg = dict(quick if args.quick else reference)
+  for name in cfg:
+    value = getattr(args, name, None)
+    if value is not None and name not in skip:
+      cfg[name] = value
+  return cfg
+
+
 def worker_import_trax(model_name, record):
   """`import_trax` in a worker: times it into `record['import_s']`.
 

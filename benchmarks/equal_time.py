@@ -534,11 +534,7 @@ def _parse_args(argv):
 
 
 def _resolve_config(args, variants):
-  cfg = dict(QUICK if args.quick else REFERENCE)
-  for name in cfg:
-    value = getattr(args, name, None)
-    if value is not None:
-      cfg[name] = value
+  cfg = _common.config_from_args(args, REFERENCE, QUICK)
   if not args.data:
     raise SystemExit('--data PATH is required: a byte file to train on, e.g. '
                      '../shared/data/enwik8-head.xml.')

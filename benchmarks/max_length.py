@@ -140,12 +140,7 @@ def _parse_args(argv):
 
 
 def _resolve_config(args):
-  cfg = dict(QUICK if args.quick else REFERENCE)
-  for name in ('start', 'granularity', 'max_seq_len', 'bisect_steps',
-               'max_rss_gib'):
-    value = getattr(args, name)
-    if value is not None:
-      cfg[name] = value
+  cfg = _common.config_from_args(args, REFERENCE, QUICK)
   train_speed.check_lengths([cfg['granularity']], cfg['hierarchy'],
                             flag='--granularity')
   for name in ('start', 'max_seq_len'):

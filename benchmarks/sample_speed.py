@@ -205,11 +205,7 @@ def _parse_args(argv):
 
 
 def _resolve_config(args):
-  cfg = dict(QUICK if args.quick else REFERENCE)
-  for name in cfg:
-    value = getattr(args, name, None)
-    if value is not None:
-      cfg[name] = value
+  cfg = _common.config_from_args(args, REFERENCE, QUICK)
   if cfg['warmup'] < 1 or cfg['n_tokens'] <= cfg['warmup']:
     raise SystemExit(f'--warmup must be >= 1 (the first token compiles) and '
                      f'below --n_tokens; got warmup {cfg["warmup"]}, n_tokens '

@@ -295,11 +295,7 @@ def _parse_args(argv):
 
 
 def _resolve_config(args):
-  cfg = dict(QUICK if args.quick else REFERENCE)
-  for name in cfg:
-    value = getattr(args, name, None)
-    if value is not None and name != 'seq_lens':
-      cfg[name] = value
+  cfg = _common.config_from_args(args, REFERENCE, QUICK, skip=('seq_lens',))
   if args.seq_len is not None and args.seq_lens is not None:
     raise SystemExit(f'Give --seq_len {args.seq_len} or --seq_lens '
                      f'{args.seq_lens}, not both.')
