@@ -5,6 +5,7 @@ only here, in tests.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import trax
@@ -139,3 +140,52 @@ def test_loader_names_a_mismatched_configuration():
                          mode='eval')
   with pytest.raises(ValueError, match=r'shape \(32, 32\).*expects \(32, 64\)'):
     th.load_trax_hourglass_weights(wider, original.weights)
+
+
+def _weight_gradients(model, x):
+  """Gradients of the mean next-token log-prob with respect to every weight."""
+  def objective(weights):
+    logits = model.pure_fn(x, weights, model.state, jax.random.PRNGKey(0))[0]
+    log_probs = jax.nn.log_softmax(logits)
+    return jnp.mean(jnp.take_along_axis(log_probs, x[..., None], axis=-1))
+  return trax.fastmath.tree_flatten(jax.jit(jax.grad(objective))(model.weights))
+
+
+@pytest.mark.parametrize('name', ['enwik8_like', 'imagenet64_like'])
+def test_same_weight_gradients_as_original(name):
+  # Our Dense layers differentiate by hand (layers/dense.py); training must
+  # still follow the original's gradients.
+  hierarchy, vanilla, names, length = CONFIGS[name]
+  x = _tokens(length)
+  original = _original(hierarchy, vanilla, names)
+  original.init(shapes.signature(x))
+  _randomize(original, seed=3)
+  ours = th.load_trax_hourglass_weights(_ours(hierarchy, vanilla, names),
+                                        original.weights)
+  expected = _weight_gradients(original, x)
+  got = _weight_gradients(ours, x)
+  assert [g.shape for g in got] == [g.shape for g in expected]
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize('shape,use_bias', [((2, 3, 5), True), ((4, 5), False)])
+def test_dense_matches_tl_dense_in_value_and_gradient(shape, use_bias):
+  x = np.random.RandomState(0).normal(size=shape).astype(np.float32)
+  reference = tl.Dense(7, use_bias=use_bias)
+  reference.init(shapes.signature(x))
+  ours = th.layers.Dense(7, use_bias=use_bias)
+  ours.init(shapes.signature(x))
+  ours.weights = reference.weights
+
+  def loss(layer):
+    def fn(weights, x):
+      y = layer.pure_fn(x, weights, (), None)[0]
+      return jnp.sum(jnp.sin(y))  # A gradient that differs per output.
+    return jax.grad(fn, argnums=(0, 1))
+
+  np.testing.assert_allclose(ours(x), reference(x), rtol=1e-6)
+  got = jax.tree_util.tree_leaves(loss(ours)(ours.weights, x))
+  expected = jax.tree_util.tree_leaves(loss(reference)(reference.weights, x))
+  for g, e in zip(got, expected, strict=True):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)

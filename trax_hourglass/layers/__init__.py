@@ -9,6 +9,7 @@ from trax_hourglass.layers.attention import SelfAttention
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
 from trax_hourglass.layers.resampling import FeedForwardResidual
+from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers.resampling import LinearPooling
 from trax_hourglass.layers.resampling import LinearUpsampling

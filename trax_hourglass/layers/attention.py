@@ -24,6 +24,7 @@ from trax.layers import base
 from trax.layers import initializers as init
 
 from trax_hourglass.layers import favor
+from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import apply_dropout
 
 _BIAS_INIT_STDDEV = 1e-6
@@ -312,8 +313,8 @@ def RelativePositionEmbeddings(d_model, kv_pooling, mode='train'):
   return tl.Fn('RelativePositionEmbeddings', embeddings)
 
 
-class PositionProjection(tl.Dense):
-  """The projection of position sinusoids: a `tl.Dense`, same weights.
+class PositionProjection(Dense):
+  """The projection of position sinusoids: a `Dense`, same weights.
 
   In predict mode it outputs its kernel over its bias, (d_in + 1, d_out), and
   the attention applies it per query (cheaper than projecting every offset).
@@ -346,13 +347,13 @@ def RelativeAttention(d_model, n_heads, dropout, mode, context_bias_layer,
       tl.Branch(RelativePositionEmbeddings(d_model, kv_pooling, mode),
                 tl.Select([0], n_in=2), tl.Select([1], n_in=2),
                 tl.Select([1], n_in=2)),  # pos, q_in, k_in, k_in
-      tl.Parallel(PositionProjection(d_model, mode), tl.Dense(d_model),
-                  tl.Dense(d_model), tl.Dense(d_model)),  # pos_emb, q, k, v
+      tl.Parallel(PositionProjection(d_model, mode), Dense(d_model),
+                  Dense(d_model), Dense(d_model)),  # pos_emb, q, k, v
       context_bias_layer,
       location_bias_layer,  # location_bias, context_bias, pos_emb, q, k, v
       RelativeDotProductAttention(n_heads, kv_pooling, dropout, mode, factor,
                                   is_upsampling, max_inference_length),  # vecs
-      tl.Dense(d_model),  # vecs: (batch, Lq, d_model)
+      Dense(d_model),  # vecs: (batch, Lq, d_model)
   )
 
 

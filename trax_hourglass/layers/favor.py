@@ -10,6 +10,8 @@ import gin
 import trax.layers as tl
 from trax.fastmath import numpy as jnp
 
+from trax_hourglass.layers.dense import Dense
+
 
 class CausalFavorAttention(tl.CausalFavorAttention):
   """(q, k, v) per head, (batch*heads, len, d_head) -> (batch*heads, len, d_v).
@@ -53,6 +55,6 @@ def CausalFavor(d_feature, n_heads=1, dropout=0.0, numerical_stabilizer=0.001,
   """
   del dropout
   return tl.ConfigurableAttention(
-      tl.Dense(d_feature), tl.Dense(d_feature), tl.Dense(d_feature),
-      tl.Dense(d_feature), n_heads=n_heads,
+      Dense(d_feature), Dense(d_feature), Dense(d_feature),
+      Dense(d_feature), n_heads=n_heads,
       qkv_attention_layer=CausalFavorAttention(numerical_stabilizer, mode))

@@ -16,6 +16,7 @@ from trax.layers import base
 from trax.fastmath import numpy as jnp
 
 from trax_hourglass.layers.attention import RelativeAttention
+from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import Dropout
 
 
@@ -56,7 +57,7 @@ def LinearPooling(shorten_factor, d_model, *args, dropout=0.0, mode='train',
     return _groups(x, shorten_factor).reshape(batch, n_blocks, -1)
   return tl.Serial(
       tl.Fn('ConcatBlocks', concat_blocks),  # vecs: (batch, len/k, k*d_model)
-      tl.Dense(d_model),  # vecs: (batch, len/k, d_model)
+      Dense(d_model),  # vecs: (batch, len/k, d_model)
       Dropout(rate=dropout, mode=mode),
   )
 
@@ -106,7 +107,7 @@ def LinearUpsampling(shorten_factor, d_model, *args, dropout=0.0, mode='train',
   """Projects each vector to `shorten_factor` vectors of d_model."""
   del args, kwargs
   return tl.Serial(
-      tl.Dense(shorten_factor * d_model),  # vecs: (batch, len/k, k*d_model)
+      Dense(shorten_factor * d_model),  # vecs: (batch, len/k, k*d_model)
       Dropout(rate=dropout, mode=mode),
       SplitBlocks(shorten_factor, mode),  # vecs: (batch, len, d_model)
   )
@@ -119,10 +120,10 @@ def FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
     return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
   return tl.Residual(
       tl.LayerNorm(),
-      tl.Dense(d_ff),  # vecs: (batch, len, d_ff)
+      Dense(d_ff),  # vecs: (batch, len, d_ff)
       ff_activation(),
       _Dropout(),
-      tl.Dense(d_model),  # vecs: (batch, len, d_model)
+      Dense(d_model),  # vecs: (batch, len, d_model)
       _Dropout(),
   )
 

@@ -21,6 +21,7 @@ from trax.fastmath import numpy as jnp
 from trax.layers import base
 from trax.layers.assert_shape import assert_shape
 
+from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import apply_dropout
 
 _MASK_VALUE = -1e9
@@ -157,8 +158,8 @@ def RotaryCausalAttention(d_feature, n_heads=1, dropout=0.0,
         f'Rotary embeddings need an even head size; d_feature={d_feature} / '
         f'n_heads={n_heads} = {d_feature // n_heads}.')
   return tl.ConfigurableAttention(
-      tl.Dense(d_feature), tl.Dense(d_feature), tl.Dense(d_feature),
-      tl.Dense(d_feature),  # q, k, v and output projections.
+      Dense(d_feature), Dense(d_feature), Dense(d_feature),
+      Dense(d_feature),  # q, k, v and output projections.
       qkv_attention_layer=RotaryDotProductCausalAttention(
           dropout=dropout, max_inference_length=max_inference_length,
           mode=mode, total_pooling=total_pooling),  # per head: (b*n, len, d/n)

@@ -12,6 +12,7 @@ import gin
 import trax.layers as tl
 from trax.layers.research import sparsity as trax_sparsity
 
+from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.resampling import FeedForwardResidual
 
 # Gumbel-softmax temperature of the SparseFF controller in training, and the share
@@ -74,13 +75,13 @@ def FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
 def VocabProjection(vocab_size, d_model, loss_sparsity=0, mode='train'):
   """vecs (batch, len, d_model) -> logits (batch, len, vocab_size).
 
-  loss_sparsity=0 is `tl.Dense(vocab_size)`. N > 0 is the multiplicative dense
+  loss_sparsity=0 is `Dense(vocab_size)` (`tl.Dense`'s weights). N > 0 is the multiplicative dense
   (trax's `FactoredDense`): N gating vectors of d_model times one shared
   (d_model, vocab_size/N) matrix, about N times fewer weights.
   """
   _check_sparsity('loss_sparsity', loss_sparsity, 'vocab_size', vocab_size)
   if not loss_sparsity:
-    return tl.Dense(vocab_size)
+    return Dense(vocab_size)
   return trax_sparsity.SparseDenseWithOptions(
       vocab_size, d_input=d_model, sparsity_type='mult',
       sparsity=loss_sparsity, mode=mode)  # logits: (batch, len, vocab_size)
