@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
 EXTRAS_REQUIRE = {
     'test': [
         'pytest>=8',
+        'pytest-xdist>=3.5',
         'hypothesis>=6.100',
         'nbclient>=0.10',
         'nbformat>=5.10',

@@ -10,6 +10,9 @@ Model names understood by `make_model`:
   original      -- `trax.models.research.hourglass.HourglassLM` (trax 1.4.1),
   transformer6  -- `trax.models.TransformerLM`, 6 layers, same width,
   transformer12 -- `trax.models.TransformerLM`, 12 layers, same width.
+and one ablation, never run by default:
+  ours_tl_dense -- `ours` with trax's `tl.Dense` backward pass instead of
+                   `trax_hourglass.layers.Dense`'s (the one difference).
 """
 
 import json
@@ -26,6 +29,7 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 ALL_MODELS = ('ours', 'original', 'transformer6', 'transformer12')
+ABLATION_MODELS = ('ours_tl_dense',)
 BASELINES = ('original', 'transformer6')
 
 # Marks the one stdout line a worker prints for its parent; trax, TF and gym
@@ -58,7 +62,7 @@ def import_trax(model_name):
   the other models apply the same `compat` fixes without needing the model code.
 
   Args:
-    model_name: one of `ALL_MODELS`.
+    model_name: one of `ALL_MODELS` or `ABLATION_MODELS`.
 
   Returns:
     The `trax` module.
@@ -67,7 +71,7 @@ def import_trax(model_name):
     ModelUnavailable: if `model_name == 'ours'` and `trax_hourglass.HourglassLM`
       cannot be imported.
   """
-  if model_name == 'ours':
+  if model_name.startswith('ours'):
     try:
       from trax_hourglass import HourglassLM  # pylint: disable=g-import-not-at-top,unused-import
     except Exception as e:  # pylint: disable=broad-except
@@ -131,7 +135,7 @@ def make_model(name, cfg, mode='train'):
   """Returns an uninitialized model `name` built from benchmark config `cfg`.
 
   Args:
-    name: one of `ALL_MODELS`.
+    name: one of `ALL_MODELS` or `ABLATION_MODELS`.
     cfg: dict with vocab_size, d_model, d_ff, n_heads, dropout, seq_len and,
       for the Hourglass models, vanilla_layers (tuple) and hierarchy (str);
       optionally max_len, the predict-mode cache length of `ours` and the
@@ -143,6 +147,11 @@ def make_model(name, cfg, mode='train'):
   width = dict(d_model=cfg['d_model'], d_ff=cfg['d_ff'],
                n_heads=cfg['n_heads'], dropout=cfg['dropout'], mode=mode)
   max_len = cfg.get('max_len') or max(2048, cfg['seq_len'])
+  if name == 'ours_tl_dense':  # This worker process only: trax's forward,
+    import trax.layers as tl  # pylint: disable=g-import-not-at-top
+    from trax_hourglass.layers import dense  # pylint: disable=g-import-not-at-top
+    dense.Dense.forward = tl.Dense.forward  # hence jax's derived backward.
+    name = 'ours'
   if name in ('ours', 'original'):
     if name == 'ours':
       from trax_hourglass import HourglassLM  # pylint: disable=g-import-not-at-top
@@ -159,7 +168,8 @@ def make_model(name, cfg, mode='train'):
     return trax.models.TransformerLM(cfg['vocab_size'], n_layers=n_layers,
                                      max_len=max_len,
                                      **width)
-  raise ValueError(f'Unknown model {name!r}; expected one of {ALL_MODELS}.')
+  raise ValueError(f'Unknown model {name!r}; expected one of '
+                   f'{ALL_MODELS + ABLATION_MODELS}.')
 
 
 def random_lm_batches(vocab_size, batch, seq_len, n_distinct=4, seed=SEED):

@@ -250,7 +250,9 @@ def _parse_args(argv):
       description=__doc__.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--models', default=','.join(_common.ALL_MODELS),
-                      help='Comma-separated subset of %(default)s.')
+                      help='Comma-separated subset of %(default)s, or '
+                      'the ablation ' + ','.join(_common.ABLATION_MODELS) +
+                      ' (see benchmarks/_common.py).')
   parser.add_argument('--quick', action='store_true',
                       help='Smoke test: tiny sizes, 1 round, 2 steps, XLA '
                       'optimization off; explicit flags below still override.')
@@ -499,10 +501,11 @@ def _matmul_peak(cfg, log, when):
 
 def _parse_models(text):
   models = [m.strip() for m in text.split(',') if m.strip()]
-  unknown = sorted(set(models) - set(_common.ALL_MODELS))
+  known = _common.ALL_MODELS + _common.ABLATION_MODELS
+  unknown = sorted(set(models) - set(known))
   if unknown or not models:
     raise SystemExit(f'Unknown --models {unknown}; choose from '
-                     f'{",".join(_common.ALL_MODELS)}.')
+                     f'{",".join(known)}.')
   return models
 
 

@@ -44,7 +44,8 @@ def _number(cell):
 
 
 @pytest.mark.parametrize('models,seq_lens', [  # Baselines' path: -m slow.
-    pytest.param('original,transformer6', '48', marks=pytest.mark.slow),
+    pytest.param('original,transformer6,ours_tl_dense', '48',
+                 marks=pytest.mark.slow),
     ('ours', '48,96')])
 def test_train_speed_quick(models, seq_lens, tmp_path):
   json_path = tmp_path / 'train_speed.json'
@@ -86,6 +87,9 @@ def test_train_speed_quick(models, seq_lens, tmp_path):
     assert s['transformer6']['ratio_vs_original'] == pytest.approx(
         s['transformer6']['tokens_per_s_median']
         / s['original']['tokens_per_s_median'])
+  if 'ours_tl_dense' in models:  # The ablation is our model, weights and all.
+    s = report['summary']['48']
+    assert s['ours_tl_dense']['n_params'] == s['original']['n_params']
 
 
 def test_train_speed_rejects_bad_flags():

@@ -84,18 +84,24 @@ def _tokens(length, batch=2, seed=0):
       0, VOCAB, size=(batch, length)).astype(np.int32)
 
 
-@pytest.mark.parametrize('name', sorted(CONFIGS))
-def test_same_log_probs_as_original(name):
+def _original_and_ours(name, seed):
+  """(original, ours with the original's random weights, tokens) for CONFIGS[name]."""
   hierarchy, vanilla, names, length = CONFIGS[name]
   x = _tokens(length)
   original = _original(hierarchy, vanilla, names)
   original.init(shapes.signature(x))
-  _randomize(original, seed=1)
+  _randomize(original, seed=seed)
   ours = th.load_trax_hourglass_weights(_ours(hierarchy, vanilla, names),
                                         original.weights)
+  return original, ours, x
+
+
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_same_log_probs_as_original(name):
+  original, ours, x = _original_and_ours(name, seed=1)
   expected = _logprobs(original, x)
   got = _logprobs(ours, x)
-  assert got.shape == (2, length, VOCAB)
+  assert got.shape == (2, CONFIGS[name][3], VOCAB)
   np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
@@ -155,13 +161,7 @@ def _weight_gradients(model, x):
 def test_same_weight_gradients_as_original(name):
   # Our Dense layers differentiate by hand (layers/dense.py); training must
   # still follow the original's gradients.
-  hierarchy, vanilla, names, length = CONFIGS[name]
-  x = _tokens(length)
-  original = _original(hierarchy, vanilla, names)
-  original.init(shapes.signature(x))
-  _randomize(original, seed=3)
-  ours = th.load_trax_hourglass_weights(_ours(hierarchy, vanilla, names),
-                                        original.weights)
+  original, ours, x = _original_and_ours(name, seed=3)
   expected = _weight_gradients(original, x)
   got = _weight_gradients(ours, x)
   assert [g.shape for g in got] == [g.shape for g in expected]

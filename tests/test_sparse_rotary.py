@@ -88,7 +88,7 @@ def test_sparse_ff_predict_one_token_at_a_time_matches_eval(sparse_ff_eval):
 def test_vocab_projection_layouts():
   x = _vecs()
   dense = VocabProjection(VOCAB, D_MODEL)
-  assert type(dense) is type(tl.Dense(VOCAB))  # pylint: disable=unidiomatic-typecheck
+  assert isinstance(dense, tl.Dense)  # Dense weights: (kernel, bias).
   assert _shapes(_init(dense, x).weights) == ((D_MODEL, VOCAB), (VOCAB,))
   sparse = _init(VocabProjection(VOCAB, D_MODEL, loss_sparsity=4), x)
   # 4 gating vectors, one shared d_model x vocab/4 matrix, a bias.

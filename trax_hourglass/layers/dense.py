@@ -6,8 +6,9 @@ jax differentiates `x @ kernel` into a kernel gradient that XLA:CPU computes as
 batch 8 x 768 x 1024) and fusing into it whatever elementwise backward work
 precedes it. Written as one matrix product over the flattened batch,
 dot_general(x, g) contracting the rows of both, it needs no copy. On the
-reference hourglass (2@1 8@3 2@1, d_model 256, batch 8 x 768) that cuts a
-forward+backward step by ~20% on a 2-core CPU (benchmarks/train_speed.py).
+reference hourglass (2@1 8@3 2@1, d_model 256, batch 8 x 768) that takes ~20%
+off a training step on a 2-core CPU: `benchmarks/train_speed.py --models
+ours,ours_tl_dense` measures it against the same model with `tl.Dense`.
 Same weights, same function; only the order of floating-point sums differs.
 """
 
