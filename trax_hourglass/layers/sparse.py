@@ -75,9 +75,9 @@ def FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
 def VocabProjection(vocab_size, d_model, loss_sparsity=0, mode='train'):
   """vecs (batch, len, d_model) -> logits (batch, len, vocab_size).
 
-  loss_sparsity=0 is `Dense(vocab_size)` (`tl.Dense`'s weights). N > 0 is the multiplicative dense
-  (trax's `FactoredDense`): N gating vectors of d_model times one shared
-  (d_model, vocab_size/N) matrix, about N times fewer weights.
+  loss_sparsity=0 is `Dense(vocab_size)` (`tl.Dense`'s weights). N > 0 is the
+  multiplicative dense (trax's `FactoredDense`): N gating vectors of d_model
+  times one shared (d_model, vocab_size/N) matrix, about N times fewer weights.
   """
   _check_sparsity('loss_sparsity', loss_sparsity, 'vocab_size', vocab_size)
   if not loss_sparsity:
