@@ -26,11 +26,23 @@ symlinks that go through `CURRENT`, so the same single rename switches all of
 them at once and trax's own readers (`pickle`, `tl.np_from_file`,
 `Layer.init_from_file`, an unpatched `Loop.load_checkpoint`) keep working on
 `output_dir`. (Copy an output_dir with `cp -a`/`rsync -a`, which keep the
-relative links, or `cp -rL` to get plain files.) Older folders than the
-previous one are deleted after the commit; folders left by a crash are deleted
-on the next save.
+relative links; copies that follow links, `cp -rL`, or drop them, like
+`gsutil cp -r`, load and keep saving too: the pointer is recovered as below.)
+Older folders than the previous one are deleted after the commit, never one
+of a step at or after the new one; folders left by a crash are deleted on the
+next save. A failed save (a full disk) leaves no partial folder and keeps the
+previous checkpoint.
 
-Loading never executes code from a file: pickles are read by `SafeUnpickler`,
+When `CURRENT` is missing, dangling, or not a link, or names a folder that
+fails its manifest, the newest folder whose MANIFEST.json verifies is used,
+with a warning that names what was wrong and what is used; when there are
+folders but none verifies, loading refuses (CheckpointError) rather than
+restart from step 0 over them. A checkpoint whose weights are not finite (a
+diverged run) is refused by `save_loop_checkpoint`, so it never replaces the
+last finite one. `lock_output_dir` keeps a second trainer off an output dir.
+
+Loading never executes code from a file: pickles are read by `SafeUnpickler`
+(also trax's own `training.unpickle_from_file` once installed),
 which admits only what trax writes (numpy arrays, dtypes and scalars, jax
 arrays, which are read back as numpy arrays, `trax.shapes.ShapeDtype`,
 `collections.defaultdict`/`OrderedDict`, and builtin containers and numbers);
@@ -46,15 +58,18 @@ state, optimizer slots, history, key and data position.
 
 Use: call `install()` once (the `trainer` script does). It patches, in this one
 place, `trax.supervised.training.Loop.save_checkpoint`/`load_checkpoint`,
-`trax.data.inputs.save_data_counters`/`load_data_counters` and
-`trax.layers.base.Layer.init_from_file`, so every Loop, including the one built
+`trax.data.inputs.save_data_counters`/`load_data_counters`,
+`trax.layers.base.Layer.init_from_file` and `training.unpickle_from_file`
+(which trax's old `Trainer` loads with), so every Loop, including the one built
 by `trax.supervised.trainer_lib.train`, saves and loads this way. Output dirs
 that are not local paths (e.g. `gs://...`, which has no atomic rename or
-symlinks) keep trax's own saving, with a warning.
+symlinks) keep trax's own saving, with a warning, and are read safely.
 """
 
 import collections
 import dataclasses
+import errno
+import fcntl
 import gzip
 import hashlib
 import io
@@ -63,6 +78,7 @@ import os
 import pickle
 import secrets
 import shutil
+import socket
 import time
 import typing
 
@@ -98,10 +114,19 @@ TRAX_LOAD_CHECKPOINT = training.Loop.load_checkpoint
 TRAX_SAVE_DATA_COUNTERS = trax_inputs.save_data_counters
 TRAX_LOAD_DATA_COUNTERS = trax_inputs.load_data_counters
 TRAX_INIT_FROM_FILE = base.Layer.init_from_file
+TRAX_UNPICKLE_FROM_FILE = training.unpickle_from_file
 
 
 class CheckpointError(ValueError):
   """A checkpoint file is missing, truncated, modified or holds forbidden data."""
+
+
+class NonFiniteWeightsError(ValueError):
+  """Weights hold NaN or infinity: the run diverged."""
+
+
+class OutputDirInUseError(ValueError):
+  """Another live process trains into the same output dir."""
 
 
 # ---------------------------------------------------------------------------
@@ -192,10 +217,19 @@ def safe_unpickle(path, compressed=True):
   try:
     with open(path, 'rb') as f:
       data = f.read()
-    if compressed:
-      data = gzip.decompress(data)
   except FileNotFoundError:
     raise CheckpointError(f'{path}: checkpoint file is missing') from None
+  except OSError as e:
+    raise CheckpointError(
+        f'{path}: truncated or corrupt checkpoint file ({e})') from e
+  return _safe_loads(data, path, compressed)
+
+
+def _safe_loads(data, path, compressed):
+  """`safe_unpickle` of the bytes `data` read from `path`."""
+  try:
+    if compressed:
+      data = gzip.decompress(data)
   except (OSError, EOFError, gzip.BadGzipFile) as e:
     raise CheckpointError(
         f'{path}: truncated or corrupt checkpoint file ({e})') from e
@@ -209,6 +243,41 @@ def safe_unpickle(path, compressed=True):
     raise CheckpointError(
         f'{path}: truncated or corrupt checkpoint pickle '
         f'({type(e).__name__}: {e})') from e
+
+
+def unpickle_from_file(file_path, gzip=False):  # pylint: disable=redefined-outer-name
+  """trax's `training.unpickle_from_file`, reading safely (any filesystem).
+
+  trax's old `Trainer` (`trainer_lib.load_trainer_state`) and its Loop loader
+  of non-local checkpoints read pickles through this function.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    with tf.io.gfile.GFile(file_path, 'rb') as f:
+      data = f.read()
+  except tf.errors.NotFoundError:
+    raise CheckpointError(f'{file_path}: checkpoint file is missing') from None
+  return _safe_loads(data, file_path, gzip)
+
+
+def check_finite(arrays, what):
+  """Raises NonFiniteWeightsError naming `what` if a float array is not finite.
+
+  Args:
+    arrays: weight arrays (numpy or jax; bfloat16 ones may be uint16 bits,
+      which are integers here and pass).
+    what: what they are, for the message (a path, 'step 12', ...).
+  """
+  for i, a in enumerate(arrays):
+    if not jax.numpy.issubdtype(getattr(a, 'dtype', np.float32),
+                                jax.numpy.inexact):
+      continue
+    xp = jax.numpy if isinstance(a, jax.Array) else np  # Reduce where it is.
+    n_bad = int(xp.size(a) - xp.isfinite(a).sum())
+    if n_bad:
+      raise NonFiniteWeightsError(
+          f'{what}: weight array {i} {tuple(np.shape(a))} holds {n_bad:,} NaN '
+          'or infinite values (the run diverged)')
 
 
 def read_arrays(path, n_arrays=None):
@@ -359,8 +428,24 @@ def commit(directory, basename, files, step, keep=2):
 
   Returns:
     The committed folder's path.
+
+  Raises:
+    CheckpointError saying what failed when the filesystem refuses a write
+    (a full disk, no permission); the previous checkpoint stays committed and
+    no partial folder is left.
   """
   root = _checkpoint_root(directory, basename)
+  try:
+    return _commit(directory, basename, root, files, step, keep)
+  except OSError as e:
+    raise CheckpointError(
+        f'{root}: could not save the checkpoint of step {int(step)} '
+        f'({e.strerror or e}); the previous checkpoint is kept. Free disk '
+        'space (or fix the permissions) and rerun to resume from it.') from e
+
+
+def _commit(directory, basename, root, files, step, keep):
+  """`commit` (see there), raising the filesystem's own errors."""
   if not os.path.isdir(root):
     os.makedirs(root)
     _fsync_dir(os.path.dirname(root))
@@ -369,25 +454,59 @@ def commit(directory, basename, files, step, keep=2):
   name = f'step_{int(step):09d}.{secrets.token_hex(4)}'
   tmp = os.path.join(root, _TMP_PREFIX + name)
   os.mkdir(tmp)
-  records = {}
-  for file_name, write_fn in files.items():
-    records[file_name] = _write_durably(os.path.join(tmp, file_name), write_fn)
-  manifest = {'format': FORMAT, 'basename': basename, 'step': int(step),
-              'time': time.time(), 'files': records}
-  _write_durably(os.path.join(tmp, MANIFEST),
-                 lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-  _fsync_dir(tmp)
-  folder = os.path.join(root, name)
-  os.rename(tmp, folder)
+  try:
+    records = {}
+    for file_name, write_fn in files.items():
+      records[file_name] = _write_durably(os.path.join(tmp, file_name),
+                                          write_fn)
+    manifest = {'format': FORMAT, 'basename': basename, 'step': int(step),
+                'time': time.time(), 'files': records}
+    _write_durably(os.path.join(tmp, MANIFEST),
+                   lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    _fsync_dir(tmp)
+    folder = os.path.join(root, name)
+    os.rename(tmp, folder)
+  except BaseException:
+    # A full disk must not leave a partial folder behind (nor wait for the
+    # next save to remove it: there may be none).
+    try:
+      shutil.rmtree(tmp, ignore_errors=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+    raise
   _fsync_dir(root)
   # The commit: one atomic rename switches every file at once.
   pointer = os.path.join(root, CURRENT)
   previous = os.readlink(pointer) if os.path.islink(pointer) else None
+  if os.path.lexists(pointer) and previous is None:
+    _set_aside(root, pointer)  # A copy made with links followed (cp -rL).
+  if previous is not None and not os.path.isdir(os.path.join(root, previous)):
+    previous = None  # Dangling: it must not take the place of a kept one.
   _replace_symlink(name, pointer)
   _fsync_dir(root)
   _link_top_level(directory, basename, list(files))
-  _remove_old(root, keep_names={name, previous}, keep=keep)
+  _remove_old(root, keep_names={name, previous}, keep=keep, step=int(step))
   return folder
+
+
+def _set_aside(root, pointer):
+  """Moves a `CURRENT` that is not a link out of the way, losing nothing.
+
+  A whole folder (a copy that followed the link) becomes a checkpoint folder
+  of its step, pruned like the others; anything else is kept as
+  `CURRENT.damaged-*`.
+  """
+  target = None
+  if os.path.isdir(pointer) and not os.path.islink(pointer):
+    try:
+      step = int(_verify_manifest(pointer)['step'])
+      target = f'step_{step:09d}.{secrets.token_hex(4)}'
+    except (CheckpointError, KeyError, TypeError, ValueError):
+      pass
+  if target is None:
+    target = f'{CURRENT}.damaged-{secrets.token_hex(4)}'
+  os.rename(pointer, os.path.join(root, target))
+  _fsync_dir(root)
 
 
 def _link_top_level(directory, basename, file_names):
@@ -418,8 +537,16 @@ def _remove_leftovers(root):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _remove_old(root, keep_names, keep):
-  folders = sorted(e for e in os.listdir(root) if e.startswith('step_'))
+def _step_of(name):
+  """The step of a folder name `step_000000012.<hex>`, or None."""
+  head = name.split('.')[0]
+  if not head.startswith('step_') or not head[5:].isdigit():
+    return None
+  return int(head[5:])
+
+
+def _remove_old(root, keep_names, keep, step):
+  folders = sorted(e for e in os.listdir(root) if _step_of(e) is not None)
   keep_names = {n for n in keep_names if n}
   # Newest first by step, then keep `keep` of them (always the ones named).
   by_step = sorted(folders, key=lambda e: e.split('.')[0], reverse=True)
@@ -429,7 +556,9 @@ def _remove_old(root, keep_names, keep):
       break
     kept.add(e)
   for e in folders:
-    if e not in kept:
+    # Only what the new commit supersedes: never a folder of a later step
+    # (one this run could not read is still someone's work).
+    if e not in kept and _step_of(e) < step:
       shutil.rmtree(os.path.join(root, e), ignore_errors=True)
 
 
@@ -457,21 +586,109 @@ class Checkpoint:
 
 
 def committed_folder(directory, basename='model'):
-  """The committed folder of `basename` in `directory`, or None if none."""
-  pointer = os.path.join(_checkpoint_root(directory, basename), CURRENT)
-  if not os.path.islink(pointer):
-    return None
-  folder = os.path.join(os.path.dirname(pointer), os.readlink(pointer))
-  if not os.path.isdir(folder):
-    raise CheckpointError(f'{pointer}: points to {folder}, which is missing')
-  return folder
+  """The committed folder of `basename` in `directory`, or None if none.
+
+  When the `CURRENT` pointer is missing or damaged, the newest folder whose
+  manifest verifies, with a warning (see the module docstring).
+  """
+  return _locate(directory, basename, verify=False)[0]
 
 
-def _top_level_is_ours(directory, basename):
+_WARNED = set()
+
+
+def _warn_once(message):
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.warning('%s', message)
+
+
+def _manifest_time(folder):
+  try:
+    with open(os.path.join(folder, MANIFEST), 'rb') as f:
+      return float(json.loads(f.read().decode()).get('time', 0))
+  except Exception:  # pylint: disable=broad-except
+    return 0.0  # Damaged: verified (and refused) later.
+
+
+def _locate(directory, basename, verify):
+  """(committed folder or None, its verified manifest or None).
+
+  Follows `CURRENT`; when it is missing, dangling, not a link, or (with
+  `verify`) names a folder that fails its manifest, falls back to the newest
+  folder that verifies, and warns naming both. Refuses (CheckpointError) when
+  there are folders but none verifies.
+  """
+  root = _checkpoint_root(directory, basename)
+  if not os.path.isdir(root):
+    return None, None
+  pointer = os.path.join(root, CURRENT)
+  damaged = None
+  if os.path.islink(pointer):
+    folder = os.path.join(root, os.readlink(pointer))
+    if os.path.isdir(folder):
+      if not verify:
+        return folder, None
+      try:
+        return folder, _verify_manifest(folder)
+      except CheckpointError as e:
+        damaged = folder
+        problem = f'the newest checkpoint {folder} is damaged: {e}'
+    else:
+      problem = f'{pointer} points to {folder}, which is missing'
+  elif os.path.isdir(pointer):
+    problem = (f'{pointer} is a folder, not a link to one (copied with links '
+               'followed, e.g. cp -rL)')
+  elif os.path.lexists(pointer):
+    problem = f'{pointer} is a plain file, not a link to a checkpoint folder'
+  else:
+    problem = f'{pointer} is missing'
+  names = [e for e in os.listdir(root) if _step_of(e) is not None and
+           os.path.isdir(os.path.join(root, e))]
+  candidates = sorted(
+      (os.path.join(root, e) for e in names),
+      key=lambda f: (_step_of(os.path.basename(f)), _manifest_time(f)),
+      reverse=True)
+  if os.path.isdir(pointer) and not os.path.islink(pointer):
+    candidates.append(pointer)  # The copy itself, if nothing else is left.
+  candidates = [f for f in candidates if f != damaged]
+  if not candidates and damaged is None and not os.path.lexists(pointer):
+    return None, None  # Nothing was ever committed here.
+  first_error = None
+  for folder in candidates:
+    try:
+      manifest = _verify_manifest(folder)
+    except CheckpointError as e:
+      first_error = first_error or e
+      continue
+    _warn_once(f'{problem}; using the newest intact checkpoint, {folder} '
+               f'(step {manifest.get("step")}). The next save repairs the '
+               'pointer.')
+    return folder, manifest
+  raise CheckpointError(
+      f'{problem}, and none of the {len(candidates)} other checkpoint folders '
+      f'in {root} is intact' + (f' (newest: {first_error})' if first_error
+                                else '') +
+      '. Not training from step 0 over them: restore the directory from a '
+      f'copy, or move {root} away to start afresh.')
+
+
+def _top_level_is_ours(directory, basename, manifest):
+  """Whether `directory/basename.pkl.gz` is the committed checkpoint's.
+
+  A link through CURRENT, nothing, or a plain copy of the committed file
+  (a copy that followed links) are; a file trax wrote itself is not.
+  """
   link = os.path.join(directory, basename + '.pkl.gz')
-  return (not os.path.lexists(link) or
-          (os.path.islink(link) and os.readlink(link).startswith(
-              os.path.join(CHECKPOINTS_DIR, basename, CURRENT))))
+  if not os.path.lexists(link):
+    return True
+  if os.path.islink(link):
+    return os.readlink(link).startswith(
+        os.path.join(CHECKPOINTS_DIR, basename, CURRENT))
+  record = (manifest or {}).get('files', {}).get(basename + '.pkl.gz')
+  return (record is not None and os.path.isfile(link) and
+          os.path.getsize(link) == record['bytes'] and
+          sha256_of(link) == record['sha256'])
 
 
 def _verify_manifest(folder):
@@ -518,12 +735,11 @@ def read_checkpoint(directory, basename='model', n_tasks=None):
   """
   if basename.endswith('.pkl.gz'):
     basename = basename[:-len('.pkl.gz')]
-  folder = committed_folder(directory, basename)
-  manifest = None
-  if folder is not None and _top_level_is_ours(directory, basename):
-    manifest = _verify_manifest(folder)
+  folder, manifest = _locate(directory, basename, verify=True)
+  if folder is not None and _top_level_is_ours(directory, basename, manifest):
     path = folder
   else:
+    manifest = None
     if folder is not None:
       logging.warning('%s: plain trax files (written by trax after this '
                       'checkpoint) are used instead of %s.',
@@ -623,6 +839,7 @@ def save_loop_checkpoint(loop, basename, keep=2):
                                                              compresslevel)
   input_signature = loop._batch_signature[:loop._model.n_in]
   flat_weights, flat_state = tl.flatten_weights_and_state(weights, state)
+  _refuse_non_finite(output_dir, basename, loop.step, flat_weights)
   _, flat_eval_state = tl.flatten_weights_and_state(weights,
                                                     loop._eval_model.state)
   files[f'{basename}.weights.npy.gz'] = _arrays_writer(
@@ -648,6 +865,23 @@ def save_loop_checkpoint(loop, basename, keep=2):
   training._log('Checkpoint saved in %s' % os.path.join(output_dir, pkl_name),
                 stdout=False)
   # pylint: enable=protected-access
+
+
+def _refuse_non_finite(output_dir, basename, step, flat_weights):
+  """A diverged run stops here, before its weights replace finite ones."""
+  try:
+    check_finite(flat_weights, f'step {step}')
+  except NonFiniteWeightsError as e:
+    try:
+      last = committed_folder(output_dir, basename)
+    except CheckpointError:
+      last = None
+    kept = (f'the checkpoint of step {_step_of(os.path.basename(last))} in '
+            f'{output_dir} is kept' if last else 'nothing is saved')
+    raise NonFiniteWeightsError(
+        f'training diverged: {e}; not saving them ({kept}). Lower the '
+        'learning rate (or check the data) and rerun to resume from the last '
+        'checkpoint.') from None
 
 
 def _strict_match(name, model_arrays, saved_arrays, what):
@@ -765,13 +999,17 @@ def save_data_counters(output_dir, host_id=None):
 
 def load_data_counters(output_dir, host_id=None):
   """`inputs.load_data_counters`, reading the committed data position safely."""
-  if not is_local(output_dir):
-    return TRAX_LOAD_DATA_COUNTERS(output_dir, host_id)
   path = os.path.join(output_dir, _data_counters_name(host_id))
-  if not os.path.exists(path):
+  if not is_local(output_dir):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if not tf.io.gfile.exists(path):
+      return
+    counters = unpickle_from_file(path, gzip=False)
+  elif not os.path.exists(path):
     logging.info('Did not load data counters as %s does not exist.', path)
     return
-  counters = safe_unpickle(path, compressed=False)
+  else:
+    counters = safe_unpickle(path, compressed=False)
   if not isinstance(counters, dict):
     raise CheckpointError(f'{path}: data counters must be a dict, found '
                           f'{type(counters).__name__}')
@@ -820,6 +1058,52 @@ def from_bits(arrays):
 
 
 # ---------------------------------------------------------------------------
+# One trainer per output dir.
+# ---------------------------------------------------------------------------
+
+LOCK = 'LOCK'
+_LOCKS = {}  # realpath of an output dir -> the fd whose flock this process holds
+
+
+def lock_output_dir(directory):
+  """Makes this process the only trainer of `directory` until it exits.
+
+  An exclusive `flock` on `directory/checkpoints/LOCK`, which the OS drops
+  when the process dies (even by `kill -9`), so a stale lock never blocks a
+  restart; the file names the holder for the message. Taking it again in the
+  same process is a no-op. Creates `directory` if needed.
+
+  Raises:
+    OutputDirInUseError naming the holder's pid and host; ValueError when
+    `directory` is a file.
+  """
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f'output dir {directory} is a file, not a directory; '
+                     'pass a directory (it is created if missing).')
+  lock_dir = os.path.join(directory, CHECKPOINTS_DIR)
+  os.makedirs(lock_dir, exist_ok=True)
+  key = os.path.realpath(directory)
+  if key in _LOCKS:
+    return
+  fd = os.open(os.path.join(lock_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    holder = os.pread(fd, 512, 0).decode(errors='replace').strip()
+    os.close(fd)
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      raise
+    raise OutputDirInUseError(
+        f'output dir {directory} is in use by another trainer '
+        f'({holder or "a process that has not said which"}); wait for it to '
+        'finish or stop it, or pass another --output_dir.') from None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, (f'pid {os.getpid()} on host {socket.gethostname()}, since '
+                 f'{time.strftime("%Y-%m-%d %H:%M:%S")}').encode(), 0)
+  _LOCKS[key] = fd
+
+
+# ---------------------------------------------------------------------------
 # Installing into trax.
 # ---------------------------------------------------------------------------
 
@@ -831,7 +1115,8 @@ def install():
 
   Patches `training.Loop.save_checkpoint` and `load_checkpoint`,
   `trax.data.inputs.save_data_counters`/`load_data_counters` (which the Loop
-  calls by module attribute) and `Layer.init_from_file`.
+  calls by module attribute), `Layer.init_from_file` and
+  `training.unpickle_from_file` (trax's old Trainer reads with it).
   """
   global _INSTALLED
   if _INSTALLED:
@@ -841,6 +1126,7 @@ def install():
   trax_inputs.save_data_counters = save_data_counters
   trax_inputs.load_data_counters = load_data_counters
   base.Layer.init_from_file = init_from_file
+  training.unpickle_from_file = unpickle_from_file
   _INSTALLED = True
 
 
@@ -852,4 +1138,5 @@ def uninstall():
   trax_inputs.save_data_counters = TRAX_SAVE_DATA_COUNTERS
   trax_inputs.load_data_counters = TRAX_LOAD_DATA_COUNTERS
   base.Layer.init_from_file = TRAX_INIT_FROM_FILE
+  training.unpickle_from_file = TRAX_UNPICKLE_FROM_FILE
   _INSTALLED = False

@@ -8,7 +8,6 @@ and has a test in `tests/test_compat.py` that fails without it. Import trax thro
 import importlib.abc
 import importlib.machinery
 import inspect
-import os
 import sys
 import types
 
@@ -116,30 +115,6 @@ def _is_marker(tree, markers):
   return any(type(tree) is type(m) and tree == m for m in markers)  # pylint: disable=unidiomatic-typecheck
 
 
-def _fix_save_computation_graphs():
-  # jax 0.4.38 removed jax.xla_computation, which Trainer calls after step 1 to dump
-  # forward.txt/.dot: train(use_loop=False) crashed; lower via jax.jit instead.
-  import jax  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from trax.supervised import trainer_lib  # pylint: disable=g-import-not-at-top
-
-  def save_computation_graphs(self):
-    """Dump computation graphs to files."""
-    # pylint: disable=protected-access
-    if self.n_devices != 1:
-      return  # As in trax: single-device only.
-    batch = next(self._train_stream)
-    hlo = jax.jit(self._model_predict_eval.pure_fn).lower(
-        batch, self._opt_state.weights[0], self._model_state[0],
-        self._rngs[0]).compiler_ir('hlo')
-    for name, text in (('forward.txt', hlo.as_hlo_text()),
-                       ('forward.dot', hlo.as_hlo_dot_graph())):
-      with tf.io.gfile.GFile(os.path.join(self._output_dir, name), 'w') as f:
-        f.write(text)
-
-  trainer_lib.Trainer.save_computation_graphs = save_computation_graphs
-
-
 def _fix_first_step_recompile():
   # A Loop's first training step gets freshly initialised weights and state, which
   # jax holds uncommitted; later steps get the previous step's (committed) outputs.
@@ -187,6 +162,5 @@ def apply():
   import trax.layers  # pylint: disable=g-import-not-at-top,unused-import
   import trax.supervised  # pylint: disable=g-import-not-at-top,unused-import
   _fix_tree_unflatten()
-  _fix_save_computation_graphs()
   _fix_first_step_recompile()
   _APPLIED = True

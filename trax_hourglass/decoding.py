@@ -450,6 +450,8 @@ def load_predict_model(checkpoint_or_weights, model_fn=None, config_file=None,
     weights = [np.asarray(w) for w in checkpoints.from_bits(
         ckpt.flat_weights)]
     where = f'{path} (step {ckpt.step})'
+  # A diverged run's weights would sample garbage (NUL bytes) silently.
+  checkpoints.check_finite(jax.tree_util.tree_leaves(weights), where)
 
   kwargs = dict(model_kwargs, mode='predict')
   if _is_our_hourglass(model_fn):

@@ -29,11 +29,12 @@ import time
 import gin
 import numpy as np
 
+from trax_hourglass import cli
 from trax_hourglass.cli import run_command
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='hourglass-eval', description=__doc__.split('\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--output_dir', required=True,
@@ -63,8 +64,28 @@ def _parse_args(argv):
   parser.add_argument('--max_images', type=int, default=None,
                       help='score only the first N images')
   parser.add_argument('--json', default=None, help='where to write the JSON')
-  parser.add_argument('--traceback', action='store_true')
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  _check_args(parser, args)
+  return args
+
+
+def _check_args(parser, args):
+  """Refuses out-of-range values (argparse's one-line error, exit 2)."""
+  for flag, least in (('sequence_length', 2), ('stride', 1), ('batch_size', 1),
+                      ('max_bytes', 2), ('max_images', 1)):
+    value = getattr(args, flag)
+    if value is not None and value < least:
+      parser.error(f'--{flag}={value}; use {least} or more'
+                   + ('' if flag == 'batch_size' else ' (or leave it out)'))
+  if (args.stride is not None and args.sequence_length is not None and
+      args.stride > args.sequence_length):
+    parser.error(f'--stride={args.stride} is more than --sequence_length='
+                 f'{args.sequence_length}; use 1..{args.sequence_length}')
+  if args.byte_file and args.npz:
+    parser.error('--byte_file and --npz are two kinds of data; pass one')
+  if args.json is not None and os.path.isdir(args.json):
+    parser.error(f'--json={args.json} is a directory; pass a file path, e.g. '
+                 f'{os.path.join(args.json, "eval.json")}')
 
 
 def _bound(name, default=None):
@@ -192,7 +213,7 @@ def _byte_data(args, seq_len):
       return None
   start, end = bounds[args.split]
   data = data[start:end]
-  if args.max_bytes:
+  if args.max_bytes is not None:
     data = data[:args.max_bytes]
   return data, f'{source} [{args.split}: bytes {start:,}..{end:,})'
 
@@ -222,6 +243,30 @@ def _image_data(args):
   return images.flatten_images(held_out[:args.max_images]), f'{path} [test]'
 
 
+def _check_writable(path):
+  """Raises OSError now if `path` cannot be written (removes the probe)."""
+  probe = f'{path}.probe-{os.getpid()}'
+  with open(probe, 'w'):
+    pass
+  os.remove(probe)
+
+
+def _vocab_size(model):
+  """The model's output vocabulary: the last weight is its final Dense bias."""
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  return int(fastmath.tree_flatten(model.weights)[-1].shape[-1])
+
+
+def _check_ids(tokens, vocab, source):
+  """Refuses data with ids the model cannot score (outside [0, vocab))."""
+  low, high = int(np.min(tokens)), int(np.max(tokens))
+  if low < 0 or high >= vocab:
+    raise ValueError(
+        f'{source} holds token id {low if low < 0 else high}, outside the '
+        f"model's vocabulary [0, {vocab}); evaluate this model on data whose "
+        f'ids are below {vocab}.')
+
+
 def run(args):
   """Evaluates; returns the result dict."""
   import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
@@ -232,12 +277,20 @@ def run(args):
   from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
 
   output_dir = os.path.expanduser(args.output_dir)
+  if not os.path.isdir(output_dir):
+    raise FileNotFoundError(f'--output_dir {output_dir} is not a directory; '
+                            'pass the output dir of a training run.')
   configs = args.config_file or [os.path.join(output_dir, 'config.gin')]
   for path in configs:
     if not os.path.exists(path):
       raise FileNotFoundError(
           f'gin config {path} does not exist; pass the run\'s config with '
           '--config_file')
+    if os.path.isdir(path):
+      raise ValueError(f'gin config {path} is a directory; pass a gin file '
+                       '(the run\'s config.gin).')
+  json_path = args.json or os.path.join(output_dir, f'eval_{args.split}.json')
+  _check_writable(json_path)  # Now, not after minutes of scoring.
   if args.data_dir:
     hg_data.set_default_data_dir(os.path.expanduser(args.data_dir))
   trainer._progress_callback_class()  # pylint: disable=protected-access
@@ -245,9 +298,13 @@ def run(args):
   ckpt = checkpoints.read_checkpoint(output_dir)
   if ckpt is None:
     raise FileNotFoundError(f'no checkpoint in {output_dir}')
+  checkpoints.check_finite(
+      checkpoints.from_bits(ckpt.flat_weights),
+      f'{os.path.join(ckpt.path, "model.weights.npy.gz")} (step {ckpt.step})')
   model = gin.query_parameter('train.model').scoped_configurable_fn(
       mode='eval')
   checkpoints.init_from_file(model, output_dir)
+  vocab = _vocab_size(model)
   trained_len = int(ckpt.data['input_signature'][0].shape[1])
   scorer = Scorer(model)
   start = time.time()
@@ -255,10 +312,12 @@ def run(args):
   byte_data = None if args.npz else _byte_data(args, trained_len)
   if byte_data is not None:
     data, source = byte_data
+    _check_ids(data, vocab, source)
     seq_len = args.sequence_length or trained_len
-    stride = args.stride or max(1, seq_len // 2)
-    if not 0 < stride <= seq_len:
-      raise ValueError(f'--stride must be in 1..{seq_len}, got {stride}')
+    stride = args.stride if args.stride is not None else max(1, seq_len // 2)
+    if stride > seq_len:
+      raise ValueError(f'--stride={stride} is more than the window of '
+                       f'{seq_len}; use 1..{seq_len}.')
     bits, n = score_bytes(scorer, data, seq_len, stride, args.batch_size)
     result.update(metric='bits_per_byte', value=bits / n, n_bytes=n,
                   sequence_length=seq_len, stride=stride,
@@ -271,6 +330,7 @@ def run(args):
       raise ValueError("the run's train.inputs is neither byte data nor "
                        'images; pass --byte_file or --npz')
     tokens, source = image_data
+    _check_ids(tokens, vocab, source)
     bits, n = score_images(scorer, tokens, args.batch_size)
     result.update(metric='bits_per_dim', value=bits / n, n_dims=n,
                   n_images=len(tokens), data=source)
@@ -278,7 +338,6 @@ def run(args):
             f'({n:,} subpixels) of {source}')
   result['seconds'] = time.time() - start
   print(f'step {ckpt.step}: {line}', flush=True)
-  json_path = args.json or os.path.join(output_dir, f'eval_{args.split}.json')
   with open(json_path + '.tmp', 'w') as f:
     json.dump(result, f, indent=1)
   os.replace(json_path + '.tmp', json_path)

@@ -27,11 +27,12 @@ import sys
 
 import numpy as np
 
+from trax_hourglass import cli
 from trax_hourglass.cli import run_command
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='hourglass-sample', description=__doc__.split('\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   where = parser.add_mutually_exclusive_group(required=True)
@@ -61,9 +62,69 @@ def _parse_args(argv):
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--batch_size', type=int, default=1,
                       help='text mode: sequences sampled at once')
-  parser.add_argument('--traceback', action='store_true',
-                      help='show the full traceback of an error')
   return parser.parse_args(argv)
+
+
+# Below this many tokens (prompt + new, times the batch) the caches are small
+# next to any memory; above, their size is estimated before they are made.
+_ESTIMATE_FROM_TOKENS = 8192
+
+
+def _cache_bytes(model_fn, max_len, batch):
+  """Bytes of a predict-mode model's state (its caches), without making it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  model = model_fn(mode='predict', max_len=max_len)
+
+  def init():
+    model.init(shapes.ShapeDtype((batch, 1), np.int32))
+    return model.state
+
+  return sum(int(np.prod(x.shape)) * x.dtype.itemsize
+             for x in jax.tree_util.tree_leaves(jax.eval_shape(init))
+             if hasattr(x, 'dtype'))
+
+
+def _free_memory():
+  """(bytes free for the caches, where): the accelerator's, else the host's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  device = jax.devices()[0]
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and 'bytes_limit' in stats:
+    return (stats['bytes_limit'] - stats.get('bytes_in_use', 0),
+            f'{device.platform} device memory')
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024, 'available host memory'
+  except OSError:
+    pass
+  return (os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE'),
+          'free host memory')
+
+
+def _check_memory(model_fn, prompt_len, n_tokens, batch, what=None):
+  """Refuses a length whose caches would not fit (an OOM, or swapping)."""
+  from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
+  length = prompt_len + n_tokens
+  if (length * batch <= _ESTIMATE_FROM_TOKENS or
+      not decoding._is_our_hourglass(model_fn)):  # pylint: disable=protected-access
+    return
+  small = 512  # The caches grow linearly with max_len: two points tell.
+  at_small, at_double = (_cache_bytes(model_fn, n, batch)
+                         for n in (small, 2 * small))
+  per_token = max(1.0, (at_double - at_small) / small)
+  fixed = at_small - per_token * small
+  need = fixed + per_token * length
+  free, where = _free_memory()
+  if need > 0.8 * free:
+    most = int((0.8 * free - fixed) // per_token) - prompt_len
+    raise ValueError(
+        f'{what or f"--n_tokens={n_tokens}"}: the caches for {length:,} tokens x batch '
+        f'{batch} need {need / 2**30:,.1f} GiB, more than fits in the '
+        f'{free / 2**30:,.1f} GiB of {where}; ask for at most '
+        f'{max(0, most):,} tokens (or a smaller batch).')
 
 
 class _Progress:
@@ -144,16 +205,23 @@ def run(args):
   for path in configs:
     if not os.path.exists(path):
       raise FileNotFoundError(f'--config_file {path} does not exist')
+    if os.path.isdir(path):
+      raise ValueError(f'--config_file {path} is a directory; pass a gin '
+                       'file (the run\'s config.gin).')
 
   images = None
   if args.images:
     images = _load_test_images(args.images, args.n_images)
     length = int(np.prod(images.shape[1:]))
     batch = len(images)
+    _check_memory(decoding.parse_run_config(configs), 0, length, batch,
+                  f'--n_images={batch} of {length} subpixels')
   else:
     prompt = np.frombuffer(args.prompt.encode('utf-8'), np.uint8)
     length = len(prompt) + args.n_tokens
     batch = args.batch_size
+    _check_memory(decoding.parse_run_config(configs), len(prompt),
+                  args.n_tokens, batch)
   # The caches need only this sequence's length.
   model = decoding.load_predict_model(
       source, config_file=configs, max_len=length, batch_size=batch,

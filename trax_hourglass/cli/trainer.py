@@ -32,11 +32,12 @@ import time
 import gin
 import numpy as np
 
+from trax_hourglass import cli
 from trax_hourglass.cli import run_command
 
 
 def _parse_args(argv):
-  parser = argparse.ArgumentParser(
+  parser = cli.ArgumentParser(
       prog='trainer', description=__doc__.split('\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--config_file', action='append', default=[],
@@ -52,8 +53,6 @@ def _parse_args(argv):
                       help="trax's data_streams.dataset_name")
   parser.add_argument('--model', default=None,
                       help='a model in trax.models, e.g. TransformerLM')
-  parser.add_argument('--traceback', action='store_true',
-                      help='show the full traceback of an error')
   return parser.parse_args(argv)
 
 
@@ -149,6 +148,13 @@ def _progress_callback_class():
 
     def _print(self, step, now):
       losses = [float(np.mean(np.asarray(l))) for l in self._losses]
+      bad = [i for i, l in enumerate(losses) if not math.isfinite(l)]
+      if bad:  # Read here, not per step: no device sync per step.
+        raise ValueError(
+            f'training diverged: the loss is {losses[bad[0]]} at step '
+            f'{step - len(losses) + bad[0] + 1}; stopping (the last finite '
+            'checkpoint is kept). Lower the learning rate (or check the '
+            'data) and rerun to resume from it.')
       loss = float(np.mean(losses))
       n_steps = max(1, step - self._last_step)
       secs = max(1e-9, now - self._last_time)
@@ -268,6 +274,32 @@ def _add_callback(callback_class):
     gin.bind_parameter('train.callbacks', bound + [callback_class])
 
 
+def _process_index():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index()
+
+
+def _check_config():
+  """Refuses what would train wrongly or unsafely, before any compiling."""
+  from trax_hourglass.data import streams  # pylint: disable=g-import-not-at-top
+  cli.check_gin_value_types()
+  try:
+    use_loop = gin.query_parameter('train.use_loop')
+  except ValueError:
+    use_loop = True
+  if not use_loop:
+    raise ValueError(
+        "train.use_loop=False runs trax's old Trainer, whose checkpoints are "
+        'neither crash-safe nor read safely; remove the binding to train with '
+        'the Loop (the default).')
+  try:  # Data ids must fit the model's embedding (which would clamp them).
+    model = gin.query_parameter('train.model')
+    vocab_size = gin.query_parameter(f'{model.selector}.vocab_size')
+  except (ValueError, AttributeError):
+    vocab_size = None
+  streams.set_vocab_size(vocab_size if isinstance(vocab_size, int) else None)
+
+
 def run(args):
   """Parses gin, trains; returns the trax Loop."""
   import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
@@ -291,12 +323,21 @@ def run(args):
   for path in args.config_file:
     if not os.path.exists(path):
       raise FileNotFoundError(f'--config_file {path} does not exist')
+    if os.path.isdir(path):
+      raise ValueError(f'--config_file {path} is a directory; pass a gin '
+                       'file, e.g. gin/quickstart.gin.')
   gin.parse_config_files_and_bindings(args.config_file, bindings)
+  _check_config()
   output_dir = _output_dir_or_default(args.output_dir)
   n_devices = trainer_lib.num_devices() or fastmath.local_device_count()
   _print_devices(n_devices)
+  if _process_index() == 0:  # Other hosts of a run share its output dir.
+    checkpoints.lock_output_dir(output_dir)
   _add_callback(progress)
-  loop = trainer_lib.train(output_dir=output_dir)
+  try:
+    loop = trainer_lib.train(output_dir=output_dir)
+  finally:
+    data.streams.set_vocab_size(None)  # Only this run's streams check it.
   ckpt = checkpoints.committed_folder(output_dir)
   if loop.step and (ckpt is None or not os.path.basename(ckpt).startswith(
       f'step_{loop.step:09d}.')):

@@ -7,6 +7,12 @@ restores when it resumes, so a resumed run reads exactly the batches the
 uninterrupted run would have read. The counter is looked up on every batch
 (not captured), because the Loop replaces that dict when it loads a checkpoint
 after the streams were made.
+
+Token ids must lie in [0, vocab_size) of the model: a model's embedding
+lookup does not check them (it clamps, as trax's), so an id outside would
+train silently on the wrong token. Once the trainer has told `set_vocab_size`
+the model's, every batch is checked, and an id outside is a ValueError that
+names the data and the id.
 """
 
 import numpy as np
@@ -20,21 +26,57 @@ from trax.data import inputs as trax_inputs
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
-def resumable_stream(name, batch_fn):
+_VOCAB_SIZE = [None]
+
+
+def set_vocab_size(vocab_size):
+  """Makes every stream check its token ids against the model's vocabulary.
+
+  Args:
+    vocab_size: the model's vocab_size, or None to check nothing (the
+      default; the trainer sets its model's).
+  """
+  _VOCAB_SIZE[0] = None if vocab_size is None else int(vocab_size)
+
+
+def check_token_range(tokens, source):
+  """Raises ValueError naming `source` when an id is outside [0, vocab_size).
+
+  Args:
+    tokens: an int array (a batch, or a whole file's bytes).
+    source: what the tokens come from (a path), for the message.
+  """
+  vocab = _VOCAB_SIZE[0]
+  if vocab is None or not np.size(tokens):
+    return
+  low, high = int(np.min(tokens)), int(np.max(tokens))
+  if low < 0 or high >= vocab:
+    raise ValueError(
+        f'{source}: holds token id {low if low < 0 else high}, outside the '
+        f"model's vocabulary [0, {vocab}); use a model with vocab_size >= "
+        f'{max(high + 1, vocab)} (256 for bytes and images), or data whose '
+        f'ids are below {vocab}.')
+
+
+def resumable_stream(name, batch_fn, source=None):
   """Yields `batch_fn(i)` for i = 0, 1, ..., resuming at the saved position.
 
   Args:
     name: the stream's key in `trax.data.inputs.data_counters`, unique per
       stream of a run (e.g. 'enwik8/train/b8/n2048').
     batch_fn: int -> batch (a tuple of numpy arrays), deterministic.
+    source: what the data is (a path), for the token-range error; default
+      `name`.
 
   Yields:
-    Batches.
+    Batches, their inputs checked by `check_token_range`.
   """
   while True:
     i = trax_inputs.data_counters.get(name, 0)
     trax_inputs.data_counters[name] = i + 1
-    yield batch_fn(i)
+    batch = batch_fn(i)
+    check_token_range(batch[0], source or name)
+    yield batch
 
 
 def check_divisible(batch_size, n_devices, what='batch_size'):
@@ -83,6 +125,7 @@ def restartable_stream(name, make_iterator):
     trax_inputs.data_counters[name] = i + 1
     batch = next(it)
     pos += 1
+    check_token_range(batch[0], name)
     yield batch
 
 

@@ -202,19 +202,22 @@ def byte_lm_inputs(data, bounds, name, batch_size, sequence_length,
   eval_batch_size = eval_batch_size or batch_size
   train = _split(data, bounds, 'train', sequence_length, path)
   held_out = _split(data, bounds, eval_split, sequence_length, path)
+  # Every byte, once, now: not hours into training at the first odd byte.
+  streams.check_token_range(train, f'{path} (train split)')
+  streams.check_token_range(held_out, f'{path} ({eval_split} split)')
   key = f'{name}/L{sequence_length}/s{seed}'
 
   def train_stream(n_devices):
     streams.check_divisible(batch_size, n_devices)
     return streams.resumable_stream(
         f'{key}/train/b{batch_size}',
-        train_batches(train, batch_size, sequence_length, seed))
+        train_batches(train, batch_size, sequence_length, seed), path)
 
   def eval_stream(n_devices):
     streams.check_divisible(eval_batch_size, n_devices, 'eval_batch_size')
     return streams.resumable_stream(
         f'{key}/{eval_split}/b{eval_batch_size}',
-        eval_batches(held_out, eval_batch_size, sequence_length))
+        eval_batches(held_out, eval_batch_size, sequence_length), path)
 
   return streams.ResumableInputs(train_stream, eval_stream)
 

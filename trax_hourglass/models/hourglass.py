@@ -224,6 +224,10 @@ class TokenShift(base.Layer):
     return toks
 
 
+class PastMaxLenError(ValueError):
+  """A predict-mode HourglassLM was given more tokens than its max_len."""
+
+
 class Autoregressive(tl.Serial):
   """A predict-mode model (one token per call) that also takes longer inputs.
 
@@ -245,6 +249,16 @@ class Autoregressive(tl.Serial):
     super().init_weights_and_state(
         shapes.ShapeDtype((batch, 1), input_signature.dtype))
 
+  def pure_fn(self, x, weights, state, rng, use_cache=False):
+    # trax re-raises any error inside a layer as its LayerError; going past
+    # max_len is the caller's error and stays the ValueError it is.
+    try:
+      return super().pure_fn(x, weights, state, rng, use_cache=use_cache)
+    except tl.LayerError as e:
+      if isinstance(e.__context__, PastMaxLenError):
+        raise e.__context__ from None
+      raise
+
   @property
   def state(self):
     return tl.Serial.state.fget(self)
@@ -255,7 +269,7 @@ class Autoregressive(tl.Serial):
     n_tokens = state[self._counter]
     if not isinstance(n_tokens, (jax.core.Tracer, dict)) and (
         int(n_tokens) > self._max_len):
-      raise ValueError(
+      raise PastMaxLenError(
           f'HourglassLM(mode="predict") got token number {int(n_tokens)}, '
           f'past its max_len={self._max_len}: build it with a larger max_len '
           '(the caches grow with it) or start a new sequence.')
@@ -324,7 +338,10 @@ def HourglassLM(vocab_size,
   or eval model with the same arguments.
 
   Args:
-    vocab_size: Number of token ids.
+    vocab_size: Number of token ids. Inputs must lie in [0, vocab_size): as
+      trax's `tl.Embedding` (a jax gather), ids outside are clamped, not
+      checked (a compiled step cannot raise), so 300 reads as vocab_size - 1
+      and -1 as 0. The trainer's data and `hourglass-eval` check the ids.
     d_model: Width of the residual stream.
     d_ff: Width of the feed-forward blocks.
     vanilla_layers: (pre, post) full-length layers around the shortening.
