@@ -52,6 +52,9 @@ _USER_ERRORS = (ValueError, KeyError, TypeError, OSError, MemoryError)
 
 def _one_line(e):
   """The exception as one line: its first line, plus gin's configurable."""
+  while (isinstance(e, OSError) and e.errno is None and
+         isinstance(e.__context__, OSError)):
+    e = e.__context__  # gin's copies, which add its context, lose the errno.
   if isinstance(e, OSError) and e.errno in _OS_HINTS and e.strerror:
     where = ' -> '.join(repr(f) for f in (e.filename, e.filename2) if f)
     text = f'{e.strerror}: {where}' if where else e.strerror
