@@ -1008,6 +1008,10 @@ def load_data_counters(output_dir, host_id=None):
   elif not os.path.exists(path):
     logging.info('Did not load data counters as %s does not exist.', path)
     return
+  elif os.path.islink(path):
+    # Through CURRENT: the Loop's load_checkpoint restores them from the
+    # folder it verified (not a damaged newest one it fell back from).
+    return
   else:
     counters = safe_unpickle(path, compressed=False)
   if not isinstance(counters, dict):
