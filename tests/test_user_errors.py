@@ -198,7 +198,7 @@ CASES = [
      r'be an integer \(its default is 512\)', True),
     ('config file is a directory', 'trainer',
      ['--config_file', '{tmp}', '--output_dir', '{tmp}/cfg'],
-     r'--config_file \S+ is a directory; pass a gin file', True),
+     r'--config_file \S+ is a directory; pass a gin file', False),
     ('output dir is a file', 'trainer',
      ['--config_file', '{gin}', '--output_dir', '{low}'],
      r'output dir \S+low.txt is a file, not a directory; pass a directory',
