@@ -167,8 +167,9 @@ def test_loop_compiles_its_training_step_once(tmp_path, caplog):
   assert _trained_on(resumed.model.weights, loop.model.weights)
 
 
-# _fix_tree_unflatten, through trainer_lib.train. (Its use_loop=False runs trax's
-# old Trainer, which the trainer script refuses: it reads pickles unsafely.)
+# _fix_tree_unflatten, through trainer_lib.train. (Its use_loop=False runs
+# trax's old Trainer, which the trainer script refuses: it reads pickles
+# unsafely.)
 
 
 def test_trainer_lib_train_trains_and_resumes(tmp_path):

@@ -124,8 +124,9 @@ def test_no_entry_point_unpickles_with_the_plain_unpickler(tmp_path):
   _evil_pickle(str(plain / 'data_counters0.pkl'), marker, compressed=False)
   committed = str(tmp_path / 'committed')  # A committed checkpoint, crafted.
   evil = pickle.dumps({'step': 1, 'x': _Payload(marker)})
-  checkpoints.commit(committed, 'model',
-                     {'model.pkl.gz': lambda f: f.write(gzip.compress(evil))}, 1)
+  checkpoints.commit(
+      committed, 'model',
+      {'model.pkl.gz': lambda f: f.write(gzip.compress(evil))}, 1)
   pkl = str(plain / 'model.pkl.gz')
   model = _model('eval')
   model.init(shapes.ShapeDtype((1, 16), np.int32))
@@ -261,7 +262,8 @@ def test_a_failed_save_leaves_no_partial_folder_and_keeps_the_last(
   monkeypatch.setattr(checkpoints, '_write_durably', disk_full_on_second_file)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'could not save the checkpoint of step 4 \(No '
-                     r'space left on device\); the previous checkpoint is kept'):
+                     r'space left on device\); the previous checkpoint is '
+                     r'kept'):
     _save_at(loop, 4)
   assert not [e for e in os.listdir(_root(out)) if '.tmp-' in e]
   assert checkpoints.read_checkpoint(out).step == 3
@@ -272,7 +274,8 @@ def test_non_finite_weights_are_never_committed(saved, tmp_path):
   loop = _loop(out)
   with pytest.raises(checkpoints.NonFiniteWeightsError,
                      match=r'training diverged: step 4: weight array \d+ .* '
-                     r'NaN or infinite .*\(the checkpoint of step 3 .* is kept'):
+                     r'NaN or infinite .*\(the checkpoint of step 3 .* is '
+                     r'kept'):
     _save_at(loop, 4, value=np.nan)
   assert checkpoints.read_checkpoint(out).step == 3
 
@@ -322,7 +325,8 @@ def test_data_ids_outside_the_vocabulary_name_the_file_and_the_id(tmp_path):
   path.write_bytes(bytes(range(40)) * 2 + b'\xc8' + bytes(range(40)) * 100)
   streams.set_vocab_size(64)
   with pytest.raises(ValueError, match=rf'{path} \(train split\): holds '
-                     r'token id 200, outside the model\'s vocabulary \[0, 64\)'):
+                     r"token id 200, outside the model's vocabulary "
+                     r'\[0, 64\)'):
     hg_data.byte_file_inputs(str(path), batch_size=2, sequence_length=8)
   # Streams check every batch (images, any other data).
   stream = streams.resumable_stream('x', lambda i: (np.array([[3, -1]]),),

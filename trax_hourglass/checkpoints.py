@@ -1066,7 +1066,7 @@ def from_bits(arrays):
 # ---------------------------------------------------------------------------
 
 LOCK = 'LOCK'
-_LOCKS = {}  # realpath of an output dir -> the fd whose flock this process holds
+_LOCKS = {}  # realpath of an output dir -> fd of this process's flock on it
 
 
 def lock_output_dir(directory):

@@ -76,7 +76,8 @@ def _one_line(e):
 
 
 def _is_out_of_memory(e):
-  return type(e).__name__ == 'XlaRuntimeError' and 'RESOURCE_EXHAUSTED' in str(e)
+  return (type(e).__name__ == 'XlaRuntimeError' and
+          'RESOURCE_EXHAUSTED' in str(e))
 
 
 def run_command(prog, parse_args, run, argv=None):
@@ -91,8 +92,9 @@ def run_command(prog, parse_args, run, argv=None):
       raise
     message = _one_line(e)
     if _is_out_of_memory(e):
-      message = ('out of accelerator memory: ' + message.split(':', 1)[-1].strip()
-                 + ' (use a smaller batch or sequence)')
+      message = ('out of accelerator memory: ' +
+                 message.split(':', 1)[-1].strip() +
+                 ' (use a smaller batch or sequence)')
     print(f'{prog}: error: {message} (--debug shows the traceback)',
           file=sys.stderr, flush=True)
     return 1

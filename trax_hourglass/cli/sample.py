@@ -121,8 +121,8 @@ def _check_memory(model_fn, prompt_len, n_tokens, batch, what=None):
   if need > 0.8 * free:
     most = int((0.8 * free - fixed) // per_token) - prompt_len
     raise ValueError(
-        f'{what or f"--n_tokens={n_tokens}"}: the caches for {length:,} tokens x batch '
-        f'{batch} need {need / 2**30:,.1f} GiB, more than fits in the '
+        f'{what or f"--n_tokens={n_tokens}"}: the caches for {length:,} '
+        f'tokens x batch {batch} need {need / 2**30:,.1f} GiB, more than fits in the '
         f'{free / 2**30:,.1f} GiB of {where}; ask for at most '
         f'{max(0, most):,} tokens (or a smaller batch).')
 
