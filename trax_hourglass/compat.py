@@ -177,6 +177,78 @@ def _fix_first_step_recompile():
   trainer._accelerate_update_fn = _accelerate  # pylint: disable=protected-access
 
 
+def _fix_on_cpu_multihost():
+  # trax's on_cpu puts arrays on jax.devices('cpu')[0], which under jax's
+  # distributed runtime is process 0's: every other process failed with "Cannot
+  # copy array to non-addressable device". Use this process's own CPU.
+  import jax  # pylint: disable=g-import-not-at-top
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax.layers import acceleration  # pylint: disable=g-import-not-at-top
+  if not hasattr(acceleration, 'on_cpu'):
+    return
+  trax_on_cpu = acceleration.on_cpu
+
+  def on_cpu(x):
+    if jax.process_count() == 1:
+      return trax_on_cpu(x)
+    return jax.device_put(x, jax.local_devices(backend='cpu')[0])
+
+  on_cpu.__doc__ = trax_on_cpu.__doc__
+  acceleration.on_cpu = on_cpu  # Callers look it up at call time, as tl.on_cpu.
+  tl.on_cpu = on_cpu
+
+
+def _fix_same_weights_across_hosts():
+  # With random_seed=None each process initialises its own weights and the Loop
+  # makes them equal with a pmap over what it assumes is a replicated copy (a
+  # leading device axis): with one device per process there is none and it
+  # failed ("pmap was requested to map its argument along axis 0"). Broadcast
+  # process 0's values instead (any layout; trax meant to, see its TODO).
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from trax.supervised import training  # pylint: disable=g-import-not-at-top
+  if not hasattr(training, '_make_weights_and_state_same_across_hosts'):
+    return  # A trax that syncs some other way.
+
+  def same_across_hosts(weights_and_state):
+    """Process 0's weights and state, on every process (numpy arrays)."""
+    from trax import fastmath  # pylint: disable=g-import-not-at-top
+    leaves = [np.asarray(x) for x in fastmath.tree_flatten(weights_and_state)]
+    leaves = multihost_utils.broadcast_one_to_all(leaves)
+    return fastmath.tree_unflatten(leaves, weights_and_state)[0]
+
+  training._make_weights_and_state_same_across_hosts = same_across_hosts  # pylint: disable=protected-access
+
+
+def _fix_eval_metrics_across_hosts():
+  # The Loop averages eval metrics over this process's devices only, so under
+  # the distributed runtime each process (and process 0's log and history)
+  # reported its own shard's metrics; average over every process.
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from trax.supervised import training  # pylint: disable=g-import-not-at-top
+  if not hasattr(training, '_accelerate_model_with_metrics'):
+    return  # A trax that evaluates some other way.
+  trax_accelerate = training._accelerate_model_with_metrics  # pylint: disable=protected-access
+
+  def accelerate_all_hosts(model_with_metrics, n_devices, accelerate=True,
+                           do_mean=True):
+    metrics_fn = trax_accelerate(model_with_metrics, n_devices,
+                                 accelerate=accelerate, do_mean=do_mean)
+    if not do_mean or jax.process_count() == 1:
+      return metrics_fn
+
+    def all_hosts_metrics_fn(*args):
+      values, state = metrics_fn(*args)
+      per_host = multihost_utils.process_allgather(np.asarray(values))
+      return np.mean(per_host, axis=0), state
+
+    return all_hosts_metrics_fn
+
+  training._accelerate_model_with_metrics = accelerate_all_hosts  # pylint: disable=protected-access
+
+
 def apply():
   """Imports trax (fast) and applies every fix, once."""
   global _APPLIED
@@ -189,4 +261,7 @@ def apply():
   _fix_tree_unflatten()
   _fix_save_computation_graphs()
   _fix_first_step_recompile()
+  _fix_on_cpu_multihost()
+  _fix_same_weights_across_hosts()
+  _fix_eval_metrics_across_hosts()
   _APPLIED = True
