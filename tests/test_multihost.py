@@ -146,3 +146,170 @@ def test_two_processes_train_as_one_with_all_the_devices(tmp_path, corpus):
   assert 'step 4/4 | loss' in logs[0] and 'step 4/4' not in logs[1]
   assert 'batch 2 x (4, 16) (one per process) = 128 tokens' in logs[0]
   assert 'Process 1 of 2' in logs[1]
+
+
+def test_kill_9_stops_the_other_process_and_a_relaunch_resumes(tmp_path,
+                                                               corpus):
+  """kill -9 of one process: the other exits soon; relaunched, both resume."""
+  steps = 40
+  args = ['--config_file', gin_file(tmp_path, steps, 4, eval_frequency=5),
+          '--output_dir', str(tmp_path / 'run'),
+          f"--config=byte_file_inputs.path='{corpus}'"]
+  out = str(tmp_path / 'run')
+  procs = start(2, 2, args, out + '.first', ['--heartbeat_timeout', '10'])
+  try:
+    deadline = time.time() + 180
+    while 'step 12/' not in open(procs[0][1]).read():
+      assert time.time() < deadline and procs[0][0].poll() is None, (
+          open(procs[0][1]).read()[-3000:])
+      time.sleep(0.2)
+    killed_at = time.time()
+    os.kill(procs[1][0].pid, signal.SIGKILL)
+    procs[0][0].wait(timeout=90)  # A hang fails here.
+    waited = time.time() - killed_at
+  finally:
+    results = wait_all(procs, 1)
+  rc, log = results[0]
+  assert rc != 0 and waited < 60, (rc, waited, log[-3000:])
+  # Which error depends on where the process was: in a collective (ours, one
+  # line) or elsewhere until jax's heartbeat check ends it.
+  assert ('trainer: error: process 0 of 2 lost contact with another training '
+          'process' in log or 'stopped sending heartbeats' in log), log[-3000:]
+  committed = checkpoints.read_checkpoint(out).step
+  assert committed % 5 == 0 and 10 <= committed < steps
+
+  results = wait_all(start(2, 2, args, out + '.again'), 240)
+  for i, (rc, log) in enumerate(results):
+    assert rc == 0, f'process {i} exited with {rc}:\n{log[-3000:]}'
+  assert f'Resumed from the checkpoint at step {committed}' in results[0][1]
+  assert f'step {steps}/{steps} | loss' in results[0][1]
+  resumed = checkpoints.read_checkpoint(out)
+  assert resumed.step == steps
+  # Both processes read on from the committed data position: the weights are
+  # those of a run that was never interrupted.
+  whole, _ = train(tmp_path, corpus, 'whole', 2, 2, steps=steps, batch=4,
+                   eval_frequency=5)
+  for a, b in zip(resumed.flat_weights,
+                  checkpoints.read_checkpoint(whole).flat_weights):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+LOOP_WORKER = """
+import sys
+import numpy as np
+from trax_hourglass.cli import trainer
+args = trainer._parse_args(sys.argv[1:])
+assert trainer.init_distributed(args) == 2
+import jax
+import trax
+from trax import layers as tl
+from trax.supervised import training
+
+def stream():
+  rng = np.random.default_rng(jax.process_index())  # Each its own data.
+  while True:
+    x = rng.integers(0, 16, (2, 4)).astype(np.int32)
+    yield x, x, np.ones(x.shape, np.float32)
+
+def weights():
+  return [np.asarray(w).tolist() for w in jax.tree_util.tree_leaves(
+      loop.model.weights)]
+
+task = training.TrainTask(stream(), tl.WeightedCategoryCrossEntropy(),
+                          trax.optimizers.Adam(0.01))
+loop = training.Loop(tl.Serial(tl.Embedding(16, 8), tl.Dense(16)), [task],
+                     random_seed=None)  # Each process its own init.
+print('INIT', weights())
+loop.run(3)
+print('TRAINED', weights())
+"""
+
+
+def test_one_device_per_process_keeps_weights_identical(tmp_path):
+  """A Loop on 2 processes x 1 device: same weights at init and after steps.
+
+  random_seed=None initialises each process differently (trax then makes
+  them equal) and each process trains on different data.
+  """
+  port = free_port()
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['PYTHONPATH'] = os.pathsep.join(
+      [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
+  env['TF_CPP_MIN_LOG_LEVEL'] = '3'
+  procs = []
+  for i in range(2):
+    log = str(tmp_path / f'worker{i}.log')
+    with open(log, 'w') as f:
+      procs.append((subprocess.Popen(
+          [sys.executable, '-c', LOOP_WORKER, '--coordinator_address',
+           f'127.0.0.1:{port}', '--num_processes', '2', '--process_id',
+           str(i)], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT),
+          log))
+  results = wait_all(procs, 240)
+  found = []
+  for rc, log in results:
+    assert rc == 0, log[-3000:]
+    lines = dict(line.split(' ', 1) for line in log.splitlines()
+                 if line.startswith(('INIT ', 'TRAINED ')))
+    found.append({k: eval(v) for k, v in lines.items()})  # pylint: disable=eval-used
+  assert found[0]['INIT'] == found[1]['INIT']
+  assert found[0]['TRAINED'] == found[1]['TRAINED']
+  assert found[0]['TRAINED'] != found[0]['INIT']
+
+
+def _args(**flags):
+  values = dict(coordinator_address=None, num_processes=None, process_id=None,
+                heartbeat_timeout='100')
+  values.update(flags)
+  return types.SimpleNamespace(**values)
+
+
+def test_one_process_needs_nothing_and_starts_no_runtime():
+  assert trainer.distributed_settings(_args(), environ={}) == (None, None,
+                                                               None)
+  assert trainer.init_distributed(_args(), environ={}) == 1
+  assert trainer.init_distributed(
+      _args(num_processes='1', process_id='0'), environ={}) == 1
+
+
+def test_settings_come_from_flags_or_the_environment():
+  env = {'JAX_COORDINATOR_ADDRESS': 'host0:1234', 'JAX_NUM_PROCESSES': '4',
+         'JAX_PROCESS_ID': '3'}
+  assert trainer.distributed_settings(_args(), environ=env) == (
+      'host0:1234', 4, 3)
+  assert trainer.distributed_settings(
+      _args(process_id='2'), environ=env) == ('host0:1234', 4, 2)
+
+
+@pytest.mark.parametrize('flags, env, message', [
+    (dict(num_processes='two'), {}, "--num_processes='two' must be an integer"),
+    (dict(num_processes='0'), {}, "--num_processes='0' must be an integer >= 1"),
+    (dict(process_id='-1'), {}, "--process_id='-1' must be an integer >= 0"),
+    (dict(num_processes='2', process_id='2'), {},
+     '--process_id=2 must be below --num_processes=2 (0..1)'),
+    (dict(coordinator_address='10.0.0.1'), {},
+     "--coordinator_address='10.0.0.1' must be host:port"),
+    ({}, {'JAX_COORDINATOR_ADDRESS': 'h:99999'},
+     "$JAX_COORDINATOR_ADDRESS='h:99999' must be host:port"),
+    ({}, {'JAX_NUM_PROCESSES': 'x'}, "$JAX_NUM_PROCESSES='x' must be an"),
+])
+def test_bad_settings_are_named(flags, env, message):
+  with pytest.raises(ValueError) as e:
+    trainer.distributed_settings(_args(**flags), environ=env)
+  assert message in str(e.value)
+
+
+def test_incomplete_settings_say_what_is_missing(monkeypatch):
+  monkeypatch.setattr(trainer, '_detected_cluster', lambda: None)
+  with pytest.raises(ValueError, match=r'missing --num_processes '
+                     r'\(\$JAX_NUM_PROCESSES\), --process_id'):
+    trainer.init_distributed(_args(coordinator_address='h:1'), environ={})
+
+
+def test_a_bad_setting_is_one_line(capsys):
+  assert trainer.main(['--num_processes', '2', '--process_id', '5',
+                       '--coordinator_address', 'h:1']) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err[0] == ('trainer: error: --process_id=5 must be below '
+                    '--num_processes=2 (0..1)')
+  assert len(err) == 2 and 'Traceback' not in err[1]

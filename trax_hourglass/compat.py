@@ -249,6 +249,50 @@ def _fix_eval_metrics_across_hosts():
   training._accelerate_model_with_metrics = accelerate_all_hosts  # pylint: disable=protected-access
 
 
+def _fix_one_device_per_process():
+  # With one device per process trax's training step is a plain jit of the
+  # local batch: nothing averaged gradients across processes and their weights
+  # drifted apart (silently). Run it as a one-device pmap, whose axis spans all
+  # processes, averaging gradients as trax's multi-device step does.
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import numpy as jnp  # pylint: disable=g-import-not-at-top
+  from trax.optimizers import trainer  # pylint: disable=g-import-not-at-top
+  if not hasattr(trainer, '_average_multidevice_gradients'):
+    return  # A trax that accelerates its step some other way.
+  accelerate_update_fn = trainer._accelerate_update_fn  # pylint: disable=protected-access
+  average = trainer._average_multidevice_gradients  # pylint: disable=protected-access
+
+  def _accelerate(forward_and_backward_fn, optimizer, n_devices,
+                  accelerate=True, adasum=False):
+    if n_devices != 1 or not accelerate or jax.process_count() == 1:
+      return accelerate_update_fn(forward_and_backward_fn, optimizer,
+                                  n_devices, accelerate=accelerate,
+                                  adasum=adasum)
+
+    def device_update(weights_and_slots, step, opt_params, batch, state, rng):
+      weights, slots = weights_and_slots
+      (loss, state), gradients = forward_and_backward_fn(batch, weights, state,
+                                                         rng)
+      weights, slots, stats = optimizer.tree_update(
+          step, average(gradients, adasum=adasum), weights, slots, opt_params,
+          store_slots=False)
+      stats['loss'] = loss
+      return (weights, slots), state, stats
+
+    pmapped = jax.pmap(device_update, axis_name='batch')
+    add_axis = jax.jit(lambda tree: jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x)[None], tree))
+
+    def update(weights_and_slots, step, opt_params, batch, state, rng):
+      out = pmapped(*add_axis((weights_and_slots, jnp.asarray(step, jnp.int32),
+                               opt_params, batch, state, rng)))
+      return jax.tree_util.tree_map(lambda x: x[0], out)
+
+    return update
+
+  trainer._accelerate_update_fn = _accelerate  # pylint: disable=protected-access
+
+
 def apply():
   """Imports trax (fast) and applies every fix, once."""
   global _APPLIED
@@ -264,4 +308,5 @@ def apply():
   _fix_on_cpu_multihost()
   _fix_same_weights_across_hosts()
   _fix_eval_metrics_across_hosts()
+  _fix_one_device_per_process()
   _APPLIED = True

@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import traceback
 
 import gin
 import numpy as np
@@ -103,18 +104,19 @@ def _all_processes_mean():
   import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return lambda loss: loss
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from jax import numpy as jnp  # pylint: disable=g-import-not-at-top
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('devices',))
-  spec = jax.sharding.PartitionSpec('devices')
+  sharding = jax.sharding.NamedSharding(mesh,
+                                        jax.sharding.PartitionSpec('devices'))
   mean = jax.jit(jnp.mean, out_shardings=jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec()))
 
   def all_processes_mean(loss):
-    if not isinstance(loss, jax.Array) or loss.ndim != 1:
-      loss = jnp.reshape(loss, (1,))  # One device per process: a scalar.
-    global_loss = multihost_utils.host_local_array_to_global_array(
-        loss, mesh, spec)
+    # One value per local device (a scalar with one device per process).
+    parts = [jnp.reshape(s.data, (1,))
+             for s in jnp.asarray(loss).addressable_shards]
+    global_loss = jax.make_array_from_single_device_arrays(
+        (len(parts) * jax.process_count(),), sharding, parts)
     return mean(global_loss).addressable_data(0)
 
   return all_processes_mean
@@ -441,16 +443,40 @@ def init_distributed(args, environ=None):
 def run(args):
   """Parses gin, trains; returns the trax Loop."""
   n_processes = init_distributed(args)
-  if n_processes > 1:
-    import jax  # pylint: disable=g-import-not-at-top
-    if jax.process_index():  # Process 0 prints for all (errors still show).
-      print(f'Process {jax.process_index()} of {n_processes}: training with '
-            f'{jax.local_device_count()} local device(s); process 0 prints '
-            'the progress and writes the checkpoints.', flush=True)
-      with open(os.devnull, 'w') as devnull, \
-          contextlib.redirect_stdout(devnull):
-        return _train(args)
-  return _train(args)
+  if n_processes == 1:
+    return _train(args)
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    if not jax.process_index():
+      return _train(args)
+    # Process 0 prints for all (errors still show).
+    print(f'Process {jax.process_index()} of {n_processes}: training with '
+          f'{jax.local_device_count()} local device(s); process 0 prints '
+          'the progress and writes the checkpoints.', flush=True)
+    with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
+      return _train(args)
+  except Exception as e:  # pylint: disable=broad-except
+    if not _lost_a_process(e):
+      raise
+    if args.traceback:
+      traceback.print_exc()
+    first_line = (str(e).strip().splitlines() or [''])[0].rstrip('.') + '.'
+    print(f'trainer: error: process {jax.process_index()} of {n_processes} '
+          'lost contact with another training process (it stopped or its '
+          f'host is unreachable): {first_line} Relaunch all the processes to '
+          'resume from the last checkpoint.', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Exiting normally would wait on jax's shutdown barrier for the lost
+    # process, and then abort.
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _lost_a_process(error):
+  """Whether `error` is a collective or the runtime failing on a lost peer."""
+  text = str(error)
+  return type(error).__name__ == 'XlaRuntimeError' and any(
+      s in text for s in ('Gloo', 'gloo', 'Connection reset', 'heartbeat',
+                          'coordination service', 'NCCL', 'DEADLINE_EXCEEDED'))
 
 
 def _train(args):
