@@ -51,16 +51,28 @@ def free_port():
     return s.getsockname()[1]
 
 
-@pytest.fixture(name='corpus')
-def corpus_fixture(tmp_path):
+STEPS = 40
+EVERY = 5  # Steps between checkpoints and evals.
+
+
+@pytest.fixture(name='corpus', scope='module')
+def corpus_fixture(tmp_path_factory):
   # Varied text: batches differ, so a wrong slice changes the losses.
   rng = np.random.default_rng(0)
   words = [b'the', b'quick', b'brown', b'fox', b'jumps', b'over', b'lazy',
            b'dog', b'and', b'runs', b'far', b'away', b'from', b'home']
   text = b' '.join(words[i] for i in rng.integers(0, len(words), 4000))
-  path = tmp_path / 'corpus.txt'
+  path = tmp_path_factory.mktemp('corpus') / 'corpus.txt'
   path.write_bytes(text)
   return str(path)
+
+
+@pytest.fixture(name='two_by_two', scope='module')
+def two_by_two_fixture(tmp_path_factory, corpus):
+  """An uninterrupted run: 2 processes x 2 devices, 4 examples per process."""
+  tmp_path = tmp_path_factory.mktemp('two_by_two')
+  return train(tmp_path, corpus, 'run', 2, 2, steps=STEPS, batch=4,
+               eval_frequency=EVERY)
 
 
 def gin_file(tmp_path, steps, batch, eval_frequency=1):
@@ -128,31 +140,34 @@ def history(out, mode, metric):
   return ckpt, np.array([[step, float(v)] for step, v in values])
 
 
-def test_two_processes_train_as_one_with_all_the_devices(tmp_path, corpus):
+def test_two_processes_train_as_one_with_all_the_devices(tmp_path, corpus,
+                                                         two_by_two):
   """2 processes x 2 devices == 1 process x 4 devices, same global batches."""
-  multi, logs = train(tmp_path, corpus, 'multi', 2, 2, steps=4, batch=4)
-  single, _ = train(tmp_path, corpus, 'single', 1, 4, steps=4, batch=8)
+  multi, logs = two_by_two
+  single, _ = train(tmp_path, corpus, 'single', 1, 4, steps=STEPS, batch=8,
+                    eval_frequency=EVERY)
   for mode, metric in (('train', 'metrics/WeightedCategoryCrossEntropy'),
                        ('eval', 'metrics/loss')):
     multi_ckpt, multi_values = history(multi, mode, metric)
     single_ckpt, single_values = history(single, mode, metric)
-    # A checkpoint is saved before its step's eval: history up to step 3.
-    assert list(multi_values[:, 0]) == [1, 2, 3]
+    # A checkpoint is saved before its step's eval.
+    assert list(multi_values[:, 0]) == [1] + list(range(EVERY, STEPS, EVERY))
     np.testing.assert_allclose(multi_values, single_values, rtol=0, atol=1e-5)
-  assert multi_ckpt.step == single_ckpt.step == 4
+  assert multi_ckpt.step == single_ckpt.step == STEPS
   for a, b in zip(multi_ckpt.flat_weights, single_ckpt.flat_weights):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
   # Process 0 prints the progress (for the global batch), the other does not.
-  assert 'step 4/4 | loss' in logs[0] and 'step 4/4' not in logs[1]
+  assert f'step {STEPS}/{STEPS} | loss' in logs[0]
+  assert f'step {STEPS}/{STEPS}' not in logs[1]
   assert 'batch 2 x (4, 16) (one per process) = 128 tokens' in logs[0]
   assert 'Process 1 of 2' in logs[1]
 
 
-def test_kill_9_stops_the_other_process_and_a_relaunch_resumes(tmp_path,
-                                                               corpus):
+def test_kill_9_stops_the_other_process_and_a_relaunch_resumes(
+    tmp_path, corpus, two_by_two):
   """kill -9 of one process: the other exits soon; relaunched, both resume."""
-  steps = 40
-  args = ['--config_file', gin_file(tmp_path, steps, 4, eval_frequency=5),
+  steps = STEPS
+  args = ['--config_file', gin_file(tmp_path, steps, 4, eval_frequency=EVERY),
           '--output_dir', str(tmp_path / 'run'),
           f"--config=byte_file_inputs.path='{corpus}'"]
   out = str(tmp_path / 'run')
@@ -176,7 +191,7 @@ def test_kill_9_stops_the_other_process_and_a_relaunch_resumes(tmp_path,
   assert ('trainer: error: process 0 of 2 lost contact with another training '
           'process' in log or 'stopped sending heartbeats' in log), log[-3000:]
   committed = checkpoints.read_checkpoint(out).step
-  assert committed % 5 == 0 and 10 <= committed < steps
+  assert committed % EVERY == 0 and 10 <= committed < steps
 
   results = wait_all(start(2, 2, args, out + '.again'), 240)
   for i, (rc, log) in enumerate(results):
@@ -187,8 +202,7 @@ def test_kill_9_stops_the_other_process_and_a_relaunch_resumes(tmp_path,
   assert resumed.step == steps
   # Both processes read on from the committed data position: the weights are
   # those of a run that was never interrupted.
-  whole, _ = train(tmp_path, corpus, 'whole', 2, 2, steps=steps, batch=4,
-                   eval_frequency=5)
+  whole, _ = two_by_two
   for a, b in zip(resumed.flat_weights,
                   checkpoints.read_checkpoint(whole).flat_weights):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)

@@ -484,6 +484,7 @@ def _train(args):
   import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   from trax_hourglass import data  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   from trax import fastmath  # pylint: disable=g-import-not-at-top
   from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
   from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
@@ -524,7 +525,7 @@ def _train(args):
     print(f'Eval at step {step}: {float(value) / math.log(2):.3f} '
           f'bits/{unit} on held-out data.', flush=True)
   settings = final_sample()
-  if settings['length'] > 0:
+  if settings['length'] > 0 and not jax.process_index():  # Printed by 0.
     _print_sample(loop, settings)
   return loop
 
