@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 from trax_hourglass import checkpoints
+from trax_hourglass import data
 from trax_hourglass.cli import trainer
+from trax_hourglass.data import streams
+from trax.data import inputs as trax_inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -327,3 +330,120 @@ def test_a_bad_setting_is_one_line(capsys):
   assert err[0] == ('trainer: error: --process_id=5 must be below '
                     '--num_processes=2 (0..1)')
   assert len(err) == 2 and 'Traceback' not in err[1]
+
+
+SLURM_ENV = {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '1',
+             'SLURM_LOCALID': '1', 'SLURM_STEP_NODELIST': 'node1'}
+
+
+@pytest.fixture(name='initialize_calls')
+def initialize_calls_fixture(monkeypatch):
+  """Records what init_distributed asks jax's initialize to do (not doing it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  calls = []
+  record = lambda *args, **kwargs: calls.append((args, kwargs))
+  monkeypatch.setattr(distributed.global_state, 'initialize', record)
+  monkeypatch.setattr(jax.distributed, 'initialize', record)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  collectives = jax.config.values.get('jax_cpu_collectives_implementation')
+  yield calls
+  jax.config.update('jax_cpu_collectives_implementation', collectives)
+
+
+def test_a_detected_cluster_supplies_the_settings(monkeypatch,
+                                                   initialize_calls):
+  for k, v in SLURM_ENV.items():
+    monkeypatch.setenv(k, v)
+  assert trainer._detected_cluster().__name__ == 'SlurmCluster'  # pylint: disable=protected-access
+  assert trainer.init_distributed(_args()) == 2
+  assert initialize_calls[0][0] == (None, None, None)  # jax fills them in.
+  assert trainer.init_distributed(_args(coordinator_address='h:1')) == 2
+  assert initialize_calls[1][0] == ('h:1', None, None)
+  monkeypatch.setenv('SLURM_NTASKS', '1')  # A one-task job: one process.
+  assert trainer._detected_cluster() is None  # pylint: disable=protected-access
+  assert trainer.init_distributed(_args()) == 1
+  assert len(initialize_calls) == 2
+
+
+def test_settings_start_the_runtime_with_gloo_and_bounded_waits(
+    initialize_calls):
+  import jax  # pylint: disable=g-import-not-at-top
+  assert trainer.init_distributed(_args(
+      coordinator_address='h:1', num_processes='2', process_id='0',
+      heartbeat_timeout='10'), environ={}) == 2
+  (args, kwargs), = initialize_calls
+  assert args == ('h:1', 2, 0)
+  if kwargs:  # jax's internal initialize: heartbeats bounded to 10 s.
+    assert (kwargs['client_heartbeat_interval_seconds'] *
+            kwargs['client_max_missing_heartbeats']) == 10
+  assert jax.config.values.get('jax_cpu_collectives_implementation') in (
+      'gloo', 'mpi', None)
+
+
+def test_importing_the_package_leaves_jax_unstarted(run_python):
+  """The runtime must start before jax does anything: imports must not."""
+  out = run_python("""
+      from trax_hourglass.cli import trainer
+      import trax_hourglass
+      from trax_hourglass import checkpoints, data
+      from trax.supervised import trainer_lib
+      from jax._src import xla_bridge
+      print('started', xla_bridge.backends_are_initialized())
+  """)
+  assert 'started False' in out
+
+
+def _byte_inputs(tmp_path, batch_size):
+  path = tmp_path / 'bytes.txt'
+  path.write_bytes(bytes(range(256)) * 40)
+  return data.byte_file_inputs(str(path), batch_size=batch_size,
+                               sequence_length=8)
+
+
+def _image_inputs(tmp_path, batch_size):
+  rng = np.random.default_rng(0)
+  path = tmp_path / 'images.npz'
+  np.savez(path, train_images=rng.integers(0, 256, (10, 2, 2, 3), np.uint8),
+           test_images=rng.integers(0, 256, (6, 2, 2, 3), np.uint8))
+  return data.npz_image_inputs(str(path), batch_size=batch_size)
+
+
+def _sentencepiece_inputs(tmp_path, batch_size):
+  import test_data  # pylint: disable=g-import-not-at-top
+  spm = tmp_path / 'chars.model'
+  spm.write_bytes(test_data._char_sentencepiece_model('\u2581abcdefghij'))  # pylint: disable=protected-access
+  texts = {'train': ['abcdefghij' * 5, 'abc', 'jihgfedcba' * 3],
+           'eval': ['aaaa bbbb cccc dddd']}
+  return data.sentencepiece_lm_inputs(lambda split: iter(texts[split]),
+                                      str(spm), 'test', batch_size=batch_size,
+                                      max_length=4, shuffle_buffer=2)
+
+
+@pytest.mark.parametrize('make_inputs', [_byte_inputs, _image_inputs,
+                                         _sentencepiece_inputs])
+def test_processes_read_disjoint_slices_of_the_same_global_batches(
+    tmp_path, monkeypatch, make_inputs):
+  """Process k of 2 reads slice k of what one process reads at 2x the batch."""
+  def read(shard, batch_size):
+    monkeypatch.setattr(streams, 'process_shard', lambda: shard)
+    trax_inputs.data_counters = {}
+    inputs = make_inputs(tmp_path, batch_size)
+    train, held_out = inputs.train_stream(1), inputs.eval_stream(1)
+    batches = [next(train) for _ in range(4)] + [next(held_out)
+                                                 for _ in range(2)]
+    return batches, dict(trax_inputs.data_counters)
+
+  try:
+    whole, positions = read((0, 1), 4)
+    parts = [read((k, 2), 2) for k in range(2)]
+  finally:
+    trax_inputs.data_counters = {}
+  for k in range(2):
+    assert parts[k][1] == positions  # Positions carry over to any split.
+  for j, batch in enumerate(whole):
+    for a, b0, b1 in zip(batch, parts[0][0][j], parts[1][0][j]):
+      np.testing.assert_array_equal(a, np.concatenate([b0, b1]))
+  # And the global batches are not one slice twice.
+  assert any(not np.array_equal(b0[0], b1[0])
+             for b0, b1 in zip(parts[0][0], parts[1][0]))

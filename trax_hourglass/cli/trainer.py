@@ -402,41 +402,43 @@ def init_distributed(args, environ=None):
   Returns:
     The number of processes.
   """
-  address, n, i = distributed_settings(args, environ)
+  settings = distributed_settings(args, environ)
   timeout = _int_setting(args.heartbeat_timeout, '--heartbeat_timeout', 2)
-  cluster = None
-  if (address, n, i) == (None, None, None) or n == 1 and i in (None, 0):
-    if n == 1 or _detected_cluster() is None:
-      return 1
-  elif None in (address, n, i):
-    cluster = _detected_cluster()
-    if cluster is None:
-      missing = [f'--{k} (${v})' for k, v in _DISTRIBUTED_ENV.items()
-                 if (address, n, i)[list(_DISTRIBUTED_ENV).index(k)] is None]
-      raise ValueError(
-          'multi-host training needs --coordinator_address, --num_processes '
-          f'and --process_id (no cluster detected to supply them); missing '
-          f'{", ".join(missing)}')
+  if settings[1] == 1:
+    return 1  # Said to be alone.
+  if None in settings and _detected_cluster() is None:
+    if settings == (None, None, None):
+      return 1  # The default: one process.
+    missing = [f'--{name} (${env})' for (name, env), value in zip(
+        _DISTRIBUTED_ENV.items(), settings) if value is None]
+    raise ValueError(
+        'multi-host training needs --coordinator_address, --num_processes '
+        'and --process_id (no cluster detected to supply them); missing '
+        f'{", ".join(missing)}')
   import jax  # pylint: disable=g-import-not-at-top
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   # Collectives between CPU processes (none by default in jax 0.4.x); the
-  # accelerator backends bring their own.
+  # accelerators bring their own.
   if jax.config.values.get('jax_cpu_collectives_implementation') == 'none':
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if xla_bridge.backends_are_initialized():
-    raise RuntimeError('jax was used before its distributed runtime started')
-  # Bound how long a process waits for a lost peer: jax's heartbeat settings
-  # are only on its internal initialize (0.4.x).
+  # Bound how long a process waits for a lost one: jax 0.4.x has heartbeat
+  # settings only on its internal initialize (the public one checks that jax
+  # was not used yet, so check that here too).
   interval = max(1, min(10, timeout // 5))
   heartbeats = dict(service_heartbeat_interval_seconds=interval,
                     service_max_missing_heartbeats=timeout // interval,
                     client_heartbeat_interval_seconds=interval,
                     client_max_missing_heartbeats=timeout // interval)
-  init = distributed.global_state.initialize
-  if not set(heartbeats) <= set(inspect.signature(init).parameters):
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    init = distributed.global_state.initialize
+    internal = (set(heartbeats) <= set(inspect.signature(init).parameters)
+                and not xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
+    internal = False
+  if not internal:
     init, heartbeats = jax.distributed.initialize, {}
-  init(address, n, i, initialization_timeout=timeout, **heartbeats)
+  init(*settings, **heartbeats)
   return jax.process_count()
 
 
