@@ -4,6 +4,7 @@ Each test starts real `trainer` processes on this machine (CPU devices, gloo
 collectives), with the coordinator's port taken from the OS.
 """
 
+import json
 import os
 import signal
 import socket
@@ -212,6 +213,7 @@ def test_kill_9_stops_the_other_process_and_a_relaunch_resumes(
 
 
 LOOP_WORKER = """
+import json
 import sys
 import numpy as np
 from trax_hourglass.cli import trainer
@@ -236,9 +238,21 @@ task = training.TrainTask(stream(), tl.WeightedCategoryCrossEntropy(),
                           trax.optimizers.Adam(0.01))
 loop = training.Loop(tl.Serial(tl.Embedding(16, 8), tl.Dense(16)), [task],
                      random_seed=None)  # Each process its own init.
-print('INIT', weights())
+print('INIT', json.dumps(weights()))
 loop.run(3)
-print('TRAINED', weights())
+print('TRAINED', json.dumps(weights()))
+
+def same_data():
+  while True:
+    x = np.arange(8, dtype=np.int32).reshape(2, 4)
+    yield x, x, np.ones(x.shape, np.float32)
+
+task = training.TrainTask(same_data(), tl.WeightedCategoryCrossEntropy(),
+                          trax.optimizers.Adam(0.01))
+loop = training.Loop(tl.Serial(tl.Embedding(16, 64), tl.Dropout(0.5),
+                               tl.Dense(16)), [task], random_seed=0)
+loss, _ = loop._run_one_step(0, False)  # This process's loss, before averaging.
+print('DROPOUT', json.dumps(float(loss)))
 """
 
 
@@ -246,7 +260,8 @@ def test_one_device_per_process_keeps_weights_identical(tmp_path):
   """A Loop on 2 processes x 1 device: same weights at init and after steps.
 
   random_seed=None initialises each process differently (trax then makes
-  them equal) and each process trains on different data.
+  them equal) and each process trains on different data. Then dropout masks:
+  with a fixed seed processes must still draw different ones.
   """
   port = free_port()
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
@@ -267,11 +282,13 @@ def test_one_device_per_process_keeps_weights_identical(tmp_path):
   for rc, log in results:
     assert rc == 0, log[-3000:]
     lines = dict(line.split(' ', 1) for line in log.splitlines()
-                 if line.startswith(('INIT ', 'TRAINED ')))
-    found.append({k: eval(v) for k, v in lines.items()})  # pylint: disable=eval-used
+                 if line.startswith(('INIT ', 'TRAINED ', 'DROPOUT ')))
+    found.append({k: json.loads(v) for k, v in lines.items()})
   assert found[0]['INIT'] == found[1]['INIT']
   assert found[0]['TRAINED'] == found[1]['TRAINED']
   assert found[0]['TRAINED'] != found[0]['INIT']
+  # Same data, same random_seed: each process still draws its own dropout.
+  assert found[0]['DROPOUT'] != found[1]['DROPOUT']
 
 
 def _args(**flags):

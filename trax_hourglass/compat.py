@@ -293,6 +293,26 @@ def _fix_one_device_per_process():
   trainer._accelerate_update_fn = _accelerate  # pylint: disable=protected-access
 
 
+def _fix_same_rng_on_every_process():
+  # A training step splits its key over this process's devices only; with a
+  # fixed random_seed every process has the same key, so device k of every
+  # process drew the same dropout masks. Make each process's step key its own.
+  import jax  # pylint: disable=g-import-not-at-top
+  from trax.optimizers import trainer  # pylint: disable=g-import-not-at-top
+
+  def per_process_key(one_step):
+    def one_step_with_own_key(self, batch, rng, step=0, learning_rate=None):
+      if jax.process_count() > 1:
+        rng = jax.random.fold_in(rng, jax.process_index())
+      return one_step(self, batch, rng, step=step, learning_rate=learning_rate)
+    one_step_with_own_key.__doc__ = one_step.__doc__
+    return one_step_with_own_key
+
+  for cls in (trainer.Trainer, trainer.ReversibleSerialTrainer):
+    if hasattr(cls, 'one_step'):
+      cls.one_step = per_process_key(cls.one_step)
+
+
 def apply():
   """Imports trax (fast) and applies every fix, once."""
   global _APPLIED
@@ -309,4 +329,5 @@ def apply():
   _fix_same_weights_across_hosts()
   _fix_eval_metrics_across_hosts()
   _fix_one_device_per_process()
+  _fix_same_rng_on_every_process()
   _APPLIED = True
