@@ -17,6 +17,12 @@ same weights, optimizer slots and data position. Data parallelism uses trax's
 n_devices (`num_devices.value = N` in gin; all local devices by default); the
 batch size must be a multiple of the device count.
 
+Multi-host: one process per host, started with `--coordinator_address`,
+`--num_processes`, `--process_id` (or $JAX_COORDINATOR_ADDRESS,
+$JAX_NUM_PROCESSES, $JAX_PROCESS_ID, or nothing in a SLURM job or on a TPU pod
+slice, where jax finds them); batch sizes are then per process, and process 0
+prints and writes the checkpoints (README, "Multi-host training").
+
 Besides trax's summaries it prints the devices, the parameter count and, while
 training, a compact progress line:
   step 1200/5000 | loss 1.0412 | 1.502 bits/byte | 8.1k tok/s | 0.25 s/step | left 0:15:50
