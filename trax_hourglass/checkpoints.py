@@ -766,7 +766,10 @@ def read_checkpoint(directory, basename='model', n_tasks=None):
       i += 1
   else:
     slots_per_task = list(data.get('slots_per_task') or [])
-  counters_path = os.path.join(path, _data_counters_name())
+  # Every process resumes at process 0's data position: this project's
+  # streams count global batches, the same on every process (only process 0
+  # commits checkpoints).
+  counters_path = os.path.join(path, _data_counters_name(0))
   data_counters = None
   if manifest is not None and os.path.exists(counters_path):
     data_counters = safe_unpickle(counters_path, compressed=False)
@@ -818,10 +821,8 @@ def save_loop_checkpoint(loop, basename, keep=2):
                     'crash-safe, checkpoints.', output_dir)
     return TRAX_SAVE_CHECKPOINT(loop, basename)
   counters = dict(trax_inputs.data_counters)
-  if not loop.is_chief:
-    # Other hosts only keep their own data position (atomically).
-    save_data_counters(output_dir)
-    training._log('Did not save checkpoint as we are not chief.')
+  if not loop.is_chief:  # Process 0's checkpoint holds the data position.
+    training._log('Did not save checkpoint as we are not chief.', stdout=False)
     return
   pkl_name = basename + '.pkl.gz'
   training._log('Saving checkpoint to %s' % os.path.join(output_dir, pkl_name),

@@ -152,6 +152,142 @@ def _fix_first_step_recompile():
   trainer._accelerate_update_fn = _accelerate  # pylint: disable=protected-access
 
 
+def _fix_on_cpu_multihost():
+  # trax's on_cpu puts arrays on jax.devices('cpu')[0], which under jax's
+  # distributed runtime is process 0's: every other process failed with "Cannot
+  # copy array to non-addressable device". Use this process's own CPU.
+  import jax  # pylint: disable=g-import-not-at-top
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax.layers import acceleration  # pylint: disable=g-import-not-at-top
+  if not hasattr(acceleration, 'on_cpu'):
+    return
+  trax_on_cpu = acceleration.on_cpu
+
+  def on_cpu(x):
+    if jax.process_count() == 1:
+      return trax_on_cpu(x)
+    return jax.device_put(x, jax.local_devices(backend='cpu')[0])
+
+  on_cpu.__doc__ = trax_on_cpu.__doc__
+  acceleration.on_cpu = on_cpu  # Callers look it up at call time, as tl.on_cpu.
+  tl.on_cpu = on_cpu
+
+
+def _fix_same_weights_across_hosts():
+  # With random_seed=None each process initialises its own weights and the Loop
+  # makes them equal with a pmap over what it assumes is a replicated copy (a
+  # leading device axis): with one device per process there is none and it
+  # failed ("pmap was requested to map its argument along axis 0"). Broadcast
+  # process 0's values instead (any layout; trax meant to, see its TODO).
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from trax.supervised import training  # pylint: disable=g-import-not-at-top
+  if not hasattr(training, '_make_weights_and_state_same_across_hosts'):
+    return  # A trax that syncs some other way.
+
+  def same_across_hosts(weights_and_state):
+    """Process 0's weights and state, on every process (numpy arrays)."""
+    from trax import fastmath  # pylint: disable=g-import-not-at-top
+    leaves = [np.asarray(x) for x in fastmath.tree_flatten(weights_and_state)]
+    leaves = multihost_utils.broadcast_one_to_all(leaves)
+    return fastmath.tree_unflatten(leaves, weights_and_state)[0]
+
+  training._make_weights_and_state_same_across_hosts = same_across_hosts  # pylint: disable=protected-access
+
+
+def _fix_eval_metrics_across_hosts():
+  # The Loop averages eval metrics over this process's devices only, so under
+  # the distributed runtime each process (and process 0's log and history)
+  # reported its own shard's metrics; average over every process.
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from trax.supervised import training  # pylint: disable=g-import-not-at-top
+  if not hasattr(training, '_accelerate_model_with_metrics'):
+    return  # A trax that evaluates some other way.
+  trax_accelerate = training._accelerate_model_with_metrics  # pylint: disable=protected-access
+
+  def accelerate_all_hosts(model_with_metrics, n_devices, accelerate=True,
+                           do_mean=True):
+    metrics_fn = trax_accelerate(model_with_metrics, n_devices,
+                                 accelerate=accelerate, do_mean=do_mean)
+    if not do_mean or jax.process_count() == 1:
+      return metrics_fn
+
+    def all_hosts_metrics_fn(*args):
+      values, state = metrics_fn(*args)
+      per_host = multihost_utils.process_allgather(np.asarray(values))
+      return np.mean(per_host, axis=0), state
+
+    return all_hosts_metrics_fn
+
+  training._accelerate_model_with_metrics = accelerate_all_hosts  # pylint: disable=protected-access
+
+
+def _fix_one_device_per_process():
+  # With one device per process trax's training step is a plain jit of the
+  # local batch: nothing averaged gradients across processes and their weights
+  # drifted apart (silently). Run it as a one-device pmap, whose axis spans all
+  # processes, averaging gradients as trax's multi-device step does.
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax import numpy as jnp  # pylint: disable=g-import-not-at-top
+  from trax.optimizers import trainer  # pylint: disable=g-import-not-at-top
+  if not hasattr(trainer, '_average_multidevice_gradients'):
+    return  # A trax that accelerates its step some other way.
+  accelerate_update_fn = trainer._accelerate_update_fn  # pylint: disable=protected-access
+  average = trainer._average_multidevice_gradients  # pylint: disable=protected-access
+
+  def _accelerate(forward_and_backward_fn, optimizer, n_devices,
+                  accelerate=True, adasum=False):
+    if n_devices != 1 or not accelerate or jax.process_count() == 1:
+      return accelerate_update_fn(forward_and_backward_fn, optimizer,
+                                  n_devices, accelerate=accelerate,
+                                  adasum=adasum)
+
+    def device_update(weights_and_slots, step, opt_params, batch, state, rng):
+      weights, slots = weights_and_slots
+      (loss, state), gradients = forward_and_backward_fn(batch, weights, state,
+                                                         rng)
+      weights, slots, stats = optimizer.tree_update(
+          step, average(gradients, adasum=adasum), weights, slots, opt_params,
+          store_slots=False)
+      stats['loss'] = loss
+      return (weights, slots), state, stats
+
+    pmapped = jax.pmap(device_update, axis_name='batch')
+    add_axis = jax.jit(lambda tree: jax.tree_util.tree_map(
+        lambda x: jnp.asarray(x)[None], tree))
+
+    def update(weights_and_slots, step, opt_params, batch, state, rng):
+      out = pmapped(*add_axis((weights_and_slots, jnp.asarray(step, jnp.int32),
+                               opt_params, batch, state, rng)))
+      return jax.tree_util.tree_map(lambda x: x[0], out)
+
+    return update
+
+  trainer._accelerate_update_fn = _accelerate  # pylint: disable=protected-access
+
+
+def _fix_same_rng_on_every_process():
+  # A training step splits its key over this process's devices only; with a
+  # fixed random_seed every process has the same key, so device k of every
+  # process drew the same dropout masks. Make each process's step key its own.
+  import jax  # pylint: disable=g-import-not-at-top
+  from trax.optimizers import trainer  # pylint: disable=g-import-not-at-top
+
+  def per_process_key(one_step):
+    def one_step_with_own_key(self, batch, rng, step=0, learning_rate=None):
+      if jax.process_count() > 1:
+        rng = jax.random.fold_in(rng, jax.process_index())
+      return one_step(self, batch, rng, step=step, learning_rate=learning_rate)
+    one_step_with_own_key.__doc__ = one_step.__doc__
+    return one_step_with_own_key
+
+  for cls in (trainer.Trainer, trainer.ReversibleSerialTrainer):
+    if hasattr(cls, 'one_step'):
+      cls.one_step = per_process_key(cls.one_step)
+
+
 def apply():
   """Imports trax (fast) and applies every fix, once."""
   global _APPLIED
@@ -163,4 +299,9 @@ def apply():
   import trax.supervised  # pylint: disable=g-import-not-at-top,unused-import
   _fix_tree_unflatten()
   _fix_first_step_recompile()
+  _fix_on_cpu_multihost()
+  _fix_same_weights_across_hosts()
+  _fix_eval_metrics_across_hosts()
+  _fix_one_device_per_process()
+  _fix_same_rng_on_every_process()
   _APPLIED = True

@@ -80,11 +80,16 @@ def _is_out_of_memory(e):
           'RESOURCE_EXHAUSTED' in str(e))
 
 
+def wants_traceback(args):
+  """Whether the user asked for tracebacks (`--debug` or the environment)."""
+  return (getattr(args, 'debug', False) or
+          os.environ.get(DEBUG_ENV, '') not in ('', '0'))
+
+
 def run_command(prog, parse_args, run, argv=None):
   """Runs a console script: a user's error prints one line and exits 1."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
-  debug = (getattr(args, 'debug', False) or getattr(args, 'traceback', False)
-           or os.environ.get(DEBUG_ENV, '') not in ('', '0'))
+  debug = wants_traceback(args)
   try:
     run(args)
   except Exception as e:  # pylint: disable=broad-except

@@ -17,17 +17,26 @@ same weights, optimizer slots and data position. Data parallelism uses trax's
 n_devices (`num_devices.value = N` in gin; all local devices by default); the
 batch size must be a multiple of the device count.
 
+Multi-host: one process per host, started with `--coordinator_address`,
+`--num_processes`, `--process_id` (or $JAX_COORDINATOR_ADDRESS,
+$JAX_NUM_PROCESSES, $JAX_PROCESS_ID, or nothing in a SLURM job or on a TPU pod
+slice, where jax finds them); batch sizes are then per process, and process 0
+prints and writes the checkpoints (README, "Multi-host training").
+
 Besides trax's summaries it prints the devices, the parameter count and, while
 training, a compact progress line:
   step 1200/5000 | loss 1.0412 | 1.502 bits/byte | 8.1k tok/s | 0.25 s/step | left 0:15:50
 """
 
 import argparse
+import contextlib
 import datetime
+import inspect
 import math
 import os
 import sys
 import time
+import traceback
 
 import gin
 import numpy as np
@@ -53,6 +62,21 @@ def _parse_args(argv):
                       help="trax's data_streams.dataset_name")
   parser.add_argument('--model', default=None,
                       help='a model in trax.models, e.g. TransformerLM')
+  multihost = parser.add_argument_group(
+      'multi-host training (one process per host; none of these on one host)')
+  multihost.add_argument(
+      '--coordinator_address', default=None,
+      help='host:port of process 0, reachable from every process '
+           '(default $JAX_COORDINATOR_ADDRESS)')
+  multihost.add_argument('--num_processes', default=None,
+                         help='number of processes (default $JAX_NUM_PROCESSES)')
+  multihost.add_argument('--process_id', default=None,
+                         help="this process's index, 0..num_processes-1 "
+                              '(default $JAX_PROCESS_ID)')
+  multihost.add_argument(
+      '--heartbeat_timeout', default='100',
+      help='seconds without a heartbeat after which the processes give up on '
+           'a lost one and exit (default 100, as jax)')
   return parser.parse_args(argv)
 
 
@@ -73,6 +97,34 @@ def _n_params(model):
   from trax import fastmath  # pylint: disable=g-import-not-at-top
   return int(sum(np.prod(w.shape) for w in fastmath.tree_flatten(model.weights)
                  if hasattr(w, 'shape')))
+
+
+def _all_processes_mean():
+  """A function: this process's per-device losses -> the mean over all.
+
+  The Loop averages the loss over this process's devices only; the progress
+  line reports the whole global batch's. Every process calls it each step (a
+  collective, kept on the devices: nothing waits for it until printed).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.process_count() == 1:
+    return lambda loss: loss
+  from jax import numpy as jnp  # pylint: disable=g-import-not-at-top
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('devices',))
+  sharding = jax.sharding.NamedSharding(mesh,
+                                        jax.sharding.PartitionSpec('devices'))
+  mean = jax.jit(jnp.mean, out_shardings=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+
+  def all_processes_mean(loss):
+    # One value per local device (a scalar with one device per process).
+    parts = [jnp.reshape(s.data, (1,))
+             for s in jnp.asarray(loss).addressable_shards]
+    global_loss = jax.make_array_from_single_device_arrays(
+        (len(parts) * jax.process_count(),), sharding, parts)
+    return mean(global_loss).addressable_data(0)
+
+  return all_processes_mean
 
 
 _PROGRESS_CLASS = []
@@ -106,7 +158,9 @@ def _progress_callback_class():
           total_steps = 1000  # trainer_lib.train's default.
       self._total = total_steps
       batch = loop.tasks[0].sample_batch
-      self._tokens_per_step = int(np.prod(batch[0].shape))
+      import jax  # pylint: disable=g-import-not-at-top
+      n_processes = jax.process_count()
+      self._tokens_per_step = int(np.prod(batch[0].shape)) * n_processes
       batch_size = batch[0].shape[0]
       if batch_size % loop.n_devices:
         raise ValueError(
@@ -122,17 +176,22 @@ def _progress_callback_class():
       # Keep each step's loss (a device array, read only when printing) and
       # report after the step: callbacks run before the Loop sees the loss.
       run_one_step = loop._run_one_step  # pylint: disable=protected-access
+      all_processes_mean = _all_processes_mean()
       def run_one_step_and_report(*args, **kwargs):
         if self._last_time is None:
           self._last_time = time.time()
         loss, stats = run_one_step(*args, **kwargs)
+        loss = all_processes_mean(loss)  # The Loop logs it too.
         self._losses.append(loss)
         self._maybe_print(loop.step)
         return loss, stats
       loop._run_one_step = run_one_step_and_report  # pylint: disable=protected-access
+      shape = tuple(batch[0].shape)
+      if n_processes > 1:
+        shape = f'{n_processes} x {shape} (one per process)'
       print(f'Model: {_n_params(loop.model):,} parameters; batch '
-            f'{tuple(batch[0].shape)} = {self._tokens_per_step:,} tokens per '
-            f'step over {loop.n_devices} device(s).', flush=True)
+            f'{shape} = {self._tokens_per_step:,} tokens per step over '
+            f'{loop.n_devices * n_processes} device(s).', flush=True)
       if loop.step:
         print(f'Resumed from the checkpoint at step {loop.step} in '
               f'{loop.output_dir}.', flush=True)
@@ -247,8 +306,10 @@ def _print_devices(n_devices):
   import jax  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
   kinds = sorted({f'{d.platform}:{d.device_kind}' for d in devices})
+  where = (f'{n_devices} per process x {jax.process_count()} processes'
+           if jax.process_count() > 1 else f'{n_devices}')
   print(f'Devices: {len(devices)} x {", ".join(kinds)}; training on '
-        f'{n_devices} (data parallel).', flush=True)
+        f'{where} (data parallel).', flush=True)
 
 
 def _output_dir_or_default(output_dir):
@@ -300,11 +361,170 @@ def _check_config():
   streams.set_vocab_size(vocab_size if isinstance(vocab_size, int) else None)
 
 
+_DISTRIBUTED_ENV = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
+                    'num_processes': 'JAX_NUM_PROCESSES',
+                    'process_id': 'JAX_PROCESS_ID'}
+
+
+def _int_setting(value, name, least):
+  try:
+    x = int(value)
+  except (TypeError, ValueError):
+    x = None
+  if x is None or x < least:
+    raise ValueError(f'{name}={value!r} must be an integer >= {least}')
+  return x
+
+
+def distributed_settings(args, environ=None):
+  """`(coordinator_address, num_processes, process_id)` from flags or env.
+
+  Args:
+    args: the parsed flags (`coordinator_address`, `num_processes`,
+      `process_id`; None when not given).
+    environ: where the JAX_* fallbacks are read (default os.environ).
+
+  Returns:
+    The three settings, each None when given nowhere; checked.
+  """
+  environ = os.environ if environ is None else environ
+  found = {}
+  for name, env in _DISTRIBUTED_ENV.items():
+    value, source = getattr(args, name), f'--{name}'
+    if value is None and environ.get(env):
+      value, source = environ[env], f'${env}'
+    found[name] = (value, source)
+  address, address_source = found['coordinator_address']
+  if address is not None:
+    host, _, port = address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      raise ValueError(f'{address_source}={address!r} must be host:port with '
+                       'a port 1..65535, e.g. 10.0.0.1:8476 (process 0\'s '
+                       'host)')
+  n, n_source = found['num_processes']
+  if n is not None:
+    n = _int_setting(n, n_source, 1)
+  i, i_source = found['process_id']
+  if i is not None:
+    i = _int_setting(i, i_source, 0)
+    if n is not None and i >= n:
+      raise ValueError(f'{i_source}={i} must be below {n_source}={n} '
+                       f'(0..{n - 1})')
+  return address, n, i
+
+
+def _detected_cluster():
+  """The jax cluster environment (SLURM, TPU pod, ...) this runs in, or None."""
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+  except ImportError:  # No detection in this jax: flags or env only.
+    return None
+  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
+    if getattr(env, 'opt_in_only_method', False):
+      continue
+    try:
+      if env.is_env_present() and env.get_process_count() > 1:
+        return env
+    except Exception:  # pylint: disable=broad-except
+      continue  # e.g. a Kubernetes pod without the kubernetes package.
+  return None
+
+
+def init_distributed(args, environ=None):
+  """Starts JAX's distributed runtime when this is one of several processes.
+
+  From the flags or JAX_* environment variables, else by jax's own detection
+  of a multi-process cluster (SLURM, TPU pod slice, Open MPI); otherwise (one
+  process) does nothing. Must run before any jax computation.
+
+  Returns:
+    The number of processes.
+  """
+  settings = distributed_settings(args, environ)
+  timeout = _int_setting(args.heartbeat_timeout, '--heartbeat_timeout', 2)
+  if settings[1] == 1:
+    return 1  # Said to be alone.
+  if None in settings and _detected_cluster() is None:
+    if settings == (None, None, None):
+      return 1  # The default: one process.
+    missing = [f'--{name} (${env})' for (name, env), value in zip(
+        _DISTRIBUTED_ENV.items(), settings) if value is None]
+    raise ValueError(
+        'multi-host training needs --coordinator_address, --num_processes '
+        'and --process_id (no cluster detected to supply them); missing '
+        f'{", ".join(missing)}')
+  import jax  # pylint: disable=g-import-not-at-top
+  # Collectives between CPU processes (none by default in jax 0.4.x); the
+  # accelerators bring their own.
+  if jax.config.values.get('jax_cpu_collectives_implementation') == 'none':
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # Bound how long a process waits for a lost one: jax 0.4.x has heartbeat
+  # settings only on its internal initialize (the public one checks that jax
+  # was not used yet, so check that here too).
+  interval = max(1, min(10, timeout // 5))
+  heartbeats = dict(service_heartbeat_interval_seconds=interval,
+                    service_max_missing_heartbeats=timeout // interval,
+                    client_heartbeat_interval_seconds=interval,
+                    client_max_missing_heartbeats=timeout // interval)
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    init = distributed.global_state.initialize
+    internal = (set(heartbeats) <= set(inspect.signature(init).parameters)
+                and not xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
+    internal = False
+  if not internal:
+    init, heartbeats = jax.distributed.initialize, {}
+  init(*settings, **heartbeats)
+  return jax.process_count()
+
+
 def run(args):
   """Parses gin, trains; returns the trax Loop."""
+  n_processes = init_distributed(args)
+  if n_processes == 1:
+    return _train(args)
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    if not jax.process_index():
+      return _train(args)
+    # Process 0 prints for all (errors still show).
+    print(f'Process {jax.process_index()} of {n_processes}: training with '
+          f'{jax.local_device_count()} local device(s); process 0 prints '
+          'the progress and writes the checkpoints.', flush=True)
+    with open(os.devnull, 'w') as devnull, contextlib.redirect_stdout(devnull):
+      return _train(args)
+  except Exception as e:  # pylint: disable=broad-except
+    if not _lost_a_process(e):
+      raise
+    if cli.wants_traceback(args):
+      traceback.print_exc()
+    first_line = (str(e).strip().splitlines() or [''])[0].rstrip('.') + '.'
+    print(f'trainer: error: process {jax.process_index()} of {n_processes} '
+          'lost contact with another training process (it stopped or its '
+          f'host is unreachable): {first_line} Relaunch all the processes to '
+          'resume from the last checkpoint.', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # Exiting normally would wait on jax's shutdown barrier for the lost
+    # process, and then abort.
+    os._exit(1)  # pylint: disable=protected-access
+
+
+def _lost_a_process(error):
+  """Whether `error` is a collective or the runtime failing on a lost peer."""
+  text = str(error)
+  return type(error).__name__ == 'XlaRuntimeError' and any(
+      s in text for s in ('Gloo', 'gloo', 'Connection reset', 'heartbeat',
+                          'coordination service', 'NCCL', 'DEADLINE_EXCEEDED'))
+
+
+def _train(args):
+  """`run` after the distributed runtime is up."""
   import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   from trax_hourglass import data  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   from trax import fastmath  # pylint: disable=g-import-not-at-top
   from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
   from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
@@ -354,7 +574,7 @@ def run(args):
     print(f'Eval at step {step}: {float(value) / math.log(2):.3f} '
           f'bits/{unit} on held-out data.', flush=True)
   settings = final_sample()
-  if settings['length'] > 0:
+  if settings['length'] > 0 and not jax.process_index():  # Printed by 0.
     _print_sample(loop, settings)
   return loop
 

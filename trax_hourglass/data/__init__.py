@@ -3,7 +3,9 @@
 Every loader returns a `trax.data.inputs.Inputs` whose streams yield
 `(inputs, targets, weights)` batches (inputs == targets: LMs shift right
 themselves) and resume at the saved data position (see `streams`). Bind one as
-`train.inputs = @trax_hourglass.enwik8_inputs` in gin.
+`train.inputs = @trax_hourglass.enwik8_inputs` in gin. In multi-host training
+batch sizes are per process and each process reads its own slice of every
+global batch (`streams.process_shard`).
 """
 
 from trax_hourglass.data import images

@@ -52,9 +52,13 @@ def array_image_inputs(train_images, eval_images, name, batch_size,
   held_out = flatten_images(eval_images)
   n = len(train)
   key = f'{name}/s{seed}'
+  # Multi-host: positions count global batches; each process reads its slice
+  # (see `streams.process_shard`).
+  index, count = streams.process_shard()
 
   def train_batch(i):
-    pos = np.arange(i * batch_size, (i + 1) * batch_size)
+    start = (i * count + index) * batch_size
+    pos = np.arange(start, start + batch_size)
     epochs, offsets = pos // n, pos % n
     idx = np.empty(batch_size, np.int64)
     for e in np.unique(epochs):
@@ -64,18 +68,20 @@ def array_image_inputs(train_images, eval_images, name, batch_size,
     return (x, x, np.ones(x.shape, np.float32))
 
   def eval_batch(i):
-    idx = (np.arange(eval_batch_size) + i * eval_batch_size) % len(held_out)
+    start = (i * count + index) * eval_batch_size
+    idx = (np.arange(eval_batch_size) + start) % len(held_out)
     x = held_out[idx]
     return (x, x, np.ones(x.shape, np.float32))
 
   def train_stream(n_devices):
     streams.check_divisible(batch_size, n_devices)
-    return streams.resumable_stream(f'{key}/train/b{batch_size}', train_batch)
+    return streams.resumable_stream(f'{key}/train/b{batch_size * count}',
+                                    train_batch)
 
   def eval_stream(n_devices):
     streams.check_divisible(eval_batch_size, n_devices, 'eval_batch_size')
-    return streams.resumable_stream(f'{key}/eval/b{eval_batch_size}',
-                                    eval_batch)
+    return streams.resumable_stream(
+        f'{key}/eval/b{eval_batch_size * count}', eval_batch)
 
   return streams.ResumableInputs(train_stream, eval_stream)
 

@@ -79,6 +79,24 @@ def resumable_stream(name, batch_fn, source=None):
     yield batch
 
 
+def process_shard():
+  """`(index, count)`: this process's place among the training processes.
+
+  Under JAX's distributed runtime (multi-host training) every process reads
+  its own slice of each global batch: `batch_size` examples per process,
+  `batch_size * count` in all, so no example is read twice in a step and the
+  global batches are the same whatever the number of processes sharing them.
+  One process reads the whole batch.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_index(), jax.process_count()
+
+
+def host_slice(batch, index, per_host):
+  """Process `index`'s `per_host` examples of a global `batch` (a tuple)."""
+  return tuple(x[index * per_host:(index + 1) * per_host] for x in batch)
+
+
 def check_divisible(batch_size, n_devices, what='batch_size'):
   """Raises a clear ValueError unless `n_devices` divides `batch_size`."""
   if batch_size < 1:

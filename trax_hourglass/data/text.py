@@ -169,21 +169,32 @@ def _split(data, bounds, split, sequence_length, path):
   return data[start:end]
 
 
-def train_batches(data, batch_size, sequence_length, seed):
-  """i -> batch of random windows of `data` (a function of seed and i)."""
+def train_batches(data, batch_size, sequence_length, seed, shard=(0, 1)):
+  """i -> batch of random windows of `data` (a function of seed and i).
+
+  With `shard=(index, count)` the global batch has `batch_size * count`
+  windows and this is slice `index` of it (see `streams.process_shard`).
+  """
   n_starts = len(data) - sequence_length + 1
+  index, count = shard
   def batch(i):
-    starts = streams.rng_for(seed, i).integers(0, n_starts, batch_size)
+    starts = streams.rng_for(seed, i).integers(0, n_starts, batch_size * count)
+    starts = starts[index * batch_size:(index + 1) * batch_size]
     x = np.stack([data[s:s + sequence_length] for s in starts]).astype(np.int32)
     return (x, x, np.ones(x.shape, np.float32))
   return batch
 
 
-def eval_batches(data, batch_size, sequence_length):
-  """i -> batch of consecutive windows tiling `data` in order, wrapping."""
+def eval_batches(data, batch_size, sequence_length, shard=(0, 1)):
+  """i -> batch of consecutive windows tiling `data` in order, wrapping.
+
+  `shard`: as in `train_batches`.
+  """
   n_windows = len(data) // sequence_length
+  index, count = shard
   def batch(i):
-    idx = (np.arange(batch_size) + i * batch_size) % n_windows
+    idx = (np.arange(batch_size) + index * batch_size +
+           i * batch_size * count) % n_windows
     x = np.stack([data[j * sequence_length:(j + 1) * sequence_length]
                   for j in idx]).astype(np.int32)
     return (x, x, np.ones(x.shape, np.float32))
@@ -207,17 +218,21 @@ def byte_lm_inputs(data, bounds, name, batch_size, sequence_length,
   streams.check_token_range(held_out, f'{path} ({eval_split} split)')
   key = f'{name}/L{sequence_length}/s{seed}'
 
+  # Positions count global batches (b: global batch size), the same on every
+  # process; each reads its slice.
   def train_stream(n_devices):
     streams.check_divisible(batch_size, n_devices)
+    shard = streams.process_shard()
     return streams.resumable_stream(
-        f'{key}/train/b{batch_size}',
-        train_batches(train, batch_size, sequence_length, seed), path)
+        f'{key}/train/b{batch_size * shard[1]}',
+        train_batches(train, batch_size, sequence_length, seed, shard), path)
 
   def eval_stream(n_devices):
     streams.check_divisible(eval_batch_size, n_devices, 'eval_batch_size')
+    shard = streams.process_shard()
     return streams.resumable_stream(
-        f'{key}/{eval_split}/b{eval_batch_size}',
-        eval_batches(held_out, eval_batch_size, sequence_length), path)
+        f'{key}/{eval_split}/b{eval_batch_size * shard[1]}',
+        eval_batches(held_out, eval_batch_size, sequence_length, shard), path)
 
   return streams.ResumableInputs(train_stream, eval_stream)
 
@@ -228,9 +243,12 @@ def enwik8_inputs(batch_size=8, sequence_length=2048, eval_batch_size=None,
   """enwik8 byte-level LM data (90M/5M/5M bytes), as trax `Inputs`.
 
   Args:
-    batch_size: training windows per batch (a multiple of the device count).
+    batch_size: training windows per batch (a multiple of the device count);
+      per process in multi-host training, where the global batch is
+      batch_size times the number of processes.
     sequence_length: bytes per window (2048 in the paper).
-    eval_batch_size: windows per eval batch (default batch_size).
+    eval_batch_size: windows per eval batch (default batch_size), per
+      process as batch_size.
     data_dir: directory with `enwik8` or `enwik8.zip` (see `enwik8_path`).
     download: fetch enwik8.zip from its canonical address if missing.
     seed: seed of the training windows' offsets.

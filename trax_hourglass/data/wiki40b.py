@@ -97,18 +97,26 @@ def sentencepiece_lm_inputs(texts_fn, spm_path, name, batch_size=8,
       yield from pieces
       epoch += 1
 
+  # Multi-host: every process reads the global batches (tokenizing all of
+  # them) and keeps its slice (see `streams.process_shard`).
+  index, count = streams.process_shard()
+
+  def sliced(split, shuffle, size):
+    for batch in padded_batches(epochs(split, shuffle), size * count,
+                                max_length):
+      yield streams.host_slice(batch, index, size)
+
   def train_stream(n_devices):
     streams.check_divisible(batch_size, n_devices)
     return streams.restartable_stream(
-        f'{name}/train/L{max_length}/b{batch_size}/s{seed}',
-        lambda: padded_batches(epochs('train', True), batch_size, max_length))
+        f'{name}/train/L{max_length}/b{batch_size * count}/s{seed}',
+        lambda: sliced('train', True, batch_size))
 
   def eval_stream(n_devices):
     streams.check_divisible(eval_batch_size, n_devices, 'eval_batch_size')
     return streams.restartable_stream(
-        f'{name}/eval/L{max_length}/b{eval_batch_size}',
-        lambda: padded_batches(epochs('eval', False), eval_batch_size,
-                               max_length))
+        f'{name}/eval/L{max_length}/b{eval_batch_size * count}',
+        lambda: sliced('eval', False, eval_batch_size))
 
   return streams.ResumableInputs(train_stream, eval_stream)
 
