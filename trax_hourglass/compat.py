@@ -177,6 +177,83 @@ def _fix_first_step_recompile():
   trainer._accelerate_update_fn = _accelerate  # pylint: disable=protected-access
 
 
+def _replicate(x, devices):
+  """`x` stacked once per device along a new axis 0, slice i on `devices[i]`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sharding = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(devices), ('devices',)),
+      jax.sharding.PartitionSpec('devices'))
+  if not isinstance(x, (jax.Array, np.ndarray)):  # A Python scalar stays weakly typed.
+    return jax.device_put(
+        jax.numpy.broadcast_to(jax.numpy.asarray(x), (len(devices),)), sharding)
+  # One copy per device, never n copies on one.
+  return jax.make_array_from_single_device_arrays(
+      (len(devices),) + x.shape, sharding,
+      [jax.device_put(x[None], device) for device in devices])
+
+
+def _fix_for_n_devices():
+  # jax 0.10 removed jax.device_put_replicated, which trax's for_n_devices calls to
+  # replicate weights, slots and state for pmap: multi-device training crashed.
+  import jax  # pylint: disable=g-import-not-at-top
+  if hasattr(jax, 'device_put_replicated'):
+    return
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax.layers import acceleration  # pylint: disable=g-import-not-at-top
+  broadcast = acceleration.for_n_devices
+
+  def for_n_devices(x, n_devices):
+    if n_devices > 1 and fastmath.is_backend(fastmath.Backend.JAX):
+      devices = jax.local_devices()
+      return fastmath.nested_map(lambda y: _replicate(y, devices), x)
+    return broadcast(x, n_devices)  # trax's, for what never reached jax.
+
+  for_n_devices.__doc__ = broadcast.__doc__
+  # Callers look it up in the module (acceleration.py) or in trax.layers.
+  acceleration.for_n_devices = tl.for_n_devices = for_n_devices
+
+
+def _fix_pmap_committed_args():
+  # Newer jax runs pmap as jit + shard_map (no C++ PmapFunction), and jit refuses
+  # arguments committed elsewhere, e.g. trax's optimizer slots after on_cpu: the
+  # first multi-device step crashed. The C++ pmap copied them; copy them first.
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if type(jax.pmap(lambda x: x)).__name__ == 'PmapFunction':
+    return
+  from trax.fastmath import jax as fastmath_jax  # pylint: disable=g-import-not-at-top
+
+  def _misplaced(x, sharding):
+    return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and
+            x.committed and not x.sharding.is_equivalent_to(sharding, x.ndim))
+
+  def pmap(fun, axis_name=None, **kwargs):
+    pmapped = jax.pmap(fun, axis_name, **kwargs)
+    if kwargs.get('in_axes', 0) != 0 or kwargs.get('static_broadcasted_argnums'):
+      return pmapped  # Not how trax calls it: nothing to place.
+
+    def placed(*args):
+      arrays = [x for x in jax.tree_util.tree_leaves(args)
+                if isinstance(x, jax.Array) and x.ndim]
+      if arrays:
+        devices = kwargs.get('devices') or jax.local_devices(
+            backend=kwargs.get('backend'))[:arrays[0].shape[0]]
+        sharding = jax.sharding.NamedSharding(
+            jax.sharding.Mesh(np.array(devices), ('pmap',)),
+            jax.sharding.PartitionSpec('pmap'))
+        args = jax.tree_util.tree_map(
+            lambda x: jax.device_put(x, sharding) if _misplaced(x, sharding)
+            else x, args)
+      return pmapped(*args)
+
+    placed.lower = pmapped.lower
+    return placed
+
+  fastmath_jax.JAX_BACKEND['pmap'] = pmap  # fastmath.pmap reads it per call.
+
+
 def apply():
   """Imports trax (fast) and applies every fix, once."""
   global _APPLIED
@@ -189,4 +266,6 @@ def apply():
   _fix_tree_unflatten()
   _fix_save_computation_graphs()
   _fix_first_step_recompile()
+  _fix_for_n_devices()
+  _fix_pmap_committed_args()
   _APPLIED = True
