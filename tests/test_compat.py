@@ -257,6 +257,7 @@ def test_pmap_takes_arguments_committed_to_one_device(run_python):
       'total': [[2.0] * 3] * 2, 'again': [[3.0] * 3] * 2}
 
 
+@pytest.mark.smoke
 def test_loop_trains_and_resumes_on_two_devices(run_python, tmp_path):
   script = """
       import json, sys
