@@ -196,6 +196,35 @@ def test_trainer_lib_train_trains_and_resumes(tmp_path, use_loop):
     assert (tmp_path / 'forward.dot').read_text().startswith('digraph')
 
 
+# _fix_cond_per_branch_operands (newer jax)
+
+
+def test_cond_takes_trax_per_branch_keywords():
+  # trax's LSH attention calls fastmath.cond this way in predict mode.
+  def branch(pred):
+    return fastmath.cond(pred=pred, true_operand=np.float32(2),
+                         true_fun=lambda x: x * 10, false_operand=np.float32(3),
+                         false_fun=lambda x: x - 1)
+  branch = jax.jit(branch)
+  assert (float(branch(True)), float(branch(False))) == (20.0, 2.0)
+  # The current form is passed through as it is.
+  assert float(fastmath.cond(False, lambda x: x, lambda x: -x, 4.0)) == -4.0
+
+
+# _fix_stop_gradient_python_ints (newer jax)
+
+
+def test_stop_gradient_keeps_python_ints_under_jit():
+  # trax's LSH attention: q_len = stop_gradient(seqlen); then `if q_len > 1:`.
+  def scaled(x):
+    n, (m, y) = fastmath.stop_gradient((3, (True, x)))
+    assert (type(n), type(m)) == (int, bool)
+    return y * n if n > 1 and m else y
+  assert float(jax.jit(scaled)(np.float32(2))) == 6.0
+  # Arrays still stop gradients.
+  assert float(jax.grad(lambda x: x * fastmath.stop_gradient(x))(3.0)) == 3.0
+
+
 # _fix_for_n_devices and _fix_pmap_committed_args (newer jax), unit by unit, on
 # 2 virtual CPU devices; both end-to-end in the Loop test after them.
 

@@ -84,10 +84,11 @@ def test_keeps_an_in_range_jax_and_says_what_it_installed(monkeypatch, capsys):
 @pytest.mark.parametrize('jax, imported', [(None, False), ('0.4.30', True)])
 def test_installs_the_newest_jax_where_none_in_range(monkeypatch, capsys, jax,
                                                      imported):
-  if imported:
-    monkeypatch.setitem(sys.modules, 'jax', types.ModuleType('jax'))
-  else:
-    monkeypatch.delitem(sys.modules, 'jax', raising=False)
+  for name in ('jax', 'jaxlib'):
+    if imported:
+      monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    else:
+      monkeypatch.delitem(sys.modules, name, raising=False)
   runtime = _Runtime({'jax': jax, 'jaxlib': jax},
                      dict(INSTALLED, jax='0.10.2', jaxlib='0.10.2'), gpu=True)
   out = runtime.run(monkeypatch, capsys, SOURCE)

@@ -5,6 +5,7 @@ and has a test in `tests/test_compat.py` that fails without it. Import trax thro
 `trax_hourglass` (or call `apply()`) rather than before it to get the fast import.
 """
 
+import functools
 import importlib.abc
 import importlib.machinery
 import inspect
@@ -225,9 +226,13 @@ def _fix_pmap_committed_args():
     return
   from trax.fastmath import jax as fastmath_jax  # pylint: disable=g-import-not-at-top
 
+  @functools.lru_cache(maxsize=1024)  # Asked per argument leaf on every step.
+  def _equivalent(a, b, ndim):
+    return a.is_equivalent_to(b, ndim)
+
   def _misplaced(x, sharding):
     return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and
-            x.committed and not x.sharding.is_equivalent_to(sharding, x.ndim))
+            x.committed and not _equivalent(x.sharding, sharding, x.ndim))
 
   def pmap(fun, axis_name=None, **kwargs):
     pmapped = jax.pmap(fun, axis_name, **kwargs)
@@ -254,6 +259,52 @@ def _fix_pmap_committed_args():
   fastmath_jax.JAX_BACKEND['pmap'] = pmap  # fastmath.pmap reads it per call.
 
 
+def _fix_cond_per_branch_operands():
+  # Newer jax's lax.cond dropped the keyword form cond(pred=, true_operand=,
+  # true_fun=, false_operand=, false_fun=) that trax's LSH attention calls in
+  # predict mode (TypeError); pass both operands to the current form instead.
+  import jax  # pylint: disable=g-import-not-at-top
+  try:  # Traces only: starts no backend (jax.distributed may come later).
+    jax.eval_shape(lambda: jax.lax.cond(
+        pred=True, true_operand=0, true_fun=lambda x: x, false_operand=0,
+        false_fun=lambda x: x))
+    return
+  except TypeError:
+    pass
+  from trax.fastmath import jax as fastmath_jax  # pylint: disable=g-import-not-at-top
+  cond = fastmath_jax.JAX_BACKEND['cond']
+
+  def per_branch_cond(*args, **kwargs):
+    if 'true_operand' not in kwargs:
+      return cond(*args, **kwargs)
+    pred = args[0] if args else kwargs['pred']
+    true_fun, false_fun = kwargs['true_fun'], kwargs['false_fun']
+    return cond(pred, lambda ops: true_fun(ops[0]),
+                lambda ops: false_fun(ops[1]),
+                (kwargs['true_operand'], kwargs['false_operand']))
+
+  fastmath_jax.JAX_BACKEND['cond'] = per_branch_cond  # fastmath.cond reads it per call.
+
+
+def _fix_stop_gradient_python_ints():
+  # Newer jax's stop_gradient turns a Python int into a jax value (a tracer under
+  # jit); trax's LSH attention passes its length through it and then branches on
+  # it in Python (TypeError in predict mode). An int has no gradient: keep it.
+  import jax  # pylint: disable=g-import-not-at-top
+  kept = []
+  jax.eval_shape(lambda: kept.append(type(jax.lax.stop_gradient(3))))
+  if kept == [int]:
+    return
+  from trax.fastmath import jax as fastmath_jax  # pylint: disable=g-import-not-at-top
+  stop_gradient = fastmath_jax.JAX_BACKEND['stop_gradient']
+
+  def stop_gradient_keeping_ints(x):
+    return jax.tree_util.tree_map(
+        lambda y: y if type(y) in (int, bool) else stop_gradient(y), x)  # pylint: disable=unidiomatic-typecheck
+
+  fastmath_jax.JAX_BACKEND['stop_gradient'] = stop_gradient_keeping_ints
+
+
 def apply():
   """Imports trax (fast) and applies every fix, once."""
   global _APPLIED
@@ -268,4 +319,6 @@ def apply():
   _fix_first_step_recompile()
   _fix_for_n_devices()
   _fix_pmap_committed_args()
+  _fix_cond_per_branch_operands()
+  _fix_stop_gradient_python_ints()
   _APPLIED = True
