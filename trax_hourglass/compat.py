@@ -370,6 +370,19 @@ def _fix_pmap_committed_args():
   fastmath_jax.JAX_BACKEND['pmap'] = pmap  # fastmath.pmap reads it per call.
 
 
+def multiprocess_cpu_training_hangs():
+  """Whether several CPU devices per process can deadlock multi-process runs.
+
+  With jax 0.10.2 (whose pmap is jit-based) a 2-process x 2-CPU-device trainer
+  hangs after a few steps, at random: one local device's part of a
+  cross-process all-reduce waits on that device's in-flight-computations
+  semaphore in XLA's CPU client while the other part waits in gloo. jax 0.4.38
+  (C++ pmap) trains; the pmap kind tells the two runtimes apart.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  return type(jax.pmap(lambda x: x)).__name__ != 'PmapFunction'
+
+
 def _fix_cond_per_branch_operands():
   # Newer jax's lax.cond dropped the keyword form cond(pred=, true_operand=,
   # true_fun=, false_operand=, false_fun=) that trax's LSH attention calls in
