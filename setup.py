@@ -2,13 +2,13 @@
 
 import setuptools
 
-# A stack that works together on Python 3.11 (see README, "Dependency stack").
-# trax 1.4.1 is the newest trax; jax 0.4.38 is the newest jax whose pmap still
-# accepts trax's replicated arrays, so multi-device training works.
+# Ranges, tested at both ends on Python 3.11-3.13 (constraints/oldest.txt,
+# constraints/newest.txt; see README, "Dependency stack"). trax 1.4.1 is the newest
+# trax; jax below 0.4.38 is untested, newer jax works through trax_hourglass.compat.
 INSTALL_REQUIRES = [
     'trax==1.4.1',
-    'jax==0.4.38',
-    'jaxlib==0.4.38',
+    'jax>=0.4.38',
+    'jaxlib>=0.4.38',
     'tensorflow==2.21.0',
     'tensorflow-text==2.21.1',
     'tensorflow-datasets==4.9.10',
@@ -25,11 +25,11 @@ EXTRAS_REQUIRE = {
         'nbformat>=5.10',
         'ipykernel>=6.29',
     ],
-    # Accelerator wheels of the same jax version, e.g.
+    # Accelerator wheels for the installed jax, e.g.
     #   pip install -e '.[gpu]'   (CUDA 12 jaxlib from PyPI)
     #   pip install -e '.[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
-    'gpu': ['jax[cuda12]==0.4.38'],
-    'tpu': ['jax[tpu]==0.4.38'],
+    'gpu': ['jax[cuda12]>=0.4.38'],
+    'tpu': ['jax[tpu]>=0.4.38'],
 }
 
 setuptools.setup(
@@ -39,7 +39,7 @@ setuptools.setup(
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
     packages=setuptools.find_packages(include=['trax_hourglass', 'trax_hourglass.*']),
-    python_requires='>=3.11,<3.12',
+    python_requires='>=3.11',
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={
@@ -50,4 +50,12 @@ setuptools.setup(
         ],
     },
     license='Apache 2.0',
+    classifiers=[
+        'License :: OSI Approved :: Apache Software License',
+        'Programming Language :: Python :: 3',
+        'Programming Language :: Python :: 3.11',
+        'Programming Language :: Python :: 3.12',
+        'Programming Language :: Python :: 3.13',
+        'Topic :: Scientific/Engineering :: Artificial Intelligence',
+    ],
 )

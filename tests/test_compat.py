@@ -45,11 +45,12 @@ def _model(mode='train'):
   return tl.Serial(tl.Embedding(VOCAB, 8), tl.Dense(VOCAB))
 
 
-def _loop(output_dir):
+def _loop(output_dir, n_devices=None):
   task = training.TrainTask(_stream(), tl.WeightedCategoryCrossEntropy(),
                             trax.optimizers.Adam(0.01),
                             n_steps_per_checkpoint=2)
-  return training.Loop(_model(), [task], output_dir=output_dir, random_seed=0)
+  return training.Loop(_model(), [task], output_dir=output_dir, random_seed=0,
+                       n_devices=n_devices)
 
 
 def _trained_on(new, old):
@@ -190,24 +191,128 @@ def test_trainer_lib_train_trains_and_resumes(tmp_path):
   assert _trained_on(last.model.weights, first.model.weights)
 
 
-# No fix needed on jax 0.4.38; guards the fixes above under pmap.
+# _fix_cond_per_branch_operands (newer jax)
 
 
+def test_cond_takes_trax_per_branch_keywords():
+  # trax's LSH attention calls fastmath.cond this way in predict mode.
+  def branch(pred):
+    return fastmath.cond(pred=pred, true_operand=np.float32(2),
+                         true_fun=lambda x: x * 10, false_operand=np.float32(3),
+                         false_fun=lambda x: x - 1)
+  branch = jax.jit(branch)
+  assert (float(branch(True)), float(branch(False))) == (20.0, 2.0)
+  # The current form is passed through as it is.
+  assert float(fastmath.cond(False, lambda x: x, lambda x: -x, 4.0)) == -4.0
+
+
+# _fix_stop_gradient_python_ints (newer jax)
+
+
+def test_stop_gradient_keeps_python_ints_under_jit():
+  # trax's LSH attention: q_len = stop_gradient(seqlen); then `if q_len > 1:`.
+  def scaled(x):
+    n, (m, y) = fastmath.stop_gradient((3, (True, x)))
+    assert (type(n), type(m)) == (int, bool)
+    return y * n if n > 1 and m else y
+  assert float(jax.jit(scaled)(np.float32(2))) == 6.0
+  # Arrays still stop gradients.
+  assert float(jax.grad(lambda x: x * fastmath.stop_gradient(x))(3.0)) == 3.0
+
+
+# _fix_for_n_devices and _fix_pmap_committed_args (newer jax), unit by unit, on
+# 2 virtual CPU devices; both end-to-end in the Loop test after them.
+
+_TWO_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
+                'JAX_PLATFORMS': 'cpu'}
+
+
+def test_for_n_devices_replicates_onto_each_device(run_python):
+  # jax 0.10 removed jax.device_put_replicated, which trax's for_n_devices called.
+  out = run_python("""
+      import json
+      import numpy as np
+      from trax_hourglass import compat
+      compat.apply()
+      import jax
+      from trax import layers as tl
+      from trax.layers import acceleration
+      x = np.arange(6, dtype=np.float32).reshape(2, 3)
+      tree = tl.for_n_devices((x, [jax.numpy.ones(2)], 0.5), 2)
+      assert acceleration.for_n_devices is tl.for_n_devices
+      y, (ones,), half = tree
+      print(json.dumps({
+          'shapes': [list(a.shape) for a in (y, ones, half)],
+          'equal': bool((np.asarray(y) == np.stack([x, x])).all()),
+          'devices': [sorted(d.id for d in a.devices()) for a in (y, ones, half)],
+          'one_slice_per_device': sorted(
+              s.device.id for s in y.addressable_shards
+              if s.data.shape == (1, 2, 3)),
+          'half_is_weak': bool(half.weak_type),
+          'one_device_unchanged': tl.for_n_devices(x, 1) is x}))
+  """, env=_TWO_DEVICES)
+  assert json.loads(out.splitlines()[-1]) == {
+      'shapes': [[2, 2, 3], [2, 2], [2]], 'equal': True,
+      'devices': [[0, 1]] * 3, 'one_slice_per_device': [0, 1],
+      'half_is_weak': True, 'one_device_unchanged': True}
+
+
+def test_pmap_takes_arguments_committed_to_one_device(run_python):
+  # trax pmaps its optimizer slots after tl.on_cpu committed them to one device;
+  # jit-based pmap (newer jax) raised "Sharding passed to jit does not match".
+  out = run_python("""
+      import json
+      import numpy as np
+      from trax_hourglass import compat
+      compat.apply()
+      import jax
+      from trax import fastmath
+      from trax import layers as tl
+      f = fastmath.pmap(lambda a, b: (a + fastmath.psum(b, 'batch'), b),
+                        axis_name='batch')
+      a = tl.on_cpu(tl.for_n_devices(np.ones(3, np.float32), 2))
+      b = jax.device_put(np.arange(2, dtype=np.float32), jax.devices()[1])
+      total, b_out = f(a, b)
+      again, _ = f(total, b_out)  # Outputs go back in as they are.
+      print(json.dumps({'total': np.asarray(total).tolist(),
+                        'again': np.asarray(again).tolist()}))
+  """, env=_TWO_DEVICES)
+  assert json.loads(out.splitlines()[-1]) == {
+      'total': [[2.0] * 3] * 2, 'again': [[3.0] * 3] * 2}
+
+
+@pytest.mark.smoke
 def test_loop_trains_and_resumes_on_two_devices(run_python, tmp_path):
-  out = run_python(f"""
+  script = """
       import json, sys
       sys.path.insert(0, 'tests')
       import jax
+      import numpy as np
       import test_compat as t
-      loop = t._loop({str(tmp_path)!r})
-      assert loop.n_devices == 2 == jax.device_count(), jax.devices()
+      from trax import fastmath
+      loop = t._loop({output_dir!r})
+      assert loop.n_devices == {n} == jax.device_count(), jax.devices()
       loop.run(2)
-      resumed = t._loop({str(tmp_path)!r})
-      t._assert_trees_equal(resumed.model.weights, loop.model.weights)
-      resumed.run(2)
-      print(json.dumps({{'step': resumed.step, 'trained_on': t._trained_on(
-          resumed.model.weights, loop.model.weights)}}))
-  """, env={'XLA_FLAGS': '--xla_force_host_platform_device_count=2',
-            'JAX_PLATFORMS': 'cpu'})
-  result = json.loads(out.splitlines()[-1])
-  assert result == {'step': 4, 'trained_on': True}
+      weights = [np.asarray(w).tolist()
+                 for w in fastmath.tree_flatten(loop.model.weights)]
+      if {n} == 2:
+        resumed = t._loop({output_dir!r})
+        t._assert_trees_equal(resumed.model.weights, loop.model.weights)
+        resumed.run(2)
+        print(json.dumps({{'step': resumed.step, 'weights': weights,
+                          'trained_on': t._trained_on(resumed.model.weights,
+                                                      loop.model.weights)}}))
+      else:
+        print(json.dumps({{'weights': weights}}))
+  """
+  two = json.loads(run_python(
+      script.format(output_dir=str(tmp_path / 'two'), n=2),
+      env=_TWO_DEVICES).splitlines()[-1])
+  assert (two['step'], two['trained_on']) == (4, True)
+  one = json.loads(run_python(
+      script.format(output_dir=str(tmp_path / 'one'), n=1),
+      env={'JAX_PLATFORMS': 'cpu'}).splitlines()[-1])
+  # Same batches on one device: the same two training steps.
+  assert len(two['weights']) == len(one['weights'])
+  for x, y in zip(two['weights'], one['weights']):
+    np.testing.assert_allclose(x, y, atol=1e-5)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from trax_hourglass import checkpoints
+from trax_hourglass import compat
 from trax_hourglass import data
 from trax_hourglass.cli import trainer
 from trax_hourglass.data import streams
@@ -54,6 +55,13 @@ def free_port():
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
 
+
+# The trainer refuses several CPU devices per process where they deadlock
+# (see compat.multiprocess_cpu_training_hangs); tested below.
+SEVERAL_CPU_DEVICES_HANG = pytest.mark.skipif(
+    compat.multiprocess_cpu_training_hangs(),
+    reason='with this jax 2 processes x 2 CPU devices deadlock in a '
+    'cross-process all-reduce (one device waits on its in-flight semaphore)')
 
 STEPS = 40
 EVERY = 5  # Steps between checkpoints and evals.
@@ -144,6 +152,7 @@ def history(out, mode, metric):
   return ckpt, np.array([[step, float(v)] for step, v in values])
 
 
+@SEVERAL_CPU_DEVICES_HANG
 def test_two_processes_train_as_one_with_all_the_devices(tmp_path, corpus,
                                                          two_by_two):
   """2 processes x 2 devices == 1 process x 4 devices, same global batches."""
@@ -167,6 +176,7 @@ def test_two_processes_train_as_one_with_all_the_devices(tmp_path, corpus,
   assert 'Process 1 of 2' in logs[1]
 
 
+@SEVERAL_CPU_DEVICES_HANG
 def test_kill_9_stops_the_other_process_and_a_relaunch_resumes(
     tmp_path, corpus, two_by_two):
   """kill -9 of one process: the other exits soon; relaunched, both resume."""
@@ -346,6 +356,37 @@ def test_a_bad_setting_is_one_line(capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ['trainer: error: --process_id=5 must be below '
                  '--num_processes=2 (0..1) (--debug shows the traceback)']
+
+
+def test_several_cpu_devices_per_process_are_refused_where_they_hang(
+    monkeypatch, capsys):
+  import jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(trainer, 'init_distributed', lambda args: 2)
+  monkeypatch.setattr(compat, 'multiprocess_cpu_training_hangs', lambda: True)
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 2)
+  assert trainer.main(['--output_dir', 'unused']) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith('trainer: error: 2 CPU devices per process hang '
+                           f'multi-process training with jax {jax.__version__}')
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
+  monkeypatch.setattr(trainer, '_train', lambda args: 'trained')
+  assert trainer.run(_args(output_dir='unused')) == 'trained'
+
+
+@pytest.mark.skipif(not compat.multiprocess_cpu_training_hangs(),
+                    reason='this jax trains 2 processes x 2 CPU devices')
+def test_two_processes_with_two_cpu_devices_each_stop_with_one_line(
+    tmp_path, corpus):
+  """Where they would hang, both processes refuse at once (exit 1)."""
+  args = ['--config_file', gin_file(tmp_path, 4, 4), '--output_dir',
+          str(tmp_path / 'run'), f"--config=byte_file_inputs.path='{corpus}'"]
+  for rc, log in wait_all(start(2, 2, args, str(tmp_path / 'run')), 120):
+    assert rc == 1, log[-3000:]
+    errors = [line for line in log.splitlines()
+              if line.startswith('trainer: error:')]
+    assert 'Traceback' not in log and len(errors) == 1 and errors[0].startswith(
+        'trainer: error: 2 CPU devices per process hang'), log[-3000:]
 
 
 SLURM_ENV = {'SLURM_JOB_ID': '7', 'SLURM_NTASKS': '2', 'SLURM_PROCID': '1',

@@ -81,7 +81,9 @@ def test_notebook_is_committed_without_outputs(name):
   assert 'REPO_URL' in nb.cells[1].source  # The Colab install cell.
 
 
-@pytest.mark.parametrize('name', NOTEBOOKS)
+@pytest.mark.parametrize('name', [  # One in the smoke subset: -m smoke.
+    pytest.param(n, marks=pytest.mark.smoke) if n == 'hourglass_enwik8.ipynb'
+    else n for n in NOTEBOOKS])
 def test_notebook_runs_in_smoke_mode(name, tmp_path, monkeypatch):
   work = tmp_path / 'work'
   work.mkdir()

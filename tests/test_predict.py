@@ -136,6 +136,7 @@ def test_past_max_len_raises_instead_of_returning_garbage():
     fast(np.zeros((BATCH, 1), np.int32))
 
 
+@pytest.mark.smoke
 def test_autoregressive_sample_continues_a_batch_of_prompts_greedily():
   evaluator, decoder = _pair(hierarchy='1@2', max_len=LENGTH)
   prompt = _tokens(3, length=4)

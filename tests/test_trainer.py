@@ -61,6 +61,7 @@ def _main(args):
     gin.clear_config()
 
 
+@pytest.mark.smoke
 def test_trains_prints_progress_and_resumes(tmp_path, corpus, capsys):
   out = str(tmp_path / 'run')
   args = ['--config_file', _gin_file(tmp_path), '--output_dir', out,
@@ -304,6 +305,7 @@ def test_byte_scoring_scores_every_byte_once_with_long_context():
   assert bits == sum(range(16)) + sum(range(11, 16))
 
 
+@pytest.mark.smoke
 def test_hourglass_eval_on_bytes_and_images(tmp_path, corpus, capsys):
   import json  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

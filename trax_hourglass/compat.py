@@ -5,6 +5,7 @@ and has a test in `tests/test_compat.py` that fails without it. Import trax thro
 `trax_hourglass` (or call `apply()`) rather than before it to get the fast import.
 """
 
+import functools
 import importlib.abc
 import importlib.machinery
 import inspect
@@ -288,6 +289,146 @@ def _fix_same_rng_on_every_process():
       cls.one_step = per_process_key(cls.one_step)
 
 
+def _replicate(x, devices):
+  """`x` stacked once per device along a new axis 0, slice i on `devices[i]`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  sharding = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(np.array(devices), ('devices',)),
+      jax.sharding.PartitionSpec('devices'))
+  if not isinstance(x, (jax.Array, np.ndarray)):  # A Python scalar stays weakly typed.
+    return jax.device_put(
+        jax.numpy.broadcast_to(jax.numpy.asarray(x), (len(devices),)), sharding)
+  # One copy per device, never n copies on one.
+  return jax.make_array_from_single_device_arrays(
+      (len(devices),) + x.shape, sharding,
+      [jax.device_put(x[None], device) for device in devices])
+
+
+def _fix_for_n_devices():
+  # jax 0.10 removed jax.device_put_replicated, which trax's for_n_devices calls to
+  # replicate weights, slots and state for pmap: multi-device training crashed.
+  import jax  # pylint: disable=g-import-not-at-top
+  if hasattr(jax, 'device_put_replicated'):
+    return
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax.layers import acceleration  # pylint: disable=g-import-not-at-top
+  broadcast = acceleration.for_n_devices
+
+  def for_n_devices(x, n_devices):
+    if n_devices > 1 and fastmath.is_backend(fastmath.Backend.JAX):
+      devices = jax.local_devices()
+      return fastmath.nested_map(lambda y: _replicate(y, devices), x)
+    return broadcast(x, n_devices)  # trax's, for what never reached jax.
+
+  for_n_devices.__doc__ = broadcast.__doc__
+  # Callers look it up in the module (acceleration.py) or in trax.layers.
+  acceleration.for_n_devices = tl.for_n_devices = for_n_devices
+
+
+def _fix_pmap_committed_args():
+  # Newer jax runs pmap as jit + shard_map (no C++ PmapFunction), and jit refuses
+  # arguments committed elsewhere, e.g. trax's optimizer slots after on_cpu: the
+  # first multi-device step crashed. The C++ pmap copied them; copy them first.
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if type(jax.pmap(lambda x: x)).__name__ == 'PmapFunction':
+    return
+  from trax.fastmath import jax as fastmath_jax  # pylint: disable=g-import-not-at-top
+
+  @functools.lru_cache(maxsize=1024)  # Asked per argument leaf on every step.
+  def _equivalent(a, b, ndim):
+    return a.is_equivalent_to(b, ndim)
+
+  def _misplaced(x, sharding):
+    return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and
+            x.committed and not _equivalent(x.sharding, sharding, x.ndim))
+
+  def pmap(fun, axis_name=None, **kwargs):
+    pmapped = jax.pmap(fun, axis_name, **kwargs)
+    if kwargs.get('in_axes', 0) != 0 or kwargs.get('static_broadcasted_argnums'):
+      return pmapped  # Not how trax calls it: nothing to place.
+
+    def placed(*args):
+      arrays = [x for x in jax.tree_util.tree_leaves(args)
+                if isinstance(x, jax.Array) and x.ndim]
+      if arrays:
+        devices = kwargs.get('devices') or jax.local_devices(
+            backend=kwargs.get('backend'))[:arrays[0].shape[0]]
+        sharding = jax.sharding.NamedSharding(
+            jax.sharding.Mesh(np.array(devices), ('pmap',)),
+            jax.sharding.PartitionSpec('pmap'))
+        args = jax.tree_util.tree_map(
+            lambda x: jax.device_put(x, sharding) if _misplaced(x, sharding)
+            else x, args)
+      return pmapped(*args)
+
+    placed.lower = pmapped.lower
+    return placed
+
+  fastmath_jax.JAX_BACKEND['pmap'] = pmap  # fastmath.pmap reads it per call.
+
+
+def multiprocess_cpu_training_hangs():
+  """Whether several CPU devices per process can deadlock multi-process runs.
+
+  With jax 0.10.2 (whose pmap is jit-based) a 2-process x 2-CPU-device trainer
+  hangs after a few steps, at random: one local device's part of a
+  cross-process all-reduce waits on that device's in-flight-computations
+  semaphore in XLA's CPU client while the other part waits in gloo. jax 0.4.38
+  (C++ pmap) trains; the pmap kind tells the two runtimes apart.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  return type(jax.pmap(lambda x: x)).__name__ != 'PmapFunction'
+
+
+def _fix_cond_per_branch_operands():
+  # Newer jax's lax.cond dropped the keyword form cond(pred=, true_operand=,
+  # true_fun=, false_operand=, false_fun=) that trax's LSH attention calls in
+  # predict mode (TypeError); pass both operands to the current form instead.
+  import jax  # pylint: disable=g-import-not-at-top
+  try:  # Traces only: starts no backend (jax.distributed may come later).
+    jax.eval_shape(lambda: jax.lax.cond(
+        pred=True, true_operand=0, true_fun=lambda x: x, false_operand=0,
+        false_fun=lambda x: x))
+    return
+  except TypeError:
+    pass
+  from trax.fastmath import jax as fastmath_jax  # pylint: disable=g-import-not-at-top
+  cond = fastmath_jax.JAX_BACKEND['cond']
+
+  def per_branch_cond(*args, **kwargs):
+    if 'true_operand' not in kwargs:
+      return cond(*args, **kwargs)
+    pred = args[0] if args else kwargs['pred']
+    true_fun, false_fun = kwargs['true_fun'], kwargs['false_fun']
+    return cond(pred, lambda ops: true_fun(ops[0]),
+                lambda ops: false_fun(ops[1]),
+                (kwargs['true_operand'], kwargs['false_operand']))
+
+  fastmath_jax.JAX_BACKEND['cond'] = per_branch_cond  # fastmath.cond reads it per call.
+
+
+def _fix_stop_gradient_python_ints():
+  # Newer jax's stop_gradient turns a Python int into a jax value (a tracer under
+  # jit); trax's LSH attention passes its length through it and then branches on
+  # it in Python (TypeError in predict mode). An int has no gradient: keep it.
+  import jax  # pylint: disable=g-import-not-at-top
+  kept = []
+  jax.eval_shape(lambda: kept.append(type(jax.lax.stop_gradient(3))))
+  if kept == [int]:
+    return
+  from trax.fastmath import jax as fastmath_jax  # pylint: disable=g-import-not-at-top
+  stop_gradient = fastmath_jax.JAX_BACKEND['stop_gradient']
+
+  def stop_gradient_keeping_ints(x):
+    return jax.tree_util.tree_map(
+        lambda y: y if type(y) in (int, bool) else stop_gradient(y), x)  # pylint: disable=unidiomatic-typecheck
+
+  fastmath_jax.JAX_BACKEND['stop_gradient'] = stop_gradient_keeping_ints
+
+
 def apply():
   """Imports trax (fast) and applies every fix, once."""
   global _APPLIED
@@ -304,4 +445,8 @@ def apply():
   _fix_eval_metrics_across_hosts()
   _fix_one_device_per_process()
   _fix_same_rng_on_every_process()
+  _fix_for_n_devices()
+  _fix_pmap_committed_args()
+  _fix_cond_per_branch_operands()
+  _fix_stop_gradient_python_ints()
   _APPLIED = True

@@ -486,6 +486,16 @@ def run(args):
   if n_processes == 1:
     return _train(args)
   import jax  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import compat  # pylint: disable=g-import-not-at-top
+  if (jax.default_backend() == 'cpu' and jax.local_device_count() > 1 and
+      compat.multiprocess_cpu_training_hangs()):
+    # Refuse rather than hang (every process stops here, alike).
+    raise ValueError(
+        f'{jax.local_device_count()} CPU devices per process hang '
+        f'multi-process training with jax {jax.__version__} (its CPU runtime '
+        'deadlocks in cross-process collectives); use one CPU device per '
+        'process, one process, GPUs/TPUs, or jax 0.4.38 (pip install -e . '
+        '-c constraints/oldest.txt)')
   try:
     if not jax.process_index():
       return _train(args)
