@@ -1,4 +1,4 @@
-"""Fixes for what trax 1.4.1 gets wrong on the pinned stack (Python 3.11, jax 0.4.38).
+"""Fixes for what trax 1.4.1 gets wrong on the supported stack (jax 0.4.38 and newer).
 
 Importing `trax_hourglass` imports this module first; each fix is applied once, here,
 and has a test in `tests/test_compat.py` that fails without it. Import trax through
@@ -413,7 +413,8 @@ def _fix_cond_per_branch_operands():
 def _fix_stop_gradient_python_ints():
   # Newer jax's stop_gradient turns a Python int into a jax value (a tracer under
   # jit); trax's LSH attention passes its length through it and then branches on
-  # it in Python (TypeError in predict mode). An int has no gradient: keep it.
+  # it in Python (TracerBoolConversionError in predict mode). An int has no
+  # gradient: keep it.
   import jax  # pylint: disable=g-import-not-at-top
   kept = []
   jax.eval_shape(lambda: kept.append(type(jax.lax.stop_gradient(3))))
