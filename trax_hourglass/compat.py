@@ -333,7 +333,7 @@ def _fix_pmap_committed_args():
   # first multi-device step crashed. The C++ pmap copied them; copy them first.
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  if type(jax.pmap(lambda x: x)).__name__ == 'PmapFunction':
+  if not _pmap_is_jit_based():
     return
   from trax.fastmath import jax as fastmath_jax  # pylint: disable=g-import-not-at-top
 
@@ -379,6 +379,11 @@ def multiprocess_cpu_training_hangs():
   semaphore in XLA's CPU client while the other part waits in gloo. jax 0.4.38
   (C++ pmap) trains; the pmap kind tells the two runtimes apart.
   """
+  return _pmap_is_jit_based()
+
+
+def _pmap_is_jit_based():
+  """Whether jax's pmap is jit + shard_map (newer jax), not the C++ PmapFunction."""
   import jax  # pylint: disable=g-import-not-at-top
   return type(jax.pmap(lambda x: x)).__name__ != 'PmapFunction'
 

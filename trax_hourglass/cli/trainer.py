@@ -335,11 +335,6 @@ def _add_callback(callback_class):
     gin.bind_parameter('train.callbacks', bound + [callback_class])
 
 
-def _process_index():
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index()
-
-
 def _check_config():
   """Refuses what would train wrongly or unsafely, before any compiling."""
   from trax_hourglass.data import streams  # pylint: disable=g-import-not-at-top
@@ -561,7 +556,7 @@ def _train(args):
   output_dir = _output_dir_or_default(args.output_dir)
   n_devices = trainer_lib.num_devices() or fastmath.local_device_count()
   _print_devices(n_devices)
-  if _process_index() == 0:  # Other hosts of a run share its output dir.
+  if not jax.process_index():  # Other hosts of a run share its output dir.
     checkpoints.lock_output_dir(output_dir)
   _add_callback(progress)
   try:
