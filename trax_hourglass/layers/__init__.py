@@ -8,7 +8,7 @@ from trax_hourglass.layers.attention import RelativeDotProductAttention
 from trax_hourglass.layers.attention import SelfAttention
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
-from trax_hourglass.layers.resampling import FeedForwardResidual
+from trax_hourglass.layers.feed_forward import FeedForwardResidual
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers.resampling import LinearPooling

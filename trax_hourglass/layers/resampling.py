@@ -18,6 +18,7 @@ from trax.fastmath import numpy as jnp
 from trax_hourglass.layers.attention import RelativeAttention
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import Dropout
+from trax_hourglass.layers.feed_forward import FeedForwardResidual
 
 
 def _configurable(fn):
@@ -110,21 +111,6 @@ def LinearUpsampling(shorten_factor, d_model, *args, dropout=0.0, mode='train',
       Dense(shorten_factor * d_model),  # vecs: (batch, len/k, k*d_model)
       Dropout(rate=dropout, mode=mode),
       SplitBlocks(shorten_factor, mode),  # vecs: (batch, len, d_model)
-  )
-
-
-def FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
-                        ff_activation):
-  """Pre-norm position-wise feed-forward block with its residual: vecs -> vecs."""
-  def _Dropout():
-    return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
-  return tl.Residual(
-      tl.LayerNorm(),
-      Dense(d_ff),  # vecs: (batch, len, d_ff)
-      ff_activation(),
-      _Dropout(),
-      Dense(d_model),  # vecs: (batch, len, d_model)
-      _Dropout(),
   )
 
 

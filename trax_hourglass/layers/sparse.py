@@ -13,7 +13,7 @@ import trax.layers as tl
 from trax.layers.research import sparsity as trax_sparsity
 
 from trax_hourglass.layers.dense import Dense
-from trax_hourglass.layers.resampling import FeedForwardResidual
+from trax_hourglass.layers.feed_forward import FeedForwardResidual
 
 # Gumbel-softmax temperature of the SparseFF controller in training, and the share
 # of steps that use the quantized (one-hot) mask instead of the soft one; trax's

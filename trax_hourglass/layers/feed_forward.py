@@ -1,0 +1,29 @@
+"""The dense feed-forward block of the hourglass's Transformer layers.
+
+Used by every decoder block (through `layers.FeedForwardBlock`, which swaps in
+trax's `SparseFF` when `ff_sparsity` > 0) and, always dense, by
+`AttentionResampling`.
+"""
+
+import trax.layers as tl
+
+from trax_hourglass.layers.dense import Dense
+from trax_hourglass.layers.dropout import Dropout
+
+
+def FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
+                        ff_activation):
+  """Pre-norm position-wise feed-forward block with its residual: vecs -> vecs.
+
+  vecs: (batch, len, d_model).
+  """
+  def _Dropout():
+    return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
+  return tl.Residual(
+      tl.LayerNorm(),
+      Dense(d_ff),  # vecs: (batch, len, d_ff)
+      ff_activation(),
+      _Dropout(),
+      Dense(d_model),  # vecs: (batch, len, d_model)
+      _Dropout(),
+  )
