@@ -26,26 +26,34 @@ def test_nested_levels_use_relative_factors():
 def test_plain_transformer():
   h = parse_hierarchy('12@1')
   assert h.levels == () and h.vanilla_layers == (12, 0) and h.total_factor == 1
+  assert parse_hierarchy('12@1', vanilla_layers=(12, 0)) == h
+
+
+def test_plain_transformer_refuses_vanilla_layers():
+  """trax's HourglassLM would put them around a factor-1 level: ambiguous."""
+  with pytest.raises(ValueError,
+                     match=r"vanilla_layers=\(2, 2\) .* hierarchy='16@1'"):
+    parse_hierarchy('12@1', vanilla_layers=(2, 2))
 
 
 @pytest.mark.parametrize('bad, why', [
-    ('8@', 'not of the form'),
-    ('abc', 'not of the form'),
-    ('', 'empty'),
-    ('1@2 2@6 1@3', 'palindrome'),
-    ('1@2 1@2', 'palindrome'),  # Even count: no middle level.
-    ('1@4 1@6 1@4', 'multiple'),
-    ('1@3 1@3 1@3', 'multiple'),
-    ('8@0', '0'),
-    ('0@3', 'no layers'),
-    ('8@-3', 'not of the form'),
+    ('8@', "'8@' is not of the form"),
+    ('abc', "'abc' is not of the form"),
+    ('', 'it is empty'),
+    ('1@2 2@6 1@3', 'it is not a palindrome'),
+    ('1@2 1@2', 'it has no middle level'),
+    ('1@4 1@6 1@4', 'factor 6 is not a proper multiple of the factor 4'),
+    ('1@3 1@3 1@3', 'factor 3 is not a proper multiple of the factor 3'),
+    ('8@0', 'a shorten factor is 0'),
+    ('0@3', "'0@3' has no layers"),
+    ('8@-3', "'8@-3' is not of the form"),
 ])
 def test_malformed_hierarchy_names_the_string_and_a_valid_one(bad, why):
   with pytest.raises(ValueError) as e:
     parse_hierarchy(bad)
   message = str(e.value)
-  assert repr(bad) in message
-  assert why in message
+  # The reason comes first: the rest of the message is the same for all.
+  assert message.startswith(f'Invalid hierarchy {bad!r}: {why}'), message
   assert "'2@1 8@3 2@1'" in message  # Says what a valid one looks like.
 
 

@@ -57,7 +57,7 @@ def parse_hierarchy(hierarchy, vanilla_layers=(1, 1)):
       levels are `@1`, they are the full-length (vanilla) layers and replace
       `vanilla_layers`.
     vanilla_layers: (pre, post) full-length layers, used when `hierarchy` has
-      no `@1` ends.
+      no `@1` ends; with them, only the default (1, 1) or the same numbers.
 
   Returns:
     A `Hierarchy`.
@@ -83,7 +83,13 @@ def parse_hierarchy(hierarchy, vanilla_layers=(1, 1)):
   half = pairs[:len(pairs) // 2 + 1]  # Outermost to innermost.
 
   if half == [(half[0][0], 1)]:  # 'n@1': a plain Transformer, no shortening.
-    return Hierarchy((half[0][0], 0), ())
+    n_layers, given = half[0][0], _check_vanilla_layers(vanilla_layers)
+    if given not in ((1, 1), (n_layers, 0)):  # trax would add them around it.
+      raise ValueError(
+          f'hierarchy {hierarchy!r} is a plain Transformer of {n_layers} layers '
+          f'and vanilla_layers={given} would add layers to it: give the total '
+          f"alone, e.g. hierarchy='{n_layers + sum(given)}@1'.")
+    return Hierarchy((n_layers, 0), ())
   if half[0][1] == 1:  # The paper's notation.
     n_vanilla = half[0][0]
     given = tuple(vanilla_layers)
