@@ -46,7 +46,7 @@ class Dropout(tl.Dropout):
   def forward(self, x):
     if self._mode != 'train':
       return x
-    rate = self._initial_rate
-    if isinstance(self.state, dict) and self._name in self.state:
-      rate = self.state[self._name]  # As tl.Dropout: a rate set through state.
-    return apply_dropout(x, rate, self.rng, tuple(self._shared_axes))
+    # tl.Dropout's state holds the rate as an array and it reads the rate from
+    # there only if the state is a dict, which it never is: the rate is fixed.
+    return apply_dropout(x, self._initial_rate, self.rng,
+                         tuple(self._shared_axes))
