@@ -14,8 +14,6 @@ import gin
 import jax
 import trax.layers as tl
 from trax.fastmath import numpy as jnp
-from trax.layers.combinators import inputs_from_stack
-from trax.layers.combinators import outputs_onto_stack
 
 from trax_hourglass.hierarchy import parse_hierarchy
 from trax_hourglass.layers.attention import RelativeAttentionBiases
@@ -33,79 +31,59 @@ from trax_hourglass.layers.sparse import VocabProjection
 from trax_hourglass.models.predict import Autoregressive
 from trax_hourglass.models.predict import CausalShift
 from trax_hourglass.models.predict import LatestShortened
-from trax_hourglass.models.predict import PastMaxLenError  # pylint: disable=unused-import
+from trax_hourglass.models.predict import PastMaxLenError  # pylint: disable=unused-import  # Its old place.
 from trax_hourglass.models.predict import TokenShift
-from trax_hourglass.models.predict import _in_structure_of
+from trax_hourglass.models.predict import shortened_level_step
 
 
 class ShortenedLevel(tl.Serial):
   """vecs -> vecs + upsample(middle(shorten(shift(vecs)))), one hourglass level.
 
-  A `tl.Serial` of Dup, CausalShift, shortening, middle layers, LatestShortened,
-  upsampling, LayerNorm and Add. In predict mode (one token per call) the
-  shortening and the middle layers run only when a shortened position is
-  complete, every k-th token, under `lax.cond`; the other tokens upsample the
-  remembered shortened vector. Nested levels do the same at their own pace.
+  vecs: (batch, len, d_model). A `tl.Serial` of three named parts, in the
+  order of its weights:
+    * `shifting`: Dup, CausalShift;
+    * `shortening`: the shortening, the middle layers, LatestShortened;
+    * `upsampling`: the upsampling, LayerNorm, Add.
+  In predict mode (one token per call) `shortening` runs only every k-th token
+  of the level, when a shortened position is complete: see
+  `predict.shortened_level_step`.
   """
 
   def __init__(self, shorten_factor, shortening, middle, upsampling,
                mode='train', factor_dropout=()):
-    super().__init__(
+    self._shifting = (
         tl.Dup(),  # vecs, vecs
         CausalShift(shorten_factor, mode),  # shifted, vecs
+    )
+    self._shortening = (
         tl.Serial(shortening),  # short: (batch, len/k, d_model), vecs
         tl.Serial(middle),  # short, vecs
         LatestShortened(mode),  # short, vecs
+    )
+    self._upsampling = (
         tl.Serial(upsampling),  # up: (batch, len, d_model), vecs
         tl.LayerNorm(),  # up, vecs
         tl.Add(),  # vecs: up + vecs
-        name=f'ShortenedLevel({shorten_factor})')
+    )
+    super().__init__(self._shifting, self._shortening, self._upsampling,
+                     name=f'ShortenedLevel({shorten_factor})')
     self._factor = shorten_factor
     self._mode = mode
     # Shorten-factor dropout: the same level built at other factors, with the
     # same weight layout; training runs one, drawn per step, on our weights.
     self._factor_dropout = tuple(factor_dropout)
 
+  shorten_factor = property(lambda self: self._factor)
+  shifting = property(lambda self: self._shifting)
+  shortening = property(lambda self: self._shortening)
+  upsampling = property(lambda self: self._upsampling)
+
   def forward(self, xs):
     if self._factor_dropout and self._mode == 'train':
       return self._forward_random_factor(xs)
-    if self._mode != 'predict':
-      return super().forward(xs)
-    state = list(self.state)
-    rngs = list(jax.random.split(self.rng, len(self.sublayers)))
-
-    def apply(index, stack, state):
-      layer = self.sublayers[index]
-      outputs, state[index] = layer.pure_fn(
-          inputs_from_stack(stack, layer.n_in), self.weights[index],
-          state[index], rngs[index], use_cache=True)
-      return outputs_onto_stack(outputs, stack, layer.n_in)
-
-    stack = apply(0, xs, state)  # vecs, vecs
-    n_done = state[1][1]  # Tokens before this one.
-    stack = apply(1, stack, state)  # window: (batch, k, d_model), vecs
-    window, rest = stack[0], stack[1:]
-
-    def shorten(window_and_states):
-      window, inner = window_and_states
-      inner = list(state[:2]) + list(inner)
-      short = window
-      for index in (2, 3, 4):
-        short = apply(index, short, inner)
-      return short, _in_structure_of(tuple(state[2:5]), tuple(inner[2:5]))
-
-    def remember(window_and_states):
-      _, inner = window_and_states
-      return inner[2], inner
-
-    short, inner = jax.lax.cond(n_done % self._factor == 0, shorten, remember,
-                                (window, tuple(state[2:5])))
-    state[2:5] = inner
-    stack = (short,) + tuple(rest)
-    for index in (5, 6, 7):
-      stack = apply(index, stack, state)
-    self.state = tuple(state)
-    return stack
+    if self._mode == 'predict':
+      return shortened_level_step(self, xs)
+    return super().forward(xs)
 
   def _forward_random_factor(self, xs):
     """One level per factor in one compiled step; lax.switch runs one of them."""
@@ -221,9 +199,10 @@ def HourglassLM(vocab_size,
       past it raises. Train and eval take any length. Also the length of the
       absolute positions added at the embedding when `vanilla_attn_type` has
       no positions of its own (e.g. `tl.CausalAttention`, `tl.CausalFavor`).
-    ff_sparsity: 0 (dense) or N: every layer's feed-forward block is trax's
-      `SparseFF`, one unit active in each block of N ("Sparse is Enough in
-      Scaling Transformers"); see `layers.FeedForwardBlock`.
+    ff_sparsity: 0 (dense) or N: the feed-forward block of every decoder
+      block (full-length and shortened) is trax's `SparseFF`, one unit active
+      in each block of N ("Sparse is Enough in Scaling Transformers"); see
+      `layers.FeedForwardBlock`. `AttentionResampling`'s stays dense.
     loss_sparsity: 0 (dense) or N: the vocabulary projection is the
       multiplicative sparse dense of the same paper; see
       `layers.VocabProjection`.

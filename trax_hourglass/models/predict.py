@@ -15,6 +15,8 @@ import trax.layers as tl
 from trax import shapes
 from trax.fastmath import numpy as jnp
 from trax.layers import base
+from trax.layers.combinators import inputs_from_stack
+from trax.layers.combinators import outputs_onto_stack
 
 
 class CausalShift(base.Layer):
@@ -71,6 +73,70 @@ class LatestShortened(base.Layer):
     return x
 
 
+def shortened_level_step(level, xs):
+  """One token through `level`, a `ShortenedLevel`, in predict mode.
+
+  Its `shifting` and `upsampling` parts run at every token. Its `shortening`
+  part runs (under `lax.cond`) only when the level's token count is a multiple
+  of k: then CausalShift's window, (batch, k, d_model), is the next complete
+  shifted block. The k-1 tokens between take the shortened vector that
+  LatestShortened holds in its state. Nested levels do the same at their own
+  pace. Each sublayer gets its own weights, state and rng, as in tl.Serial.
+  """
+  run = _SublayerRunner(level)
+  state = list(level.state)
+  # CausalShift's state: its window and the level's tokens before this one.
+  _, n_done = state[run.index(level.shifting[-1])]
+  stack = run(level.shifting, xs, state)  # window: (batch, k, d_model), vecs
+  window, rest = stack[0], stack[1:]
+  every_kth = [run.index(layer) for layer in level.shortening]
+
+  def shorten(window_and_states):
+    window, states = window_and_states
+    inner = dict(zip(every_kth, states))
+    short = run(level.shortening, window, inner)  # (batch, 1, d_model)
+    return short, _in_structure_of(
+        states, tuple(inner[index] for index in every_kth))
+
+  def remember(window_and_states):
+    _, states = window_and_states
+    return states[-1], states  # LatestShortened's state: its latest input.
+
+  short, states = jax.lax.cond(
+      n_done % level.shorten_factor == 0, shorten, remember,
+      (window, tuple(state[index] for index in every_kth)))
+  for index, layer_state in zip(every_kth, states):
+    state[index] = layer_state
+  stack = run(level.upsampling, (short,) + tuple(rest), state)
+  level.state = tuple(state)
+  return stack
+
+
+class _SublayerRunner:
+  """Applies some sublayers of a tl.Serial to a stack, as tl.Serial does.
+
+  Each sublayer gets the weights, rng (`serial.rng` split per sublayer) and
+  state that tl.Serial.forward would give it; `state` is a list in sublayer
+  order (or a dict by sublayer index), updated in place.
+  """
+
+  def __init__(self, serial):
+    self._serial = serial
+    self._rngs = jax.random.split(serial.rng, len(serial.sublayers))
+
+  def index(self, layer):
+    return [sub is layer for sub in self._serial.sublayers].index(True)
+
+  def __call__(self, layers, stack, state):
+    for layer in layers:
+      i = self.index(layer)
+      outputs, state[i] = layer.pure_fn(
+          inputs_from_stack(stack, layer.n_in), self._serial.weights[i],
+          state[i], self._rngs[i], use_cache=True)
+      stack = outputs_onto_stack(outputs, stack, layer.n_in)
+    return stack
+
+
 def _in_structure_of(old_state, new_state):
   """new_state's values in old_state's tree structure.
 
@@ -90,7 +156,7 @@ class TokenShift(base.Layer):
   """
 
   def __init__(self, mode='train'):
-    super().__init__(name='ShiftRight(1)')
+    super().__init__(name='TokenShift')
     self._mode = mode
 
   def init_weights_and_state(self, input_signature):
@@ -124,6 +190,11 @@ class Autoregressive(tl.Serial):
     self._counter = [isinstance(layer, TokenShift)
                      for layer in self.sublayers].index(True)
 
+  @property
+  def max_len(self):
+    """The longest sequence it decodes: its caches' size."""
+    return self._max_len
+
   def init_weights_and_state(self, input_signature):
     batch = input_signature.shape[0]
     super().init_weights_and_state(
@@ -154,8 +225,7 @@ class Autoregressive(tl.Serial):
           f'past its max_len={self._max_len}: build it with a larger max_len '
           '(the caches grow with it) or start a new sequence.')
 
-  def forward(self, xs):
-    toks = xs
+  def forward(self, toks):
     if toks.shape[1] == 1:
       return super().forward(toks)
 
