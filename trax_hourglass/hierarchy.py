@@ -82,24 +82,19 @@ def parse_hierarchy(hierarchy, vanilla_layers=(1, 1)):
     raise _invalid(hierarchy, 'it has no middle level')
   half = pairs[:len(pairs) // 2 + 1]  # Outermost to innermost.
 
-  if half == [(half[0][0], 1)]:  # 'n@1': a plain Transformer, no shortening.
-    n_layers, given = half[0][0], _check_vanilla_layers(vanilla_layers)
-    if given not in ((1, 1), (n_layers, 0)):  # trax would add them around it.
-      raise ValueError(
-          f'hierarchy {hierarchy!r} is a plain Transformer of {n_layers} layers '
-          f'and vanilla_layers={given} would add layers to it: give the total '
-          f"alone, e.g. hierarchy='{n_layers + sum(given)}@1'.")
-    return Hierarchy((n_layers, 0), ())
-  if half[0][1] == 1:  # The paper's notation.
-    n_vanilla = half[0][0]
-    given = tuple(vanilla_layers)
-    if given not in ((1, 1), (n_vanilla, n_vanilla)):
+  if half[0][1] == 1:  # The paper's notation: the @1 ends are full-length.
+    n_vanilla, half = half[0][0], half[1:]
+    # 'n@1' alone is a plain Transformer (trax would add vanilla_layers
+    # around a level of factor 1).
+    vanilla = (n_vanilla, n_vanilla) if half else (n_vanilla, 0)
+    given = _check_vanilla_layers(vanilla_layers)
+    if given not in ((1, 1), vanilla):
+      example = (f"hierarchy='{' '.join(tokens[1:-1])}', vanilla_layers={given}"
+                 if half else f"hierarchy='{n_vanilla + sum(given)}@1'")
       raise ValueError(
           f'hierarchy {hierarchy!r} names its full-length layers ({n_vanilla}@1) '
           f'and vanilla_layers={given} disagrees: give one of them, e.g. '
-          f"hierarchy='{' '.join(tokens[1:-1])}', vanilla_layers={given}.")
-    vanilla = (n_vanilla, n_vanilla)
-    half = half[1:]
+          f'{example}.')
   else:
     vanilla = _check_vanilla_layers(vanilla_layers)
 
