@@ -1,9 +1,4 @@
-"""The dense feed-forward block of the hourglass's Transformer layers.
-
-Used by every decoder block (through `layers.FeedForwardBlock`, which swaps in
-trax's `SparseFF` when `ff_sparsity` > 0) and, always dense, by
-`AttentionResampling`.
-"""
+"""The dense feed-forward block of the decoder and the resampling blocks."""
 
 import trax.layers as tl
 

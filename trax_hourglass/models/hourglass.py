@@ -177,7 +177,8 @@ def HourglassLM(vocab_size,
     vanilla_layers: (pre, post) full-length layers around the shortening.
     hierarchy: Shortened levels, e.g. '8@3' (8 layers at 1/3 length), '1@2 2@6
       1@2' (nested), or the paper's '2@1 8@3 2@1' (full-length layers included;
-      then `vanilla_layers` is taken from it). See `trax_hourglass.hierarchy`.
+      then `vanilla_layers` is taken from it; '12@1' alone is a plain
+      Transformer of 12 layers). See `trax_hourglass.hierarchy`.
     n_heads: Attention heads.
     dropout: Dropout rate for hidden vectors and attention probabilities.
     dropout_shared_axes: Axes sharing one dropout mask, e.g. (0, 1).

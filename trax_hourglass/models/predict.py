@@ -1,13 +1,9 @@
-"""Predict mode (one token per call) of `HourglassLM`: its state and its step.
+"""Predict mode (one token per call, trax's decoding) of `HourglassLM`.
 
-trax decodes by feeding the previous token, 0 first, one call at a time (or a
-prompt in one call). A predict-mode HourglassLM keeps, in its state:
-  * `TokenShift`: the tokens fed so far (`Autoregressive` checks max_len on it);
-  * per level, `CausalShift`: the level's last k inputs and its token count;
-    `LatestShortened`: the latest shortened vector, which the k-1 tokens
-    between two complete blocks reuse (see `ShortenedLevel`);
-  * the attention layers' key/value caches (in `layers`).
-Train and eval mode use the same layers, without state.
+Its state: `TokenShift` counts the tokens fed (`Autoregressive` checks max_len
+on it); per level, `CausalShift` keeps the last k inputs and the level's token
+count, `LatestShortened` the shortened vector that the k-1 tokens between two
+complete blocks reuse; the attention layers keep their key/value caches.
 """
 
 import jax
@@ -81,22 +77,33 @@ def shortened_level_step(level, xs):
   of k: then CausalShift's window, (batch, k, d_model), is the next complete
   shifted block. The k-1 tokens between take the shortened vector that
   LatestShortened holds in its state. Nested levels do the same at their own
-  pace. Each sublayer gets its own weights, state and rng, as in tl.Serial.
+  pace.
   """
-  run = _SublayerRunner(level)
+  index = {id(layer): i for i, layer in enumerate(level.sublayers)}
+  rngs = jax.random.split(level.rng, len(level.sublayers))
+
+  def run(layers, stack, state):
+    """`layers` of `level` on the stack, as tl.Serial; updates state[i]."""
+    for layer in layers:
+      i = index[id(layer)]
+      outputs, state[i] = layer.pure_fn(
+          inputs_from_stack(stack, layer.n_in), level.weights[i], state[i],
+          rngs[i], use_cache=True)
+      stack = outputs_onto_stack(outputs, stack, layer.n_in)
+    return stack
+
   state = list(level.state)
   # CausalShift's state: its window and the level's tokens before this one.
-  _, n_done = state[run.index(level.shifting[-1])]
+  _, n_done = state[index[id(level.shifting[-1])]]
   stack = run(level.shifting, xs, state)  # window: (batch, k, d_model), vecs
   window, rest = stack[0], stack[1:]
-  every_kth = [run.index(layer) for layer in level.shortening]
+  every_kth = [index[id(layer)] for layer in level.shortening]
 
   def shorten(window_and_states):
     window, states = window_and_states
     inner = dict(zip(every_kth, states))
     short = run(level.shortening, window, inner)  # (batch, 1, d_model)
-    return short, _in_structure_of(
-        states, tuple(inner[index] for index in every_kth))
+    return short, _in_structure_of(states, tuple(inner[i] for i in every_kth))
 
   def remember(window_and_states):
     _, states = window_and_states
@@ -104,37 +111,12 @@ def shortened_level_step(level, xs):
 
   short, states = jax.lax.cond(
       n_done % level.shorten_factor == 0, shorten, remember,
-      (window, tuple(state[index] for index in every_kth)))
-  for index, layer_state in zip(every_kth, states):
-    state[index] = layer_state
+      (window, tuple(state[i] for i in every_kth)))
+  for i, layer_state in zip(every_kth, states):
+    state[i] = layer_state
   stack = run(level.upsampling, (short,) + tuple(rest), state)
   level.state = tuple(state)
   return stack
-
-
-class _SublayerRunner:
-  """Applies some sublayers of a tl.Serial to a stack, as tl.Serial does.
-
-  Each sublayer gets the weights, rng (`serial.rng` split per sublayer) and
-  state that tl.Serial.forward would give it; `state` is a list in sublayer
-  order (or a dict by sublayer index), updated in place.
-  """
-
-  def __init__(self, serial):
-    self._serial = serial
-    self._rngs = jax.random.split(serial.rng, len(serial.sublayers))
-
-  def index(self, layer):
-    return [sub is layer for sub in self._serial.sublayers].index(True)
-
-  def __call__(self, layers, stack, state):
-    for layer in layers:
-      i = self.index(layer)
-      outputs, state[i] = layer.pure_fn(
-          inputs_from_stack(stack, layer.n_in), self._serial.weights[i],
-          state[i], self._rngs[i], use_cache=True)
-      stack = outputs_onto_stack(outputs, stack, layer.n_in)
-    return stack
 
 
 def _in_structure_of(old_state, new_state):
