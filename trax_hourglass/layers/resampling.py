@@ -25,18 +25,14 @@ def _configurable(fn):
   return gin.configurable(fn, module='trax_hourglass')
 
 
-def _check_divisible(x, shorten_factor):
-  if x.shape[1] % shorten_factor:
-    raise ValueError(
-        f'Cannot shorten a sequence of length {x.shape[1]} by {shorten_factor}: '
-        'HourglassLM pads its inputs to a multiple of the total shorten factor; '
-        'pad inputs to these layers likewise.')
-
-
 def _groups(x, shorten_factor):
   """(batch, len, d) -> (batch, len/k, k, d): consecutive blocks of k vectors."""
-  _check_divisible(x, shorten_factor)
   batch, length, d = x.shape
+  if length % shorten_factor:
+    raise ValueError(
+        f'Cannot shorten a sequence of length {length} by {shorten_factor}: '
+        'HourglassLM pads its inputs to a multiple of the total shorten factor; '
+        'pad inputs to these layers likewise.')
   return x.reshape(batch, length // shorten_factor, shorten_factor, d)
 
 

@@ -51,20 +51,16 @@ class ShortenedLevel(tl.Serial):
 
   def __init__(self, shorten_factor, shortening, middle, upsampling,
                mode='train', factor_dropout=()):
-    self._shifting = (
-        tl.Dup(),  # vecs, vecs
-        CausalShift(shorten_factor, mode),  # shifted, vecs
-    )
+    self._shifting = (tl.Dup(),  # vecs, vecs
+                      CausalShift(shorten_factor, mode))  # shifted, vecs
     self._shortening = (
         tl.Serial(shortening),  # short: (batch, len/k, d_model), vecs
         tl.Serial(middle),  # short, vecs
-        LatestShortened(mode),  # short, vecs
-    )
+        LatestShortened(mode))  # short, vecs
     self._upsampling = (
         tl.Serial(upsampling),  # up: (batch, len, d_model), vecs
         tl.LayerNorm(),  # up, vecs
-        tl.Add(),  # vecs: up + vecs
-    )
+        tl.Add())  # vecs: up + vecs
     super().__init__(self._shifting, self._shortening, self._upsampling,
                      name=f'ShortenedLevel({shorten_factor})')
     self._factor = shorten_factor
@@ -107,10 +103,8 @@ def PadToMultiple(multiple, mode='train'):
   Predict mode takes a token at a time: nothing to pad.
   """
   def pad(toks):
-    extra = -toks.shape[1] % multiple
+    extra = 0 if mode == 'predict' else -toks.shape[1] % multiple
     return jnp.pad(toks, ((0, 0), (0, extra))) if extra else toks
-  if mode == 'predict':
-    return tl.Fn(f'PadToMultiple{multiple}', lambda toks: toks)
   return tl.Fn(f'PadToMultiple{multiple}', pad)
 
 
@@ -122,11 +116,9 @@ def CropToInputLength():
 def DecoderBlock(attention, d_model, d_ff, dropout, dropout_shared_axes, mode,
                  ff_activation, ff_sparsity=0):
   """Pre-norm Transformer block around `attention`: vecs -> vecs."""
-  def _Dropout():
-    return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
-
   return [
-      tl.Residual(tl.LayerNorm(), attention, _Dropout()),  # vecs
+      tl.Residual(tl.LayerNorm(), attention, Dropout(  # vecs
+          rate=dropout, shared_axes=dropout_shared_axes, mode=mode)),
       FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
                        ff_activation, ff_sparsity),  # vecs
   ]
@@ -232,9 +224,6 @@ def HourglassLM(vocab_size,
   pad_multiple = math.lcm(spec.total_factor, *factor_dropout)
   context_bias, location_bias = RelativeAttentionBiases(d_model, n_heads)
 
-  def _Dropout():
-    return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
-
   def _Blocks(n_layers, total_pooling, attention_type):
     """n_layers blocks at a level shortened by total_pooling, then LayerNorm."""
     return [
@@ -288,9 +277,9 @@ def HourglassLM(vocab_size,
   return model(  # toks: (batch, len)
       tl.Dup(),  # toks, toks
       PadToMultiple(pad_multiple, mode),  # toks: (batch, len'), toks
-      TokenShift(mode),
+      TokenShift(mode),  # toks: shifted right (train, eval), counted (predict)
       tl.Embedding(vocab_size, d_model),  # vecs: (batch, len', d_model)
-      _Dropout(),
+      Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode),
       [] if has_positions(vanilla_attn_type) else tl.PositionalEncoding(
           max_len=padded_len, mode=mode),  # vecs: tokens + absolute positions
       _Blocks(n_pre, 1, vanilla_attn_type),  # vecs

@@ -1,9 +1,7 @@
 """Predict mode (one token per call, trax's decoding) of `HourglassLM`.
 
-Its state: `TokenShift` counts the tokens fed (`Autoregressive` checks max_len
-on it); per level, `CausalShift` keeps the last k inputs and the level's token
-count, `LatestShortened` the shortened vector that the k-1 tokens between two
-complete blocks reuse; the attention layers keep their key/value caches.
+The layers that keep its state besides the attention caches (token counts, each
+level's window and latest shortened vector), a level's step, and the model.
 """
 
 import jax
