@@ -126,13 +126,9 @@ def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
               (vecs (batch, len, d), residual).
   Predict mode: len is k (the current shifted block) when shortening, and 1
   when upsampling; `max_inference_length` (a multiple of k) is the longest
-  sequence at the finer level.
+  sequence at the finer level, the size of the keys' cache when shortening
+  (1/k of it when upsampling: the keys are then the short vectors).
   """
-  def _Dropout():
-    return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
-
-  # Predict mode caches the keys; max_inference_length is the longest sequence
-  # at the finer of the two levels.
   keys_len = (max_inference_length // shorten_factor if is_upsampling
               else max_inference_length)
   return [
@@ -144,7 +140,7 @@ def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
           RelativeAttention(d_model, n_heads, dropout, mode, context_bias_layer,
                             location_bias_layer, total_pooling, shorten_factor,
                             is_upsampling, keys_len),
-          _Dropout(),
+          Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode),
       ),  # vecs
       FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
                           ff_activation),  # vecs
