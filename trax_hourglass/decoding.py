@@ -30,6 +30,7 @@ import numpy as np
 from trax import shapes
 
 from trax_hourglass import checkpoints
+from trax_hourglass import runs
 from trax_hourglass.data import images as image_data
 from trax_hourglass.models import weights as weight_loading
 from trax_hourglass.models.hourglass import HourglassLM
@@ -339,35 +340,6 @@ def save_png(array, path):
 # ---------------------------------------------------------------------------
 
 
-def parse_run_config(config_files, bindings=()):
-  """Parses a run's gin config(s); returns its train.model function.
-
-  Clears gin's config first, so that bindings of an earlier model do not leak
-  into this one. Configurables of other programs are skipped.
-  """
-  from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
-  from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
-  from trax_hourglass import data as _data  # pylint: disable=g-import-not-at-top,unused-import
-  from trax_hourglass.cli import trainer  # pylint: disable=g-import-not-at-top
-  for path in config_files:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'gin config {path} does not exist.')
-  gin.clear_config()
-  trainer._progress_callback_class()  # pylint: disable=protected-access
-  # Not finalized (locked): building a model may still import modules that
-  # register configurables, which a locked config refuses.
-  gin.parse_config_files_and_bindings(list(config_files), list(bindings),
-                                      finalize_config=False, skip_unknown=True)
-  try:
-    model = gin.query_parameter('train.model')
-  except ValueError:
-    model = None
-  if model is None:
-    raise ValueError(f'gin config {", ".join(config_files)} binds no '
-                     'train.model; pass a training config, or model_fn.')
-  return model.scoped_configurable_fn
-
-
 def _is_our_hourglass(model_fn):
   while isinstance(model_fn, functools.partial):
     model_fn = model_fn.func
@@ -432,9 +404,9 @@ def load_predict_model(checkpoint_or_weights, model_fn=None, config_file=None,
              else list(config_file or []))
   configs = [os.path.expanduser(os.fspath(c)) for c in configs]
   if model_fn is None:
-    model_fn = parse_run_config(configs) if configs else HourglassLM
+    model_fn = runs.parse_run_config(configs) if configs else HourglassLM
   elif configs:
-    parse_run_config(configs)  # Its bindings apply to model_fn.
+    runs.parse_run_config(configs)  # Its bindings apply to model_fn.
   # Read the weights first: a missing checkpoint fails before any building.
   if path is None:
     weights, where = source, 'the given weights'

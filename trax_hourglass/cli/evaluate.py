@@ -272,9 +272,6 @@ def run(args):
   import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   from trax_hourglass import data as hg_data  # pylint: disable=g-import-not-at-top
-  from trax_hourglass.cli import trainer  # pylint: disable=g-import-not-at-top
-  from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
-  from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
 
   output_dir = os.path.expanduser(args.output_dir)
   if not os.path.isdir(output_dir):
@@ -293,7 +290,6 @@ def run(args):
   _check_writable(json_path)  # Now, not after minutes of scoring.
   if args.data_dir:
     hg_data.set_default_data_dir(os.path.expanduser(args.data_dir))
-  trainer._progress_callback_class()  # pylint: disable=protected-access
   gin.parse_config_files_and_bindings(configs, args.config, skip_unknown=True)
   ckpt = checkpoints.read_checkpoint(output_dir)
   if ckpt is None:

@@ -168,6 +168,7 @@ def _load_test_images(path, n_images):
 def run(args):
   """Samples; returns the text samples (list of str) or the grid (uint8)."""
   from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
 
   if args.n_tokens < 1:
     raise ValueError(f'--n_tokens={args.n_tokens}; use 1 or more.')
@@ -214,13 +215,13 @@ def run(args):
     images = _load_test_images(args.images, args.n_images)
     length = int(np.prod(images.shape[1:]))
     batch = len(images)
-    _check_memory(decoding.parse_run_config(configs), 0, length, batch,
+    _check_memory(runs.parse_run_config(configs), 0, length, batch,
                   f'--n_images={batch} of {length} subpixels')
   else:
     prompt = np.frombuffer(args.prompt.encode('utf-8'), np.uint8)
     length = len(prompt) + args.n_tokens
     batch = args.batch_size
-    _check_memory(decoding.parse_run_config(configs), len(prompt),
+    _check_memory(runs.parse_run_config(configs), len(prompt),
                   args.n_tokens, batch)
   # The caches need only this sequence's length.
   model = decoding.load_predict_model(
