@@ -23,7 +23,6 @@ import os
 import time
 import weakref
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np

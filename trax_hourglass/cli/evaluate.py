@@ -269,7 +269,6 @@ def _check_ids(tokens, vocab, source):
 
 def run(args):
   """Evaluates; returns the result dict."""
-  import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   from trax_hourglass import data as hg_data  # pylint: disable=g-import-not-at-top
 

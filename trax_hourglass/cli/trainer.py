@@ -343,14 +343,11 @@ def _lost_a_process(error):
 
 def _train(args):
   """`run` after the distributed runtime is up."""
-  import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   from trax_hourglass import data  # pylint: disable=g-import-not-at-top
   from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from trax import fastmath  # pylint: disable=g-import-not-at-top
-  from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
-  from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
   from trax.supervised import trainer_lib  # pylint: disable=g-import-not-at-top
 
   checkpoints.install()
