@@ -19,6 +19,8 @@ import numpy as np
 from trax import fastmath
 from trax.supervised import callbacks
 
+from trax_hourglass import checkpoints
+
 
 def _format_duration(secs):
   if secs is None or not math.isfinite(secs):
@@ -210,3 +212,12 @@ def parse_run_config(config_files, bindings=()):
     raise ValueError(f'gin config {", ".join(config_files)} binds no '
                      'train.model; pass a training config, or model_fn.')
   return model.scoped_configurable_fn
+
+
+def run_config(path):
+  """The gin config of the run that `path` (output dir, checkpoint) is of.
+
+  trax's trainer writes the run's operative config as `config.gin` into the
+  output dir, beside the top-level checkpoint.
+  """
+  return os.path.join(checkpoints.checkpoint_location(path)[0], 'config.gin')

@@ -3,7 +3,9 @@
   format  trax's files, read without executing code (and written)
   store   a checkpoint as one unit: durable files, an atomic commit, found
           again after any crash; one trainer per output dir
-  loop    the Loop's save/load (and data counters, `init_from_file`) through it
+  loop    the Loop's save/load (and data counters) through it, and the
+          loaders of a model's weights (`init_from_file`,
+          `load_trax_hourglass_weights`)
 
 Use: call `install()` once (the `trainer` script does). It patches, in this one
 place, `trax.supervised.training.Loop.save_checkpoint`/`load_checkpoint`,
@@ -34,10 +36,12 @@ from trax_hourglass.checkpoints.format import unpickle_from_file
 from trax_hourglass.checkpoints.loop import init_from_file
 from trax_hourglass.checkpoints.loop import load_data_counters
 from trax_hourglass.checkpoints.loop import load_loop_checkpoint
+from trax_hourglass.checkpoints.loop import load_trax_hourglass_weights
 from trax_hourglass.checkpoints.loop import save_data_counters
 from trax_hourglass.checkpoints.loop import save_loop_checkpoint
 from trax_hourglass.checkpoints.store import CHECKPOINTS_DIR
 from trax_hourglass.checkpoints.store import Checkpoint
+from trax_hourglass.checkpoints.store import checkpoint_location
 from trax_hourglass.checkpoints.store import commit
 from trax_hourglass.checkpoints.store import committed_folder
 from trax_hourglass.checkpoints.store import CURRENT
@@ -46,7 +50,7 @@ from trax_hourglass.checkpoints.store import lock_output_dir
 from trax_hourglass.checkpoints.store import MANIFEST
 from trax_hourglass.checkpoints.store import OutputDirInUseError
 from trax_hourglass.checkpoints.store import read_checkpoint
-from trax_hourglass.checkpoints.store import sha256_of
+from trax_hourglass.checkpoints.store import read_checkpoint_at
 # pylint: enable=g-importing-member,unused-import
 
 # ---------------------------------------------------------------------------

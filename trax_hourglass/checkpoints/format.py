@@ -216,6 +216,27 @@ def read_arrays(path, n_arrays=None):
   return arrays
 
 
+def check_shapes(where, model_arrays, saved_arrays, what, fix):
+  """Raises CheckpointError unless saved arrays fit the model's one to one.
+
+  Args:
+    where: the file (or weights) read, for the message.
+    model_arrays: the model's flat arrays (None entries are not checked).
+    saved_arrays: the saved flat arrays, in the same order.
+    what: 'weight', 'optimizer slot', ...
+    fix: what the user can do about a mismatch.
+  """
+  if len(model_arrays) != len(saved_arrays):
+    raise CheckpointError(
+        f'{where} holds {len(saved_arrays)} {what} arrays but the model has '
+        f'{len(model_arrays)}; {fix}')
+  for i, (m, s) in enumerate(zip(model_arrays, saved_arrays)):
+    if m is not None and s is not None and tuple(m.shape) != tuple(s.shape):
+      raise CheckpointError(
+          f'{what.capitalize()} array {i} of {where} has shape '
+          f'{tuple(s.shape)}, the model expects {tuple(m.shape)}; {fix}')
+
+
 # ---------------------------------------------------------------------------
 # Writing.
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from trax import fastmath
 from trax import layers as tl
+from trax import shapes
 from trax.data import inputs as trax_inputs
 from trax.layers import base
 from trax.supervised import history as trax_history
@@ -28,6 +29,7 @@ from trax_hourglass.checkpoints.format import arrays_writer
 from trax_hourglass.checkpoints.format import pickle_writer
 from trax_hourglass.checkpoints.format import CheckpointError
 from trax_hourglass.checkpoints.format import check_finite
+from trax_hourglass.checkpoints.format import check_shapes
 from trax_hourglass.checkpoints.format import from_bits
 from trax_hourglass.checkpoints.format import NonFiniteWeightsError
 from trax_hourglass.checkpoints.format import safe_unpickle
@@ -38,7 +40,9 @@ from trax_hourglass.checkpoints.store import write_file_atomically
 from trax_hourglass.checkpoints.store import commit
 from trax_hourglass.checkpoints.store import committed_folder
 from trax_hourglass.checkpoints.store import is_local
+from trax_hourglass.checkpoints.store import checkpoint_location
 from trax_hourglass.checkpoints.store import read_checkpoint
+from trax_hourglass.checkpoints.store import read_checkpoint_at
 
 # trax's originals, kept for `uninstall()` and for non-local output dirs.
 TRAX_SAVE_CHECKPOINT = training.Loop.save_checkpoint
@@ -151,20 +155,9 @@ def _refuse_non_finite(output_dir, basename, step, flat_weights):
         'checkpoint.') from None
 
 
-def _strict_match(name, model_arrays, saved_arrays, what):
-  """Checks saved arrays fit the model's one to one; returns the saved ones."""
-  if len(model_arrays) != len(saved_arrays):
-    raise CheckpointError(
-        f'{name}: holds {len(saved_arrays)} {what} arrays but the model has '
-        f'{len(model_arrays)}; this checkpoint is from a different model or '
-        'optimizer config (use another output_dir, or the same config).')
-  for i, (m, s) in enumerate(zip(model_arrays, saved_arrays)):
-    if m is not None and s is not None and tuple(m.shape) != tuple(s.shape):
-      raise CheckpointError(
-          f'{name}: {what} array {i} has shape {tuple(s.shape)}, the model '
-          f'expects {tuple(m.shape)}; this checkpoint is from a different '
-          'model config.')
-  return list(saved_arrays)
+# What to do when a run's checkpoint does not fit its Loop.
+_ANOTHER_CONFIG = ('this checkpoint is from a different model or optimizer '
+                   'config (use another output_dir, or the same config).')
 
 
 def load_loop_checkpoint(loop, directory=None, filename=None):
@@ -183,9 +176,8 @@ def load_loop_checkpoint(loop, directory=None, filename=None):
     return
   if not is_local(directory):
     return TRAX_LOAD_CHECKPOINT(loop, directory, filename)
-  basename = filename or 'model'
-  if basename.endswith('.pkl.gz'):
-    basename = basename[:-len('.pkl.gz')]
+  directory, basename = checkpoint_location(
+      os.path.join(directory, filename or 'model'))
   ckpt = read_checkpoint(directory, basename,
                          n_tasks=len(loop._trainer_per_task))
   if ckpt is None:
@@ -202,20 +194,20 @@ def load_loop_checkpoint(loop, directory=None, filename=None):
                                            ckpt.slots_per_task)):
     model_slots = loop._to_bits(training._flatten_and_remove_empty(
         trainer.slots))
-    matched = _strict_match(
-        os.path.join(ckpt.path, f'{basename}.opt_slots{i}.npy.gz'),
-        model_slots, training._flatten_and_remove_empty(slots),
-        'optimizer slot')
+    slots = training._flatten_and_remove_empty(slots)
+    check_shapes(os.path.join(ckpt.path, f'{basename}.opt_slots{i}.npy.gz'),
+                 model_slots, slots, 'optimizer slot', _ANOTHER_CONFIG)
     trainer.slots, _ = fastmath.tree_unflatten(
-        loop._from_bits(matched), trainer.slots, copy_from_tree=[None, ()])
+        loop._from_bits(slots), trainer.slots, copy_from_tree=[None, ()])
   d = ckpt.data
   input_signature = d['input_signature']
   sig = loop._model.weights_and_state_signature(input_signature)
   flat_init_weights, flat_init_state = tl.flatten_weights_and_state(
       loop._model.weights, loop._model.state)
-  matched_weights = loop._from_bits(_strict_match(
-      os.path.join(ckpt.path, f'{basename}.weights.npy.gz'),
-      loop._to_bits(flat_init_weights), ckpt.flat_weights, 'weight'))
+  check_shapes(os.path.join(ckpt.path, f'{basename}.weights.npy.gz'),
+               loop._to_bits(flat_init_weights), ckpt.flat_weights, 'weight',
+               _ANOTHER_CONFIG)
+  matched_weights = loop._from_bits(list(ckpt.flat_weights))
   try:
     restored_state = True
     matched_state = loop._from_bits(training._match_by_shape(
@@ -300,13 +292,7 @@ def init_from_file(layer, file_name, weights_only=False, input_signature=None):
   Returns:
     A `(weights, state)` tuple, as trax's.
   """
-  if os.path.isdir(file_name):
-    directory, basename = file_name, 'model'
-  else:
-    directory, basename = os.path.split(file_name)
-  ckpt = read_checkpoint(directory, basename, n_tasks=0)
-  if ckpt is None:
-    raise CheckpointError(f'{file_name}: no checkpoint there')
+  ckpt = read_checkpoint_at(file_name)
   d = ckpt.data
   if input_signature is None:
     input_signature = d['input_signature']
@@ -320,3 +306,51 @@ def init_from_file(layer, file_name, weights_only=False, input_signature=None):
     layer.state = state
   layer.weights = weights
   return (layer.weights, layer.state)
+
+
+def _flat_weights(weights):
+  """trax's flat weight list: shared weights once, empty layers skipped."""
+  return base.flatten_weights_and_state(weights, ())[0]
+
+
+def load_trax_hourglass_weights(model, weights_or_checkpoint_path):
+  """Loads the weights of a trax `HourglassLM` into `model` and returns it.
+
+  Our `HourglassLM` lays its weights out leaf for leaf as trax's does (same
+  layers in the same order, the two shared relative-attention biases stored
+  once), so a flat list of the original's weights fills ours directly; every
+  shape is checked.
+
+  Args:
+    model: our `HourglassLM`, built with the same arguments as the original
+      (any mode). Initialised here if it is not yet.
+    weights_or_checkpoint_path: the original's weights (`model.weights`, a
+      nested tuple, or a flat list of arrays), or a checkpoint written by
+      trax's training loop or Trainer (its `model.pkl.gz`, e.g. the released
+      ImageNet checkpoints, or its output dir).
+
+  Returns:
+    `model`, with the original's weights.
+
+  Raises:
+    ValueError (CheckpointError) if the weights do not fit `model`, naming
+    the first mismatch.
+  """
+  source = weights_or_checkpoint_path
+  if isinstance(source, (str, os.PathLike)):
+    flat, where = read_checkpoint_at(source).flat_weights, os.fspath(source)
+  else:
+    flat, where = _flat_weights(source), 'the given weights'
+  flat = [np.asarray(w) for w in from_bits(flat)]
+  if not _flat_weights(model.weights):
+    model.init(shapes.ShapeDtype((1, 1), np.int32))
+  target = _flat_weights(model.weights)
+  check_shapes(where, target, flat, 'weight',
+               'build the model with the same arguments as the original '
+               '(hierarchy, vanilla_layers, d_model, d_ff, n_heads, '
+               'vocab_size, resampling and attention types).')
+  cast = [np.asarray(w, dtype=t.dtype) for w, t in zip(flat, target)]
+  model.weights, _ = fastmath.tree_unflatten(
+      cast, model.weights,
+      copy_from_tree=[base.EMPTY_WEIGHTS, base.GET_WEIGHTS_FROM_CACHE])
+  return model

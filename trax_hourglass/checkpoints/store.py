@@ -73,12 +73,9 @@ class OutputDirInUseError(ValueError):
 
 
 def sha256_of(path):
-  """Hex sha256 of a file, read in 1 MiB chunks."""
-  h = hashlib.sha256()
+  """Hex sha256 of a file."""
   with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(1 << 20), b''):
-      h.update(chunk)
-  return h.hexdigest()
+    return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 # ---------------------------------------------------------------------------
@@ -473,8 +470,6 @@ def read_checkpoint(directory, basename='model', n_tasks=None):
   Returns:
     A `Checkpoint` or None.
   """
-  if basename.endswith('.pkl.gz'):
-    basename = basename[:-len('.pkl.gz')]
   folder, manifest = _locate(directory, basename, verify=True)
   if folder is not None and _top_level_is_ours(directory, basename, manifest):
     path = folder
@@ -489,8 +484,9 @@ def read_checkpoint(directory, basename='model', n_tasks=None):
       return None
   prefix = os.path.join(path, basename)
   data = safe_unpickle(prefix + '.pkl.gz')
-  if not isinstance(data, dict) or 'step' not in data:
-    raise CheckpointError(f'{prefix}.pkl.gz: not a trax checkpoint (no step)')
+  if not isinstance(data, dict) or not {'step', 'flat_weights'} <= set(data):
+    raise CheckpointError(f'{prefix}.pkl.gz: not a trax checkpoint (no step '
+                          'or flat_weights)')
   if isinstance(data.get('flat_weights'), int):
     flat_weights = read_arrays(prefix + '.weights.npy.gz')
   else:  # trax's older format: weights inside the pickle.
@@ -516,6 +512,35 @@ def read_checkpoint(directory, basename='model', n_tasks=None):
   return Checkpoint(step=int(data['step']), data=data,
                     flat_weights=flat_weights, slots_per_task=slots_per_task,
                     data_counters=data_counters, path=path, manifest=manifest)
+
+
+def checkpoint_location(path):
+  """(directory, checkpoint name) that `path` means: the one place that says.
+
+  An output dir means its `model` checkpoint (the one a run resumes from); a
+  file `dir/name.pkl.gz` (top-level, inside a committed folder, or written by
+  trax, e.g. a released checkpoint) means checkpoint `name` in `dir`. The
+  suffix may be left off (trax's `Loop.load_checkpoint` names 'model').
+  """
+  path = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(path):
+    return path, 'model'
+  directory, name = os.path.split(path)
+  return directory, name.removesuffix('.pkl.gz')
+
+
+def read_checkpoint_at(path, n_tasks=0):
+  """`read_checkpoint` of what `path` means (`checkpoint_location`).
+
+  Raises:
+    FileNotFoundError when there is no checkpoint there.
+  """
+  directory, basename = checkpoint_location(path)
+  ckpt = read_checkpoint(directory, basename, n_tasks=n_tasks)
+  if ckpt is None:
+    raise FileNotFoundError(f'no checkpoint {basename}.pkl.gz in {directory}; '
+                            'has the run saved one yet?')
+  return ckpt
 
 
 # ---------------------------------------------------------------------------

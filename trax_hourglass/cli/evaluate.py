@@ -271,12 +271,13 @@ def run(args):
   """Evaluates; returns the result dict."""
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   from trax_hourglass import data as hg_data  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
 
   output_dir = os.path.expanduser(args.output_dir)
   if not os.path.isdir(output_dir):
     raise FileNotFoundError(f'--output_dir {output_dir} is not a directory; '
                             'pass the output dir of a training run.')
-  configs = args.config_file or [os.path.join(output_dir, 'config.gin')]
+  configs = args.config_file or [runs.run_config(output_dir)]
   for path in configs:
     if not os.path.exists(path):
       raise FileNotFoundError(
@@ -290,9 +291,7 @@ def run(args):
   if args.data_dir:
     hg_data.set_default_data_dir(os.path.expanduser(args.data_dir))
   gin.parse_config_files_and_bindings(configs, args.config, skip_unknown=True)
-  ckpt = checkpoints.read_checkpoint(output_dir)
-  if ckpt is None:
-    raise FileNotFoundError(f'no checkpoint in {output_dir}')
+  ckpt = checkpoints.read_checkpoint_at(output_dir)
   checkpoints.check_finite(
       checkpoints.from_bits(ckpt.flat_weights),
       f'{os.path.join(ckpt.path, "model.weights.npy.gz")} (step {ckpt.step})')

@@ -196,8 +196,7 @@ def run(args):
       raise ValueError(
           "--original needs --config_file: one of our gin configs with the "
           "original's architecture (e.g. gin/imagenet32_hourglass.gin).")
-    directory = source if os.path.isdir(source) else os.path.dirname(source)
-    default = os.path.join(directory, 'config.gin')
+    default = runs.run_config(source)
     if not os.path.exists(default):
       raise FileNotFoundError(
           f'there is no {default} (the trainer writes it after its first '
