@@ -79,46 +79,6 @@ def _parse_args(argv):
   return parser.parse_args(argv)
 
 
-def sample_tokens(model, prompt_ids, length, sequence_length, temperature=0.0,
-                  seed=0):
-  """Samples `length` tokens after `prompt_ids` by re-running `model`.
-
-  The model sees a fixed-size buffer [1, sequence_length] (one compilation),
-  filled with the tokens so far (the last ones, once longer than it) and 0s;
-  its logits at position t predict token t, as it shifts its inputs right.
-
-  Args:
-    model: a trained trax LM in 'eval' mode (one input, logits out).
-    prompt_ids: list of ints to start from (may be empty).
-    length: tokens to generate.
-    sequence_length: the buffer length (the training length).
-    temperature: 0 for greedy, else the softmax temperature.
-    seed: random seed.
-
-  Returns:
-    The generated token ids (list of ints), prompt excluded.
-  """
-  from trax import fastmath  # pylint: disable=g-import-not-at-top
-  weights, state = model.weights, model.state
-  fwd = fastmath.jit(lambda x, w, s, r: model.pure_fn(x, w, s, r)[0])
-  rng = np.random.default_rng(seed)
-  key = fastmath.random.get_prng(seed)
-  tokens, out = list(prompt_ids), []
-  for _ in range(length):
-    context = tokens[-(sequence_length - 1):]
-    x = np.zeros((1, sequence_length), np.int32)
-    x[0, :len(context)] = context
-    logits = np.asarray(fwd(x, weights, state, key))[0, len(context)]
-    if temperature <= 0:
-      t = int(np.argmax(logits))
-    else:
-      p = np.exp((logits - logits.max()) / temperature)
-      t = int(rng.choice(len(p), p=p / p.sum()))
-    tokens.append(t)
-    out.append(t)
-  return out
-
-
 def _print_devices(n_devices):
   import jax  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
@@ -399,14 +359,19 @@ def _train(args):
 
 
 def _print_sample(loop, settings):
-  seq_len = loop.tasks[0].sample_batch[0].shape[1]
-  model = loop.eval_model
-  model.weights = loop.model.weights
-  prompt = list(settings['prompt'].encode('utf-8'))
-  out = sample_tokens(model, prompt, settings['length'], seq_len,
-                      settings['temperature'], settings['seed'])
-  text = bytes(min(255, max(0, t)) for t in prompt + out).decode(
-      'utf-8', errors='replace')
+  """Samples from the trained weights in predict mode (`decoding.sample`)."""
+  from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
+  prompt = np.frombuffer(settings['prompt'].encode('utf-8'), np.uint8)
+  model = decoding.load_predict_model(
+      loop.model.weights,
+      model_fn=gin.query_parameter('train.model').scoped_configurable_fn,
+      max_len=len(prompt) + settings['length'])
+  out = decoding.sample(model, settings['length'],
+                        prompt=prompt if len(prompt) else None,
+                        temperature=settings['temperature'],
+                        seed=settings['seed'])[0]
+  text = (prompt.tobytes() + bytes(np.clip(out, 0, 255).astype(np.uint8))
+          ).decode('utf-8', errors='replace')
   kind = 'greedy' if settings['temperature'] <= 0 else (
       f'temperature {settings["temperature"]}')
   print(f'Sample ({kind}, {settings["length"]} bytes after the prompt):\n'
