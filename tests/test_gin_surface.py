@@ -99,3 +99,76 @@ def test_importing_the_package_registers_every_configurable():
       "print('registered')\n")
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'registered' in result.stdout
+
+
+# The model sections of trax's five hourglass_*.gin files, in their style
+# (bare `@LinearPooling`, ...), smaller; `{model}` is `HourglassLM` there.
+_SIZES = """
+{model}.d_model = 32
+{model}.d_ff = 64
+{model}.n_heads = 2
+{model}.dropout = 0.0
+{model}.vocab_size = 256
+{model}.mode = 'train'
+{model}.ff_activation = @trax.layers.FastGelu
+"""
+TRAX_STYLE = {
+    'enwik8': ("{model}.vanilla_layers = (2, 2)\n{model}.hierarchy = '3@3'\n"
+               '{model}.attention_upsampling_fn = @NaiveUpsampling\n',
+               {'Repeat'}),
+    'cifar10': ("{model}.vanilla_layers = (1, 1)\n{model}.hierarchy = '2@3'\n"
+                '{model}.attention_downsampling_fn = @LinearPooling\n'
+                '{model}.attention_upsampling_fn = @LinearUpsampling\n',
+                {'Shorten', 'ProlongBack'}),
+    'imagenet32': ("{model}.vanilla_layers = (1, 1)\n"
+                   "{model}.hierarchy = '3@3'\n"
+                   '{model}.attention_downsampling_fn = @LinearPooling\n',
+                   {'Shorten'}),
+    'imagenet64': ("{model}.vanilla_layers = (1, 1)\n"
+                   "{model}.hierarchy = '2@3'\n"
+                   '{model}.downsampling_fn = @LinearPooling\n'
+                   '{model}.upsampling_fn = @LinearUpsampling\n',
+                   {'Shorten', 'ProlongBack'}),
+    'wiki40b': ("{model}.vanilla_layers = (1, 1)\n{model}.hierarchy = '2@4'\n"
+                '{model}.attention_upsampling_fn = @LinearUpsampling\n',
+                {'ProlongBack'}),
+}
+
+
+def _layer_names(layer):
+  names = {layer.name}
+  for sublayer in layer.sublayers:
+    names |= _layer_names(sublayer)
+  return names
+
+
+def _build(name, section):
+  """The model that gin text `section` configures as `name`, and its size."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  gin.clear_config()
+  try:
+    gin.parse_config(f'train.model = @{name}\n' +
+                     (_SIZES + section).format(model=name))
+    model = gin.query_parameter('train.model').scoped_configurable_fn()
+    weights, _ = model.weights_and_state_signature(
+        shapes.ShapeDtype((1, 96), np.int32))
+  finally:
+    gin.clear_config()
+  return model, sum(int(np.prod(w.shape)) for w in
+                    fastmath.tree_flatten(weights) if hasattr(w, 'shape'))
+
+
+@pytest.mark.parametrize('config', sorted(TRAX_STYLE))
+def test_a_trax_hourglass_gin_builds_ours_after_the_one_rename(config):
+  import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
+  section, trax_layer_names = TRAX_STYLE[config]
+  # `HourglassLM` -> `trax_hourglass.HourglassLM`, as the README says; the
+  # same text as trax's model (fully named: both are registered here).
+  ours, n_ours = _build('trax_hourglass.HourglassLM', section)
+  theirs, n_theirs = _build('trax.models.HourglassLM', section)
+  assert n_ours == n_theirs
+  # trax's model keeps trax's resampling layers; ours builds its own.
+  assert trax_layer_names <= _layer_names(theirs)
+  assert not trax_layer_names & _layer_names(ours)
