@@ -133,3 +133,9 @@ def check_gin_value_types():
         binding = f'{scope + "/" if scope else ""}{selector}.{name}'
         raise ValueError(f'gin binding {binding}={value!r} is text; it must '
                          f'be {kind} (its default is {default!r}).')
+
+
+def vocab_size(model):
+  """The model's output vocabulary: the last weight is its final Dense bias."""
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  return int(fastmath.tree_flatten(model.weights)[-1].shape[-1])

@@ -185,7 +185,7 @@ def score_images(scorer, tokens, batch_size):
   return total, tokens.size
 
 
-def _byte_data(args, seq_len):
+def _byte_data(args):
   """(uint8 array of the split, description) from flags or the run's gin."""
   from trax_hourglass.data import text  # pylint: disable=g-import-not-at-top
   if args.byte_file:
@@ -207,8 +207,8 @@ def _byte_data(args, seq_len):
     elif name == 'stdlib_text_inputs':
       path = text.stdlib_corpus(_bound('stdlib_text_inputs.max_bytes',
                                        8_000_000))
-      data, bounds = text.load_bytes(path), None
-      bounds, source = text.byte_file_splits(len(data)), path
+      data, source = text.load_bytes(path), path
+      bounds = text.byte_file_splits(len(data))
     else:
       return None
   start, end = bounds[args.split]
@@ -249,12 +249,6 @@ def _check_writable(path):
   with open(probe, 'w'):
     pass
   os.remove(probe)
-
-
-def _vocab_size(model):
-  """The model's output vocabulary: the last weight is its final Dense bias."""
-  from trax import fastmath  # pylint: disable=g-import-not-at-top
-  return int(fastmath.tree_flatten(model.weights)[-1].shape[-1])
 
 
 def _check_ids(tokens, vocab, source):
@@ -298,12 +292,12 @@ def run(args):
   model = gin.query_parameter('train.model').scoped_configurable_fn(
       mode='eval')
   checkpoints.init_from_file(model, output_dir)
-  vocab = _vocab_size(model)
+  vocab = cli.vocab_size(model)
   trained_len = int(ckpt.data['input_signature'][0].shape[1])
   scorer = Scorer(model)
   start = time.time()
   result = {'output_dir': output_dir, 'step': ckpt.step}
-  byte_data = None if args.npz else _byte_data(args, trained_len)
+  byte_data = None if args.npz else _byte_data(args)
   if byte_data is not None:
     data, source = byte_data
     _check_ids(data, vocab, source)

@@ -142,12 +142,6 @@ class _Progress:
           flush=True)
 
 
-def _vocab_size(model):
-  """The model's output vocabulary: the last weight is its final Dense bias."""
-  from trax import fastmath  # pylint: disable=g-import-not-at-top
-  return int(fastmath.tree_flatten(model.weights)[-1].shape[-1])
-
-
 def _load_test_images(path, n_images):
   path = os.path.expanduser(path)
   if not os.path.exists(path):
@@ -226,7 +220,7 @@ def run(args):
   model = decoding.load_predict_model(
       source, config_file=configs, max_len=length, batch_size=batch,
       original=args.original)
-  vocab = _vocab_size(model)
+  vocab = cli.vocab_size(model)
 
   if images is not None:
     if vocab != 256:
