@@ -221,3 +221,15 @@ def run_config(path):
   output dir, beside the top-level checkpoint.
   """
   return os.path.join(checkpoints.checkpoint_location(path)[0], 'config.gin')
+
+
+def run_configs(config_files, path):
+  """`config_files`, else the `run_config` of `path`, which must exist."""
+  if config_files:
+    return list(config_files)
+  default = run_config(path)
+  if not os.path.exists(default):
+    raise FileNotFoundError(
+        f'there is no {default} (the trainer writes it after its first '
+        'step); pass the model\'s gin config with --config_file.')
+  return [default]

@@ -40,6 +40,7 @@ from trax_hourglass.checkpoints.store import write_file_atomically
 from trax_hourglass.checkpoints.store import commit
 from trax_hourglass.checkpoints.store import committed_folder
 from trax_hourglass.checkpoints.store import is_local
+from trax_hourglass.checkpoints.store import Checkpoint
 from trax_hourglass.checkpoints.store import checkpoint_location
 from trax_hourglass.checkpoints.store import read_checkpoint
 from trax_hourglass.checkpoints.store import read_checkpoint_at
@@ -285,14 +286,16 @@ def init_from_file(layer, file_name, weights_only=False, input_signature=None):
   Args:
     layer: the trax layer (model) to initialize.
     file_name: a `*.pkl.gz` checkpoint (top-level or inside a committed
-      folder), or an output dir, which means its committed `model` checkpoint.
+      folder), or an output dir, which means its committed `model` checkpoint
+      (`store.checkpoint_location`); or a `Checkpoint` already read.
     weights_only: restore only weights, not state.
     input_signature: used instead of the one saved.
 
   Returns:
     A `(weights, state)` tuple, as trax's.
   """
-  ckpt = read_checkpoint_at(file_name)
+  ckpt = (file_name if isinstance(file_name, Checkpoint) else
+          read_checkpoint_at(file_name))
   d = ckpt.data
   if input_signature is None:
     input_signature = d['input_signature']

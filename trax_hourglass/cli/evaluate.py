@@ -271,15 +271,8 @@ def run(args):
   if not os.path.isdir(output_dir):
     raise FileNotFoundError(f'--output_dir {output_dir} is not a directory; '
                             'pass the output dir of a training run.')
-  configs = args.config_file or [runs.run_config(output_dir)]
-  for path in configs:
-    if not os.path.exists(path):
-      raise FileNotFoundError(
-          f'gin config {path} does not exist; pass the run\'s config with '
-          '--config_file')
-    if os.path.isdir(path):
-      raise ValueError(f'gin config {path} is a directory; pass a gin file '
-                       '(the run\'s config.gin).')
+  configs = runs.run_configs(args.config_file, output_dir)
+  cli.check_gin_files(configs, 'gin config')
   json_path = args.json or os.path.join(output_dir, f'eval_{args.split}.json')
   _check_writable(json_path)  # Now, not after minutes of scoring.
   if args.data_dir:
@@ -291,7 +284,7 @@ def run(args):
       f'{os.path.join(ckpt.path, "model.weights.npy.gz")} (step {ckpt.step})')
   model = gin.query_parameter('train.model').scoped_configurable_fn(
       mode='eval')
-  checkpoints.init_from_file(model, output_dir)
+  checkpoints.init_from_file(model, ckpt)  # As read and checked above.
   vocab = cli.vocab_size(model)
   trained_len = int(ckpt.data['input_signature'][0].shape[1])
   scorer = Scorer(model)

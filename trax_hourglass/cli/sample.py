@@ -184,24 +184,12 @@ def run(args):
   if args.checkpoint and os.path.isdir(source):
     raise ValueError(f'--checkpoint {source} is a directory; pass it as '
                      '--output_dir, or pass its model.pkl.gz.')
-  configs = list(args.config_file)
-  if not configs:
-    if args.original:
-      raise ValueError(
-          "--original needs --config_file: one of our gin configs with the "
-          "original's architecture (e.g. gin/imagenet32_hourglass.gin).")
-    default = runs.run_config(source)
-    if not os.path.exists(default):
-      raise FileNotFoundError(
-          f'there is no {default} (the trainer writes it after its first '
-          'step); pass the model\'s gin config with --config_file.')
-    configs = [default]
-  for path in configs:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'--config_file {path} does not exist')
-    if os.path.isdir(path):
-      raise ValueError(f'--config_file {path} is a directory; pass a gin '
-                       'file (the run\'s config.gin).')
+  if args.original and not args.config_file:
+    raise ValueError(
+        "--original needs --config_file: one of our gin configs with the "
+        "original's architecture (e.g. gin/imagenet32_hourglass.gin).")
+  configs = runs.run_configs(args.config_file, source)
+  cli.check_gin_files(configs)
 
   images = None
   if args.images:

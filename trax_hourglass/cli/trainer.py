@@ -319,12 +319,7 @@ def _train(args):
     bindings.append(f"data_streams.data_dir='{args.data_dir}'")
   if args.model:
     bindings.append(f'train.model=@trax.models.{args.model}')
-  for path in args.config_file:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'--config_file {path} does not exist')
-    if os.path.isdir(path):
-      raise ValueError(f'--config_file {path} is a directory; pass a gin '
-                       'file, e.g. gin/quickstart.gin.')
+  cli.check_gin_files(args.config_file)
   gin.parse_config_files_and_bindings(args.config_file, bindings)
   _check_config()
   output_dir = _output_dir_or_default(args.output_dir)
