@@ -1,4 +1,4 @@
-"""Run-directory helpers: what a training run prints, and how its files are found.
+"""Run-directory helpers: what a training run prints, where its files are.
 
 `ProgressReporter` is the trainer's compact progress line (a trax training
 callback), `final_sample` what it samples at the end; both are gin

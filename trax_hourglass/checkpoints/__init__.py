@@ -57,7 +57,16 @@ from trax_hourglass.checkpoints.store import read_checkpoint_at
 # Installing into trax.
 # ---------------------------------------------------------------------------
 
-_INSTALLED = False
+# What `install` replaces in trax, and trax's originals (for `uninstall`).
+_PATCHES = (
+    (training.Loop, 'save_checkpoint', save_loop_checkpoint),
+    (training.Loop, 'load_checkpoint', load_loop_checkpoint),
+    (trax_inputs, 'save_data_counters', save_data_counters),
+    (trax_inputs, 'load_data_counters', load_data_counters),
+    (base.Layer, 'init_from_file', init_from_file),
+    (training, 'unpickle_from_file', unpickle_from_file),
+)
+_TRAX_ORIGINALS = [getattr(owner, name) for owner, name, _ in _PATCHES]
 
 
 def install():
@@ -68,25 +77,11 @@ def install():
   calls by module attribute), `Layer.init_from_file` and
   `training.unpickle_from_file` (trax's old Trainer reads with it).
   """
-  global _INSTALLED
-  if _INSTALLED:
-    return
-  training.Loop.save_checkpoint = save_loop_checkpoint
-  training.Loop.load_checkpoint = load_loop_checkpoint
-  trax_inputs.save_data_counters = save_data_counters
-  trax_inputs.load_data_counters = load_data_counters
-  base.Layer.init_from_file = init_from_file
-  training.unpickle_from_file = unpickle_from_file
-  _INSTALLED = True
+  for owner, name, ours in _PATCHES:
+    setattr(owner, name, ours)
 
 
 def uninstall():
   """Restores trax's own checkpointing (for tests comparing with it)."""
-  global _INSTALLED
-  training.Loop.save_checkpoint = loop.TRAX_SAVE_CHECKPOINT
-  training.Loop.load_checkpoint = loop.TRAX_LOAD_CHECKPOINT
-  trax_inputs.save_data_counters = loop.TRAX_SAVE_DATA_COUNTERS
-  trax_inputs.load_data_counters = loop.TRAX_LOAD_DATA_COUNTERS
-  base.Layer.init_from_file = loop.TRAX_INIT_FROM_FILE
-  training.unpickle_from_file = loop.TRAX_UNPICKLE_FROM_FILE
-  _INSTALLED = False
+  for (owner, name, _), original in zip(_PATCHES, _TRAX_ORIGINALS):
+    setattr(owner, name, original)

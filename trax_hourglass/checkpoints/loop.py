@@ -45,13 +45,10 @@ from trax_hourglass.checkpoints.store import checkpoint_location
 from trax_hourglass.checkpoints.store import read_checkpoint
 from trax_hourglass.checkpoints.store import read_checkpoint_at
 
-# trax's originals, kept for `uninstall()` and for non-local output dirs.
+# trax's own, for output dirs that are not local.
 TRAX_SAVE_CHECKPOINT = training.Loop.save_checkpoint
 TRAX_LOAD_CHECKPOINT = training.Loop.load_checkpoint
 TRAX_SAVE_DATA_COUNTERS = trax_inputs.save_data_counters
-TRAX_LOAD_DATA_COUNTERS = trax_inputs.load_data_counters
-TRAX_INIT_FROM_FILE = base.Layer.init_from_file
-TRAX_UNPICKLE_FROM_FILE = training.unpickle_from_file
 
 
 def _to_numpy_tree(x):
