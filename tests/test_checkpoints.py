@@ -122,10 +122,11 @@ def test_exception_at_every_point_of_a_save_keeps_a_whole_checkpoint(
   # Fail at the k-th filesystem operation of a save, for every k, until a save
   # goes through: each time the checkpoint on disk must be the old or the new
   # one, whole.
-  ops = [(checkpoints, '_write_durably'), (checkpoints, '_fsync_dir'),
-         (checkpoints.os, 'replace'), (checkpoints.os, 'rename'),
-         (checkpoints.os, 'symlink'), (checkpoints.os, 'mkdir'),
-         (checkpoints.shutil, 'rmtree')]
+  store = checkpoints.store
+  ops = [(store, '_write_durably'), (store, '_fsync_dir'),
+         (store.os, 'replace'), (store.os, 'rename'),
+         (store.os, 'symlink'), (store.os, 'mkdir'),
+         (store.shutil, 'rmtree')]
   seen = set()
   for k in range(200):
     counter = [0]

@@ -250,7 +250,7 @@ def test_a_failed_save_leaves_no_partial_folder_and_keeps_the_last(
     saved, tmp_path, monkeypatch):
   out = _copy_of(saved, tmp_path)
   loop = _loop(out)
-  write = checkpoints._write_durably  # pylint: disable=protected-access
+  write = checkpoints.store._write_durably  # pylint: disable=protected-access
   calls = []
 
   def disk_full_on_second_file(path, write_fn):
@@ -259,7 +259,8 @@ def test_a_failed_save_leaves_no_partial_folder_and_keeps_the_last(
       raise OSError(28, 'No space left on device', path)
     return write(path, write_fn)
 
-  monkeypatch.setattr(checkpoints, '_write_durably', disk_full_on_second_file)
+  monkeypatch.setattr(checkpoints.store, '_write_durably',
+                      disk_full_on_second_file)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'could not save the checkpoint of step 4 \(No '
                      r'space left on device\); the previous checkpoint is '

@@ -178,7 +178,6 @@ def _count(model, length):
 
 def _parse(path, bindings=()):
   gin.clear_config()
-  trainer._progress_callback_class()  # Registers ProgressReporter.
   gin.parse_config_files_and_bindings([path], list(bindings))
   model_fn = gin.query_parameter('train.model').scoped_configurable_fn
   gin.query_parameter('train.inputs')  # Every config names its data.

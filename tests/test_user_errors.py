@@ -122,7 +122,7 @@ def runs(tmp_path_factory):
       content = f.read()
     if name == 'model.weights.npy.gz':
       arrays = checkpoints.read_arrays(os.path.join(folder, name))
-      files[name] = checkpoints._arrays_writer(  # pylint: disable=protected-access
+      files[name] = checkpoints.format.arrays_writer(
           [np.full_like(a, np.nan) for a in arrays], 2)
     else:
       files[name] = lambda f, content=content: f.write(content)

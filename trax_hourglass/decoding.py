@@ -23,15 +23,14 @@ import os
 import time
 import weakref
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 from trax import shapes
 
 from trax_hourglass import checkpoints
+from trax_hourglass import runs
 from trax_hourglass.data import images as image_data
-from trax_hourglass.models import weights as weight_loading
 from trax_hourglass.models.hourglass import HourglassLM
 
 # Upper bound of tokens per compiled call (the size of its output buffer).
@@ -339,35 +338,6 @@ def save_png(array, path):
 # ---------------------------------------------------------------------------
 
 
-def parse_run_config(config_files, bindings=()):
-  """Parses a run's gin config(s); returns its train.model function.
-
-  Clears gin's config first, so that bindings of an earlier model do not leak
-  into this one. Configurables of other programs are skipped.
-  """
-  from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
-  from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
-  from trax_hourglass import data as _data  # pylint: disable=g-import-not-at-top,unused-import
-  from trax_hourglass.cli import trainer  # pylint: disable=g-import-not-at-top
-  for path in config_files:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'gin config {path} does not exist.')
-  gin.clear_config()
-  trainer._progress_callback_class()  # pylint: disable=protected-access
-  # Not finalized (locked): building a model may still import modules that
-  # register configurables, which a locked config refuses.
-  gin.parse_config_files_and_bindings(list(config_files), list(bindings),
-                                      finalize_config=False, skip_unknown=True)
-  try:
-    model = gin.query_parameter('train.model')
-  except ValueError:
-    model = None
-  if model is None:
-    raise ValueError(f'gin config {", ".join(config_files)} binds no '
-                     'train.model; pass a training config, or model_fn.')
-  return model.scoped_configurable_fn
-
-
 def _is_our_hourglass(model_fn):
   while isinstance(model_fn, functools.partial):
     model_fn = model_fn.func
@@ -375,18 +345,6 @@ def _is_our_hourglass(model_fn):
     return True
   wrapped = getattr(model_fn, '__wrapped__', None)  # gin's scoped function.
   return wrapped is not None and _is_our_hourglass(wrapped)
-
-
-def _checkpoint_location(path):
-  """(directory, basename) of an output dir or a *.pkl.gz checkpoint file."""
-  if os.path.isdir(path):
-    return path, 'model'
-  directory, name = os.path.split(path)
-  if not name.endswith('.pkl.gz'):
-    raise ValueError(f'checkpoint {path} is neither a directory nor a '
-                     '*.pkl.gz file; pass a training output_dir or its '
-                     'model.pkl.gz.')
-  return directory, name[:-len('.pkl.gz')]
 
 
 def load_predict_model(checkpoint_or_weights, model_fn=None, config_file=None,
@@ -423,30 +381,21 @@ def load_predict_model(checkpoint_or_weights, model_fn=None, config_file=None,
     if not os.path.exists(path):
       raise FileNotFoundError(f'checkpoint {path} does not exist; pass a '
                               'training output_dir or a model.pkl.gz file.')
-    directory, basename = _checkpoint_location(path)
-    if config_file is None and model_fn is None and not original:
-      default = os.path.join(directory, 'config.gin')
-      if os.path.exists(default):
-        config_file = default
+    if (config_file is None and model_fn is None and not original and
+        os.path.exists(runs.run_config(path))):
+      config_file = runs.run_config(path)
   configs = ([config_file] if isinstance(config_file, (str, os.PathLike))
              else list(config_file or []))
   configs = [os.path.expanduser(os.fspath(c)) for c in configs]
   if model_fn is None:
-    model_fn = parse_run_config(configs) if configs else HourglassLM
+    model_fn = runs.parse_run_config(configs) if configs else HourglassLM
   elif configs:
-    parse_run_config(configs)  # Its bindings apply to model_fn.
+    runs.parse_run_config(configs)  # Its bindings apply to model_fn.
   # Read the weights first: a missing checkpoint fails before any building.
   if path is None:
     weights, where = source, 'the given weights'
-  elif original:
-    weights = weight_loading.read_trax_checkpoint_weights(
-        os.path.join(directory, basename + '.pkl.gz'))
-    where = path
   else:
-    ckpt = checkpoints.read_checkpoint(directory, basename, n_tasks=0)
-    if ckpt is None:
-      raise FileNotFoundError(f'no checkpoint {basename}.pkl.gz in '
-                              f'{directory}; has the run saved one yet?')
+    ckpt = checkpoints.read_checkpoint_at(path)
     weights = [np.asarray(w) for w in checkpoints.from_bits(
         ckpt.flat_weights)]
     where = f'{path} (step {ckpt.step})'
@@ -465,7 +414,7 @@ def load_predict_model(checkpoint_or_weights, model_fn=None, config_file=None,
   model.init(shapes.ShapeDtype((batch_size, 1), np.int32))
   _FRESH_STATES.setdefault(model, {})[batch_size] = model.state
   try:
-    weight_loading.load_trax_hourglass_weights(model, weights)
+    checkpoints.load_trax_hourglass_weights(model, weights)
   except ValueError as e:
     built = (f'config {", ".join(configs)}' if configs else
              f'arguments {model_kwargs}')

@@ -133,3 +133,19 @@ def check_gin_value_types():
         binding = f'{scope + "/" if scope else ""}{selector}.{name}'
         raise ValueError(f'gin binding {binding}={value!r} is text; it must '
                          f'be {kind} (its default is {default!r}).')
+
+
+def vocab_size(model):
+  """The model's output vocabulary: the last weight is its final Dense bias."""
+  from trax import fastmath  # pylint: disable=g-import-not-at-top
+  return int(fastmath.tree_flatten(model.weights)[-1].shape[-1])
+
+
+def check_gin_files(paths, label='--config_file'):
+  """Refuses, in one line, a gin config that is missing or a directory."""
+  for path in paths:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{label} {path} does not exist')
+    if os.path.isdir(path):
+      raise ValueError(f'{label} {path} is a directory; pass a gin file (e.g. '
+                       "gin/quickstart.gin, or a run's config.gin).")

@@ -185,7 +185,7 @@ def score_images(scorer, tokens, batch_size):
   return total, tokens.size
 
 
-def _byte_data(args, seq_len):
+def _byte_data(args):
   """(uint8 array of the split, description) from flags or the run's gin."""
   from trax_hourglass.data import text  # pylint: disable=g-import-not-at-top
   if args.byte_file:
@@ -207,8 +207,8 @@ def _byte_data(args, seq_len):
     elif name == 'stdlib_text_inputs':
       path = text.stdlib_corpus(_bound('stdlib_text_inputs.max_bytes',
                                        8_000_000))
-      data, bounds = text.load_bytes(path), None
-      bounds, source = text.byte_file_splits(len(data)), path
+      data, source = text.load_bytes(path), path
+      bounds = text.byte_file_splits(len(data))
     else:
       return None
   start, end = bounds[args.split]
@@ -251,12 +251,6 @@ def _check_writable(path):
   os.remove(probe)
 
 
-def _vocab_size(model):
-  """The model's output vocabulary: the last weight is its final Dense bias."""
-  from trax import fastmath  # pylint: disable=g-import-not-at-top
-  return int(fastmath.tree_flatten(model.weights)[-1].shape[-1])
-
-
 def _check_ids(tokens, vocab, source):
   """Refuses data with ids the model cannot score (outside [0, vocab))."""
   low, high = int(np.min(tokens)), int(np.max(tokens))
@@ -269,47 +263,34 @@ def _check_ids(tokens, vocab, source):
 
 def run(args):
   """Evaluates; returns the result dict."""
-  import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   from trax_hourglass import data as hg_data  # pylint: disable=g-import-not-at-top
-  from trax_hourglass.cli import trainer  # pylint: disable=g-import-not-at-top
-  from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
-  from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
+  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
 
   output_dir = os.path.expanduser(args.output_dir)
   if not os.path.isdir(output_dir):
     raise FileNotFoundError(f'--output_dir {output_dir} is not a directory; '
                             'pass the output dir of a training run.')
-  configs = args.config_file or [os.path.join(output_dir, 'config.gin')]
-  for path in configs:
-    if not os.path.exists(path):
-      raise FileNotFoundError(
-          f'gin config {path} does not exist; pass the run\'s config with '
-          '--config_file')
-    if os.path.isdir(path):
-      raise ValueError(f'gin config {path} is a directory; pass a gin file '
-                       '(the run\'s config.gin).')
+  configs = runs.run_configs(args.config_file, output_dir)
+  cli.check_gin_files(configs, 'gin config')
   json_path = args.json or os.path.join(output_dir, f'eval_{args.split}.json')
   _check_writable(json_path)  # Now, not after minutes of scoring.
   if args.data_dir:
     hg_data.set_default_data_dir(os.path.expanduser(args.data_dir))
-  trainer._progress_callback_class()  # pylint: disable=protected-access
   gin.parse_config_files_and_bindings(configs, args.config, skip_unknown=True)
-  ckpt = checkpoints.read_checkpoint(output_dir)
-  if ckpt is None:
-    raise FileNotFoundError(f'no checkpoint in {output_dir}')
+  ckpt = checkpoints.read_checkpoint_at(output_dir)
   checkpoints.check_finite(
       checkpoints.from_bits(ckpt.flat_weights),
       f'{os.path.join(ckpt.path, "model.weights.npy.gz")} (step {ckpt.step})')
   model = gin.query_parameter('train.model').scoped_configurable_fn(
       mode='eval')
-  checkpoints.init_from_file(model, output_dir)
-  vocab = _vocab_size(model)
+  checkpoints.init_from_file(model, ckpt)  # As read and checked above.
+  vocab = cli.vocab_size(model)
   trained_len = int(ckpt.data['input_signature'][0].shape[1])
   scorer = Scorer(model)
   start = time.time()
   result = {'output_dir': output_dir, 'step': ckpt.step}
-  byte_data = None if args.npz else _byte_data(args, trained_len)
+  byte_data = None if args.npz else _byte_data(args)
   if byte_data is not None:
     data, source = byte_data
     _check_ids(data, vocab, source)

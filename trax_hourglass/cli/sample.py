@@ -142,12 +142,6 @@ class _Progress:
           flush=True)
 
 
-def _vocab_size(model):
-  """The model's output vocabulary: the last weight is its final Dense bias."""
-  from trax import fastmath  # pylint: disable=g-import-not-at-top
-  return int(fastmath.tree_flatten(model.weights)[-1].shape[-1])
-
-
 def _load_test_images(path, n_images):
   path = os.path.expanduser(path)
   if not os.path.exists(path):
@@ -168,6 +162,7 @@ def _load_test_images(path, n_images):
 def run(args):
   """Samples; returns the text samples (list of str) or the grid (uint8)."""
   from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
 
   if args.n_tokens < 1:
     raise ValueError(f'--n_tokens={args.n_tokens}; use 1 or more.')
@@ -189,44 +184,31 @@ def run(args):
   if args.checkpoint and os.path.isdir(source):
     raise ValueError(f'--checkpoint {source} is a directory; pass it as '
                      '--output_dir, or pass its model.pkl.gz.')
-  configs = list(args.config_file)
-  if not configs:
-    if args.original:
-      raise ValueError(
-          "--original needs --config_file: one of our gin configs with the "
-          "original's architecture (e.g. gin/imagenet32_hourglass.gin).")
-    directory = source if os.path.isdir(source) else os.path.dirname(source)
-    default = os.path.join(directory, 'config.gin')
-    if not os.path.exists(default):
-      raise FileNotFoundError(
-          f'there is no {default} (the trainer writes it after its first '
-          'step); pass the model\'s gin config with --config_file.')
-    configs = [default]
-  for path in configs:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'--config_file {path} does not exist')
-    if os.path.isdir(path):
-      raise ValueError(f'--config_file {path} is a directory; pass a gin '
-                       'file (the run\'s config.gin).')
+  if args.original and not args.config_file:
+    raise ValueError(
+        "--original needs --config_file: one of our gin configs with the "
+        "original's architecture (e.g. gin/imagenet32_hourglass.gin).")
+  configs = runs.run_configs(args.config_file, source)
+  cli.check_gin_files(configs)
 
   images = None
   if args.images:
     images = _load_test_images(args.images, args.n_images)
     length = int(np.prod(images.shape[1:]))
     batch = len(images)
-    _check_memory(decoding.parse_run_config(configs), 0, length, batch,
+    _check_memory(runs.parse_run_config(configs), 0, length, batch,
                   f'--n_images={batch} of {length} subpixels')
   else:
     prompt = np.frombuffer(args.prompt.encode('utf-8'), np.uint8)
     length = len(prompt) + args.n_tokens
     batch = args.batch_size
-    _check_memory(decoding.parse_run_config(configs), len(prompt),
+    _check_memory(runs.parse_run_config(configs), len(prompt),
                   args.n_tokens, batch)
   # The caches need only this sequence's length.
   model = decoding.load_predict_model(
       source, config_file=configs, max_len=length, batch_size=batch,
       original=args.original)
-  vocab = _vocab_size(model)
+  vocab = cli.vocab_size(model)
 
   if images is not None:
     if vocab != 256:

@@ -35,7 +35,6 @@ import inspect
 import math
 import os
 import sys
-import time
 import traceback
 
 import gin
@@ -78,228 +77,6 @@ def _parse_args(argv):
       help='seconds without a heartbeat after which the processes give up on '
            'a lost one and exit (default 100, as jax)')
   return parser.parse_args(argv)
-
-
-def _format_duration(secs):
-  if secs is None or not math.isfinite(secs):
-    return '?'
-  return str(datetime.timedelta(seconds=int(max(0, secs))))
-
-
-def _format_rate(x):
-  for unit, scale in (('M', 1e6), ('k', 1e3)):
-    if x >= scale:
-      return f'{x / scale:.1f}{unit}'
-  return f'{x:.0f}'
-
-
-def _n_params(model):
-  from trax import fastmath  # pylint: disable=g-import-not-at-top
-  return int(sum(np.prod(w.shape) for w in fastmath.tree_flatten(model.weights)
-                 if hasattr(w, 'shape')))
-
-
-def _all_processes_mean():
-  """A function: this process's per-device losses -> the mean over all.
-
-  The Loop averages the loss over this process's devices only; the progress
-  line reports the whole global batch's. Every process calls it each step (a
-  collective, kept on the devices: nothing waits for it until printed).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.process_count() == 1:
-    return lambda loss: loss
-  from jax import numpy as jnp  # pylint: disable=g-import-not-at-top
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('devices',))
-  sharding = jax.sharding.NamedSharding(mesh,
-                                        jax.sharding.PartitionSpec('devices'))
-  mean = jax.jit(jnp.mean, out_shardings=jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))
-
-  def all_processes_mean(loss):
-    # One value per local device (a scalar with one device per process).
-    parts = [jnp.reshape(s.data, (1,))
-             for s in jnp.asarray(loss).addressable_shards]
-    global_loss = jax.make_array_from_single_device_arrays(
-        (len(parts) * jax.process_count(),), sharding, parts)
-    return mean(global_loss).addressable_data(0)
-
-  return all_processes_mean
-
-
-_PROGRESS_CLASS = []
-
-
-def _progress_callback_class():
-  """Defines the callback class once, after trax is imported (gin-registered)."""
-  if _PROGRESS_CLASS:
-    return _PROGRESS_CLASS[0]
-  from trax.supervised import callbacks  # pylint: disable=g-import-not-at-top
-
-  @gin.configurable(module='trax_hourglass')
-  class ProgressReporter(callbacks.TrainingStepCallback):
-    """Prints a compact progress line during training.
-
-    Args (gin):
-      every_secs: print at most this often (and at the first and last step).
-      unit: what a token is, for 'bits per <unit>': 'byte' (byte-level text),
-        'dim' (image subpixels) or 'token'.
-      total_steps: the run's length; default `train.steps` from gin.
-    """
-
-    def __init__(self, loop, every_secs=30.0, unit='token', total_steps=None):
-      super().__init__(loop)
-      self._every_secs = every_secs
-      self._unit = unit
-      if total_steps is None:
-        try:
-          total_steps = gin.query_parameter('train.steps')
-        except ValueError:
-          total_steps = 1000  # trainer_lib.train's default.
-      self._total = total_steps
-      batch = loop.tasks[0].sample_batch
-      import jax  # pylint: disable=g-import-not-at-top
-      n_processes = jax.process_count()
-      self._tokens_per_step = int(np.prod(batch[0].shape)) * n_processes
-      batch_size = batch[0].shape[0]
-      if batch_size % loop.n_devices:
-        raise ValueError(
-            f'batch size {batch_size} cannot be split evenly over '
-            f'{loop.n_devices} devices; use a multiple of {loop.n_devices} '
-            '(or set num_devices.value).')
-      self._losses = []
-      self._last_time = None
-      self._last_step = loop.step
-      self._last_eval_step = None
-      self._start_step = loop.step
-      self._first = None  # (time, step) when the first step (compile) ended.
-      # Keep each step's loss (a device array, read only when printing) and
-      # report after the step: callbacks run before the Loop sees the loss.
-      run_one_step = loop._run_one_step  # pylint: disable=protected-access
-      all_processes_mean = _all_processes_mean()
-      def run_one_step_and_report(*args, **kwargs):
-        if self._last_time is None:
-          self._last_time = time.time()
-        loss, stats = run_one_step(*args, **kwargs)
-        loss = all_processes_mean(loss)  # The Loop logs it too.
-        self._losses.append(loss)
-        self._maybe_print(loop.step)
-        return loss, stats
-      loop._run_one_step = run_one_step_and_report  # pylint: disable=protected-access
-      shape = tuple(batch[0].shape)
-      if n_processes > 1:
-        shape = f'{n_processes} x {shape} (one per process)'
-      print(f'Model: {_n_params(loop.model):,} parameters; batch '
-            f'{shape} = {self._tokens_per_step:,} tokens per step over '
-            f'{loop.n_devices * n_processes} device(s).', flush=True)
-      if loop.step:
-        print(f'Resumed from the checkpoint at step {loop.step} in '
-              f'{loop.output_dir}.', flush=True)
-
-    def call_at(self, step):
-      return False  # All work happens in run_one_step_and_report.
-
-    def _maybe_print(self, step):
-      now = time.time()
-      if (now - self._last_time >= self._every_secs or
-          step == self._start_step + 1 or step >= self._total):
-        self._print(step, now)
-
-    def _print(self, step, now):
-      losses = [float(np.mean(np.asarray(l))) for l in self._losses]
-      bad = [i for i, l in enumerate(losses) if not math.isfinite(l)]
-      if bad:  # Read here, not per step: no device sync per step.
-        raise ValueError(
-            f'training diverged: the loss is {losses[bad[0]]} at step '
-            f'{step - len(losses) + bad[0] + 1}; stopping (the last finite '
-            'checkpoint is kept). Lower the learning rate (or check the '
-            'data) and rerun to resume from it.')
-      loss = float(np.mean(losses))
-      n_steps = max(1, step - self._last_step)
-      secs = max(1e-9, now - self._last_time)
-      per_step = secs / n_steps
-      if self._first is None:
-        self._first = (now, step)
-        left = (self._total - step) * per_step
-      else:  # The mean since the first (compiling) step, evals included.
-        left = ((self._total - step) * (now - self._first[0]) /
-                max(1, step - self._first[1]))
-      parts = [f'step {step}/{self._total}', f'loss {loss:.4f}',
-               f'{loss / math.log(2):.3f} bits/{self._unit}',
-               f'{_format_rate(self._tokens_per_step / per_step)} tok/s',
-               f'{per_step:.2f} s/step', f'left {_format_duration(left)}']
-      # trainer_lib names the eval cross-entropy 'loss'; a Loop may use the
-      # layer's name.
-      evals = (self._loop.history.get('eval', 'metrics/loss') or
-               self._loop.history.get('eval',
-                                      'metrics/WeightedCategoryCrossEntropy'))
-      if evals and evals[-1][0] != self._last_eval_step:
-        self._last_eval_step, value = evals[-1]
-        parts.append(f'eval {float(value) / math.log(2):.3f} bits/{self._unit} '
-                     f'@{self._last_eval_step}')
-      print(' | '.join(parts), flush=True)
-      self._losses = []
-      self._last_time = now
-      self._last_step = step
-
-  _PROGRESS_CLASS.append(ProgressReporter)
-  return ProgressReporter
-
-
-@gin.configurable(module='trax_hourglass')
-def final_sample(length=0, prompt='', temperature=0.0, seed=0):
-  """What the trainer samples after training (length 0: nothing).
-
-  Args:
-    length: how many tokens to generate.
-    prompt: text whose UTF-8 bytes start the sample (byte-level models).
-    temperature: 0 for greedy decoding, else softmax temperature.
-    seed: sampling seed.
-
-  Returns:
-    The settings as a dict.
-  """
-  return dict(length=length, prompt=prompt, temperature=temperature, seed=seed)
-
-
-def sample_tokens(model, prompt_ids, length, sequence_length, temperature=0.0,
-                  seed=0):
-  """Samples `length` tokens after `prompt_ids` by re-running `model`.
-
-  The model sees a fixed-size buffer [1, sequence_length] (one compilation),
-  filled with the tokens so far (the last ones, once longer than it) and 0s;
-  its logits at position t predict token t, as it shifts its inputs right.
-
-  Args:
-    model: a trained trax LM in 'eval' mode (one input, logits out).
-    prompt_ids: list of ints to start from (may be empty).
-    length: tokens to generate.
-    sequence_length: the buffer length (the training length).
-    temperature: 0 for greedy, else the softmax temperature.
-    seed: random seed.
-
-  Returns:
-    The generated token ids (list of ints), prompt excluded.
-  """
-  from trax import fastmath  # pylint: disable=g-import-not-at-top
-  weights, state = model.weights, model.state
-  fwd = fastmath.jit(lambda x, w, s, r: model.pure_fn(x, w, s, r)[0])
-  rng = np.random.default_rng(seed)
-  key = fastmath.random.get_prng(seed)
-  tokens, out = list(prompt_ids), []
-  for _ in range(length):
-    context = tokens[-(sequence_length - 1):]
-    x = np.zeros((1, sequence_length), np.int32)
-    x[0, :len(context)] = context
-    logits = np.asarray(fwd(x, weights, state, key))[0, len(context)]
-    if temperature <= 0:
-      t = int(np.argmax(logits))
-    else:
-      p = np.exp((logits - logits.max()) / temperature)
-      t = int(rng.choice(len(p), p=p / p.sum()))
-    tokens.append(t)
-    out.append(t)
-  return out
 
 
 def _print_devices(n_devices):
@@ -526,17 +303,14 @@ def _lost_a_process(error):
 
 def _train(args):
   """`run` after the distributed runtime is up."""
-  import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   from trax_hourglass import data  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from trax import fastmath  # pylint: disable=g-import-not-at-top
-  from trax import models as _trax_models  # pylint: disable=g-import-not-at-top,unused-import
-  from trax import optimizers as _trax_opt  # pylint: disable=g-import-not-at-top,unused-import
   from trax.supervised import trainer_lib  # pylint: disable=g-import-not-at-top
 
   checkpoints.install()
-  progress = _progress_callback_class()
   bindings = list(args.config)
   if args.dataset:
     bindings.append(f"data_streams.dataset_name='{args.dataset}'")
@@ -545,12 +319,7 @@ def _train(args):
     bindings.append(f"data_streams.data_dir='{args.data_dir}'")
   if args.model:
     bindings.append(f'train.model=@trax.models.{args.model}')
-  for path in args.config_file:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'--config_file {path} does not exist')
-    if os.path.isdir(path):
-      raise ValueError(f'--config_file {path} is a directory; pass a gin '
-                       'file, e.g. gin/quickstart.gin.')
+  cli.check_gin_files(args.config_file)
   gin.parse_config_files_and_bindings(args.config_file, bindings)
   _check_config()
   output_dir = _output_dir_or_default(args.output_dir)
@@ -558,7 +327,7 @@ def _train(args):
   _print_devices(n_devices)
   if not jax.process_index():  # Other hosts of a run share its output dir.
     checkpoints.lock_output_dir(output_dir)
-  _add_callback(progress)
+  _add_callback(runs.ProgressReporter)
   try:
     loop = trainer_lib.train(output_dir=output_dir)
   finally:
@@ -578,21 +347,26 @@ def _train(args):
       unit = 'token'
     print(f'Eval at step {step}: {float(value) / math.log(2):.3f} '
           f'bits/{unit} on held-out data.', flush=True)
-  settings = final_sample()
+  settings = runs.final_sample()
   if settings['length'] > 0 and not jax.process_index():  # Printed by 0.
     _print_sample(loop, settings)
   return loop
 
 
 def _print_sample(loop, settings):
-  seq_len = loop.tasks[0].sample_batch[0].shape[1]
-  model = loop.eval_model
-  model.weights = loop.model.weights
-  prompt = list(settings['prompt'].encode('utf-8'))
-  out = sample_tokens(model, prompt, settings['length'], seq_len,
-                      settings['temperature'], settings['seed'])
-  text = bytes(min(255, max(0, t)) for t in prompt + out).decode(
-      'utf-8', errors='replace')
+  """Samples from the trained weights in predict mode (`decoding.sample`)."""
+  from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
+  prompt = np.frombuffer(settings['prompt'].encode('utf-8'), np.uint8)
+  model = decoding.load_predict_model(
+      loop.model.weights,
+      model_fn=gin.query_parameter('train.model').scoped_configurable_fn,
+      max_len=len(prompt) + settings['length'])
+  out = decoding.sample(model, settings['length'],
+                        prompt=prompt if len(prompt) else None,
+                        temperature=settings['temperature'],
+                        seed=settings['seed'])[0]
+  text = (prompt.tobytes() + bytes(np.clip(out, 0, 255).astype(np.uint8))
+          ).decode('utf-8', errors='replace')
   kind = 'greedy' if settings['temperature'] <= 0 else (
       f'temperature {settings["temperature"]}')
   print(f'Sample ({kind}, {settings["length"]} bytes after the prompt):\n'

@@ -13,6 +13,7 @@ test. Any other byte file is split 90/5/5 by length: [0, floor(0.9 n)),
 [floor(0.9 n), floor(0.95 n)), [floor(0.95 n), n).
 """
 
+import hashlib
 import os
 import shutil
 import urllib.error
@@ -22,7 +23,6 @@ import zipfile
 import gin
 import numpy as np
 
-from trax_hourglass import checkpoints
 from trax_hourglass.data import streams
 
 ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'
@@ -75,7 +75,8 @@ def _offline_help(data_dir, reason):
 
 
 def _check_zip(zip_path):
-  digest = checkpoints.sha256_of(zip_path)
+  with open(zip_path, 'rb') as f:
+    digest = hashlib.file_digest(f, 'sha256').hexdigest()
   if digest != ENWIK8_ZIP_SHA256:
     raise ValueError(
         f'{zip_path}: sha256 is {digest}, expected {ENWIK8_ZIP_SHA256} (the '

@@ -9,6 +9,9 @@ Shortening maps (batch, len, d_model) -> (batch, len/k, d_model); upsampling map
 (batch, len/k, d_model) -> (batch, len, d_model).
 """
 
+import functools
+import inspect
+
 import gin
 import jax
 import trax.layers as tl
@@ -145,3 +148,28 @@ def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
       FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
                           ff_activation),  # vecs
   ]
+
+
+# trax registers its namesakes under `trax.layers`, so a bare `@LinearPooling`
+# (as trax's gin files write) would match theirs and ours, which gin refuses.
+# gin prefers an exact name: the bare names are registered for trax's layers
+# (a function without a module gets one), and `HourglassLM` builds ours in
+# their place (`ours_for`).
+def _bare_name_for(theirs):
+  @functools.wraps(theirs)
+  def layer(*args, **kwargs):
+    return theirs(*args, **kwargs)
+  layer.__module__ = None
+  gin.external_configurable(layer)
+
+
+_OURS = {}
+for _fn in (AveragePooling, LinearPooling, NaiveUpsampling, LinearUpsampling,
+            AttentionResampling):
+  _bare_name_for(getattr(tl, _fn.__name__))
+  _OURS[inspect.unwrap(getattr(tl, _fn.__name__))] = _fn
+
+
+def ours_for(fn):
+  """Our resampling layer for trax's namesake `fn`; any other `fn` as it is."""
+  return _OURS.get(inspect.unwrap(fn), fn)

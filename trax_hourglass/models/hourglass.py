@@ -26,6 +26,7 @@ from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
 from trax_hourglass.layers.resampling import LinearPooling
 from trax_hourglass.layers.resampling import LinearUpsampling
+from trax_hourglass.layers.resampling import ours_for
 from trax_hourglass.layers.sparse import FeedForwardBlock
 from trax_hourglass.layers.sparse import VocabProjection
 from trax_hourglass.models.predict import Autoregressive
@@ -211,6 +212,11 @@ def HourglassLM(vocab_size,
   if mode not in ('train', 'eval', 'predict'):
     raise ValueError(f"mode={mode!r}; use 'train', 'eval' or 'predict'.")
   spec = parse_hierarchy(hierarchy, vanilla_layers)
+  # trax's resampling layers (`@LinearPooling` in trax's gin files) -> ours.
+  downsampling_fn, upsampling_fn, attention_downsampling_fn, \
+      attention_upsampling_fn = map(ours_for, (
+          downsampling_fn, upsampling_fn, attention_downsampling_fn,
+          attention_upsampling_fn))
   if max_len < 1:
     raise ValueError(f'max_len={max_len} must be positive, e.g. 2048.')
   factor_dropout = _check_factor_dropout(shorten_factor_dropout, spec, [

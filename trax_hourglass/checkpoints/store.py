@@ -1,0 +1,589 @@
+"""A checkpoint as one unit: written durably, committed atomically, found again.
+
+trax 1.4.1 writes a checkpoint as separate files (`model.pkl.gz` with the step,
+`model.weights.npy.gz`, `model.opt_slots0.npy.gz`, and `data_counters0.pkl`
+written without even a temporary name). A crash between them leaves a torn set:
+weights of step n with the step number, slots or data position of step n-k, or
+a half-written pickle that makes the next run die on start. Here a checkpoint is
+one unit:
+
+  output_dir/
+    model.pkl.gz            -> checkpoints/model/CURRENT/model.pkl.gz
+    model.weights.npy.gz    -> checkpoints/model/CURRENT/model.weights.npy.gz
+    model.opt_slots0.npy.gz -> checkpoints/model/CURRENT/model.opt_slots0.npy.gz
+    data_counters0.pkl      -> checkpoints/model/CURRENT/data_counters0.pkl
+    checkpoints/model/
+      CURRENT -> step_000001000.5f3a9c1e   (the commit pointer, a symlink)
+      step_000001000.5f3a9c1e/   (committed: the files above + MANIFEST.json)
+      step_000000500.0b7d2e44/   (the previous one, kept)
+
+Saving writes every file into a fresh hidden folder, fsyncs the files, writes
+MANIFEST.json (size and sha256 of each file), fsyncs, renames the folder to its
+final name and then commits by replacing the `CURRENT` symlink with rename(2),
+which is atomic: after `kill -9` at any instant `CURRENT` names either the whole
+new checkpoint or the whole previous one. The top-level names are relative
+symlinks that go through `CURRENT`, so the same single rename switches all of
+them at once and trax's own readers (`pickle`, `tl.np_from_file`,
+`Layer.init_from_file`, an unpatched `Loop.load_checkpoint`) keep working on
+`output_dir`. (Copy an output_dir with `cp -a`/`rsync -a`, which keep the
+relative links; copies that follow links, `cp -rL`, or drop them, like
+`gsutil cp -r`, load and keep saving too: the pointer is recovered as below.)
+Older folders than the previous one are deleted after the commit, never one
+of a step at or after the new one; folders left by a crash are deleted on the
+next save. A failed save (a full disk) leaves no partial folder and keeps the
+previous checkpoint.
+
+When `CURRENT` is missing, dangling, or not a link, or names a folder that
+fails its manifest, the newest folder whose MANIFEST.json verifies is used,
+with a warning that names what was wrong and what is used; when there are
+folders but none verifies, loading refuses (CheckpointError) rather than
+restart from step 0 over them. A checkpoint whose weights are not finite (a
+diverged run) is refused by `save_loop_checkpoint`, so it never replaces the
+last finite one. `lock_output_dir` keeps a second trainer off an output dir.
+"""
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import time
+import typing
+
+from absl import logging
+import jax
+
+from trax_hourglass.checkpoints.format import CheckpointError
+from trax_hourglass.checkpoints.format import read_arrays
+from trax_hourglass.checkpoints.format import safe_unpickle
+
+FORMAT = 'trax_hourglass.checkpoint/1'
+CHECKPOINTS_DIR = 'checkpoints'
+CURRENT = 'CURRENT'
+MANIFEST = 'MANIFEST.json'
+_TMP_PREFIX = '.tmp-'
+
+
+class OutputDirInUseError(ValueError):
+  """Another live process trains into the same output dir."""
+
+
+def sha256_of(path):
+  """Hex sha256 of a file."""
+  with open(path, 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Durable writing.
+# ---------------------------------------------------------------------------
+
+
+class _HashingWriter:
+  """A write-only file object that hashes and counts what passes through."""
+
+  def __init__(self, f):
+    self._f = f
+    self.sha256 = hashlib.sha256()
+    self.n_bytes = 0
+
+  def write(self, b):
+    self.sha256.update(b)
+    self.n_bytes += len(b)
+    return self._f.write(b)
+
+  def flush(self):
+    self._f.flush()
+
+
+def _fsync_dir(path):
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _write_durably(path, write_fn):
+  """Writes a new file with `write_fn(fileobj)`, fsyncs it; returns its record."""
+  with open(path, 'xb') as f:
+    w = _HashingWriter(f)
+    write_fn(w)
+    f.flush()
+    os.fsync(f.fileno())
+  return {'bytes': w.n_bytes, 'sha256': w.sha256.hexdigest()}
+
+
+def _replace_symlink(target, link_path):
+  """Points `link_path` at `target` atomically (symlink to a temp, rename)."""
+  tmp = f'{link_path}.{_TMP_PREFIX}{secrets.token_hex(4)}'
+  os.symlink(target, tmp)
+  os.replace(tmp, link_path)
+
+
+def write_file_atomically(path, write_fn):
+  tmp = f'{path}.{_TMP_PREFIX}{secrets.token_hex(4)}'
+  _write_durably(tmp, write_fn)
+  os.replace(tmp, path)
+  _fsync_dir(os.path.dirname(path) or '.')
+
+
+# ---------------------------------------------------------------------------
+# The checkpoint unit.
+# ---------------------------------------------------------------------------
+
+
+def is_local(path):
+  """Whether `path` is on the local filesystem (has no `scheme://`)."""
+  return '://' not in str(path)
+
+
+def _checkpoint_root(directory, basename):
+  return os.path.join(directory, CHECKPOINTS_DIR, basename)
+
+
+def data_counters_name(host_id=None):
+  host_id = jax.process_index() if host_id is None else host_id
+  return f'data_counters{host_id}.pkl'
+
+
+def commit(directory, basename, files, step, keep=2):
+  """Writes `files` as one checkpoint unit and commits it atomically.
+
+  Args:
+    directory: the output dir.
+    basename: checkpoint name, e.g. 'model'; files are named `basename.*`.
+    files: dict from file name (no directory) to a function writing it to a
+      file object. Top-level names in `directory` are linked to each.
+    step: the training step, for the folder name and manifest.
+    keep: how many committed checkpoints of this basename to keep (>= 2 keeps
+      the previous one besides the new one).
+
+  Returns:
+    The committed folder's path.
+
+  Raises:
+    CheckpointError saying what failed when the filesystem refuses a write
+    (a full disk, no permission); the previous checkpoint stays committed and
+    no partial folder is left.
+  """
+  root = _checkpoint_root(directory, basename)
+  try:
+    return _commit(directory, basename, root, files, step, keep)
+  except OSError as e:
+    raise CheckpointError(
+        f'{root}: could not save the checkpoint of step {int(step)} '
+        f'({e.strerror or e}); the previous checkpoint is kept. Free disk '
+        'space (or fix the permissions) and rerun to resume from it.') from e
+
+
+def _commit(directory, basename, root, files, step, keep):
+  """`commit` (see there), raising the filesystem's own errors."""
+  if not os.path.isdir(root):
+    os.makedirs(root)
+    _fsync_dir(os.path.dirname(root))
+    _fsync_dir(os.path.dirname(os.path.dirname(root)))
+  _remove_leftovers(root)
+  name = f'step_{int(step):09d}.{secrets.token_hex(4)}'
+  tmp = os.path.join(root, _TMP_PREFIX + name)
+  os.mkdir(tmp)
+  try:
+    records = {}
+    for file_name, write_fn in files.items():
+      records[file_name] = _write_durably(os.path.join(tmp, file_name),
+                                          write_fn)
+    manifest = {'format': FORMAT, 'basename': basename, 'step': int(step),
+                'time': time.time(), 'files': records}
+    _write_durably(os.path.join(tmp, MANIFEST),
+                   lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    _fsync_dir(tmp)
+    folder = os.path.join(root, name)
+    os.rename(tmp, folder)
+  except BaseException:
+    # A full disk must not leave a partial folder behind (nor wait for the
+    # next save to remove it: there may be none).
+    try:
+      shutil.rmtree(tmp, ignore_errors=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+    raise
+  _fsync_dir(root)
+  # The commit: one atomic rename switches every file at once.
+  pointer = os.path.join(root, CURRENT)
+  previous = os.readlink(pointer) if os.path.islink(pointer) else None
+  if os.path.lexists(pointer) and previous is None:
+    _set_aside(root, pointer)  # A copy made with links followed (cp -rL).
+  if previous is not None and not os.path.isdir(os.path.join(root, previous)):
+    previous = None  # Dangling: it must not take the place of a kept one.
+  _replace_symlink(name, pointer)
+  _fsync_dir(root)
+  _link_top_level(directory, basename, list(files))
+  _remove_old(root, keep_names={name, previous}, keep=keep, step=int(step))
+  return folder
+
+
+def _set_aside(root, pointer):
+  """Moves a `CURRENT` that is not a link out of the way, losing nothing.
+
+  A whole folder (a copy that followed the link) becomes a checkpoint folder
+  of its step, pruned like the others; anything else is kept as
+  `CURRENT.damaged-*`.
+  """
+  target = None
+  if os.path.isdir(pointer) and not os.path.islink(pointer):
+    try:
+      step = int(_verify_manifest(pointer)['step'])
+      target = f'step_{step:09d}.{secrets.token_hex(4)}'
+    except (CheckpointError, KeyError, TypeError, ValueError):
+      pass
+  if target is None:
+    target = f'{CURRENT}.damaged-{secrets.token_hex(4)}'
+  os.rename(pointer, os.path.join(root, target))
+  _fsync_dir(root)
+
+
+def _link_top_level(directory, basename, file_names):
+  """Makes `directory/<file>` a relative symlink through CURRENT, if not yet."""
+  changed = False
+  for entry in os.listdir(directory):  # Temp links a crash left behind.
+    if _TMP_PREFIX in entry and os.path.islink(os.path.join(directory, entry)):
+      os.unlink(os.path.join(directory, entry))
+  for file_name in file_names:
+    target = os.path.join(CHECKPOINTS_DIR, basename, CURRENT, file_name)
+    link = os.path.join(directory, file_name)
+    if os.path.islink(link) and os.readlink(link) == target:
+      continue
+    _replace_symlink(target, link)  # Replaces an old plain trax file too.
+    changed = True
+  if changed:
+    _fsync_dir(directory)
+
+
+def _remove_leftovers(root):
+  """Deletes what a crashed save left: temp folders and temp symlinks."""
+  for entry in os.listdir(root):
+    if entry.startswith(_TMP_PREFIX) or _TMP_PREFIX in entry:
+      path = os.path.join(root, entry)
+      if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+      else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def step_of(name):
+  """The step of a folder name `step_000000012.<hex>`, or None."""
+  head = name.split('.')[0]
+  if not head.startswith('step_') or not head[5:].isdigit():
+    return None
+  return int(head[5:])
+
+
+def _remove_old(root, keep_names, keep, step):
+  folders = sorted(e for e in os.listdir(root) if step_of(e) is not None)
+  keep_names = {n for n in keep_names if n}
+  # Newest first by step, then keep `keep` of them (always the ones named).
+  by_step = sorted(folders, key=lambda e: e.split('.')[0], reverse=True)
+  kept = set(keep_names)
+  for e in by_step:
+    if len(kept) >= keep:
+      break
+    kept.add(e)
+  for e in folders:
+    # Only what the new commit supersedes: never a folder of a later step
+    # (one this run could not read is still someone's work).
+    if e not in kept and step_of(e) < step:
+      shutil.rmtree(os.path.join(root, e), ignore_errors=True)
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """What one checkpoint holds, read safely.
+
+  Attributes:
+    step: the training step it was saved at.
+    data: the pickled dict (trax's keys: flat_state, flat_eval_state, history,
+      input_signature, ...; plus 'rng' when written here).
+    flat_weights: list of numpy arrays (bfloat16 ones as uint16 bits).
+    slots_per_task: list (per training task) of lists of numpy arrays.
+    data_counters: dict of data positions, or None.
+    path: the committed folder, or the directory of a plain trax checkpoint.
+    manifest: the MANIFEST.json dict, or None for a plain trax checkpoint.
+  """
+  step: int
+  data: dict
+  flat_weights: list
+  slots_per_task: list
+  data_counters: typing.Optional[dict]
+  path: str
+  manifest: typing.Optional[dict]
+
+
+def committed_folder(directory, basename='model'):
+  """The committed folder of `basename` in `directory`, or None if none.
+
+  When the `CURRENT` pointer is missing or damaged, the newest folder whose
+  manifest verifies, with a warning (see the module docstring).
+  """
+  return _locate(directory, basename, verify=False)[0]
+
+
+_WARNED = set()
+
+
+def _warn_once(message):
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.warning('%s', message)
+
+
+def _manifest_time(folder):
+  try:
+    with open(os.path.join(folder, MANIFEST), 'rb') as f:
+      return float(json.loads(f.read().decode()).get('time', 0))
+  except Exception:  # pylint: disable=broad-except
+    return 0.0  # Damaged: verified (and refused) later.
+
+
+def _locate(directory, basename, verify):
+  """(committed folder or None, its verified manifest or None).
+
+  Follows `CURRENT`; when it is missing, dangling, not a link, or (with
+  `verify`) names a folder that fails its manifest, falls back to the newest
+  folder that verifies, and warns naming both. Refuses (CheckpointError) when
+  there are folders but none verifies.
+  """
+  root = _checkpoint_root(directory, basename)
+  if not os.path.isdir(root):
+    return None, None
+  pointer = os.path.join(root, CURRENT)
+  damaged = None
+  if os.path.islink(pointer):
+    folder = os.path.join(root, os.readlink(pointer))
+    if os.path.isdir(folder):
+      if not verify:
+        return folder, None
+      try:
+        return folder, _verify_manifest(folder)
+      except CheckpointError as e:
+        damaged = folder
+        problem = f'the newest checkpoint {folder} is damaged: {e}'
+    else:
+      problem = f'{pointer} points to {folder}, which is missing'
+  elif os.path.isdir(pointer):
+    problem = (f'{pointer} is a folder, not a link to one (copied with links '
+               'followed, e.g. cp -rL)')
+  elif os.path.lexists(pointer):
+    problem = f'{pointer} is a plain file, not a link to a checkpoint folder'
+  else:
+    problem = f'{pointer} is missing'
+  names = [e for e in os.listdir(root) if step_of(e) is not None and
+           os.path.isdir(os.path.join(root, e))]
+  candidates = sorted(
+      (os.path.join(root, e) for e in names),
+      key=lambda f: (step_of(os.path.basename(f)), _manifest_time(f)),
+      reverse=True)
+  if os.path.isdir(pointer) and not os.path.islink(pointer):
+    candidates.append(pointer)  # The copy itself, if nothing else is left.
+  candidates = [f for f in candidates if f != damaged]
+  if not candidates and damaged is None and not os.path.lexists(pointer):
+    return None, None  # Nothing was ever committed here.
+  first_error = None
+  for folder in candidates:
+    try:
+      manifest = _verify_manifest(folder)
+    except CheckpointError as e:
+      first_error = first_error or e
+      continue
+    _warn_once(f'{problem}; using the newest intact checkpoint, {folder} '
+               f'(step {manifest.get("step")}). The next save repairs the '
+               'pointer.')
+    return folder, manifest
+  raise CheckpointError(
+      f'{problem}, and none of the {len(candidates)} other checkpoint folders '
+      f'in {root} is intact' + (f' (newest: {first_error})' if first_error
+                                else '') +
+      '. Not training from step 0 over them: restore the directory from a '
+      f'copy, or move {root} away to start afresh.')
+
+
+def _top_level_is_ours(directory, basename, manifest):
+  """Whether `directory/basename.pkl.gz` is the committed checkpoint's.
+
+  A link through CURRENT, nothing, or a plain copy of the committed file
+  (a copy that followed links) are; a file trax wrote itself is not.
+  """
+  link = os.path.join(directory, basename + '.pkl.gz')
+  if not os.path.lexists(link):
+    return True
+  if os.path.islink(link):
+    return os.readlink(link).startswith(
+        os.path.join(CHECKPOINTS_DIR, basename, CURRENT))
+  record = (manifest or {}).get('files', {}).get(basename + '.pkl.gz')
+  return (record is not None and os.path.isfile(link) and
+          os.path.getsize(link) == record['bytes'] and
+          sha256_of(link) == record['sha256'])
+
+
+def _verify_manifest(folder):
+  path = os.path.join(folder, MANIFEST)
+  try:
+    with open(path, 'rb') as f:
+      manifest = json.loads(f.read().decode())
+    files = manifest['files']
+    if manifest.get('format') != FORMAT:
+      raise ValueError(f'unknown format {manifest.get("format")!r}')
+  except FileNotFoundError:
+    raise CheckpointError(f'{path}: checkpoint manifest is missing') from None
+  except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f'{path}: corrupt checkpoint manifest ({e})') from e
+  for file_name, record in files.items():
+    file_path = os.path.join(folder, os.path.basename(file_name))
+    if not os.path.exists(file_path):
+      raise CheckpointError(f'{file_path}: checkpoint file is missing')
+    size = os.path.getsize(file_path)
+    if size != record['bytes']:
+      raise CheckpointError(
+          f'{file_path}: has {size} bytes, its manifest says '
+          f'{record["bytes"]} (truncated or modified)')
+    if sha256_of(file_path) != record['sha256']:
+      raise CheckpointError(
+          f'{file_path}: sha256 differs from its manifest (modified or '
+          'corrupt)')
+  return manifest
+
+
+def read_checkpoint(directory, basename='model', n_tasks=None):
+  """Reads a checkpoint safely; None when there is none.
+
+  Reads the committed folder when `directory` has one (verifying its
+  manifest), else plain trax files `directory/basename.*`.
+
+  Args:
+    directory: an output dir.
+    basename: the checkpoint's name ('model', 'model_1000', ...).
+    n_tasks: how many optimizer slot files to read; None reads all there are.
+
+  Returns:
+    A `Checkpoint` or None.
+  """
+  folder, manifest = _locate(directory, basename, verify=True)
+  if folder is not None and _top_level_is_ours(directory, basename, manifest):
+    path = folder
+  else:
+    manifest = None
+    if folder is not None:
+      logging.warning('%s: plain trax files (written by trax after this '
+                      'checkpoint) are used instead of %s.',
+                      os.path.join(directory, basename + '.pkl.gz'), folder)
+    path = directory
+    if not os.path.exists(os.path.join(path, basename + '.pkl.gz')):
+      return None
+  prefix = os.path.join(path, basename)
+  data = safe_unpickle(prefix + '.pkl.gz')
+  if not isinstance(data, dict) or not {'step', 'flat_weights'} <= set(data):
+    raise CheckpointError(f'{prefix}.pkl.gz: not a trax checkpoint (no step '
+                          'or flat_weights)')
+  if isinstance(data.get('flat_weights'), int):
+    flat_weights = read_arrays(prefix + '.weights.npy.gz')
+  else:  # trax's older format: weights inside the pickle.
+    flat_weights = list(data['flat_weights'])
+  if 'slots' in data:  # trax's oldest format: one task's slots in the pickle.
+    slots_per_task = [data['slots']]
+  elif isinstance(data.get('slots_per_task'), int):
+    slots_per_task = []
+    i = 0
+    while (n_tasks is None and os.path.exists(f'{prefix}.opt_slots{i}.npy.gz')
+           or n_tasks is not None and i < n_tasks):
+      slots_per_task.append(read_arrays(f'{prefix}.opt_slots{i}.npy.gz'))
+      i += 1
+  else:
+    slots_per_task = list(data.get('slots_per_task') or [])
+  # Every process resumes at process 0's data position: this project's
+  # streams count global batches, the same on every process (only process 0
+  # commits checkpoints).
+  counters_path = os.path.join(path, data_counters_name(0))
+  data_counters = None
+  if manifest is not None and os.path.exists(counters_path):
+    data_counters = safe_unpickle(counters_path, compressed=False)
+  return Checkpoint(step=int(data['step']), data=data,
+                    flat_weights=flat_weights, slots_per_task=slots_per_task,
+                    data_counters=data_counters, path=path, manifest=manifest)
+
+
+def checkpoint_location(path):
+  """(directory, checkpoint name) that `path` means: the one place that says.
+
+  An output dir means its `model` checkpoint (the one a run resumes from); a
+  file `dir/name.pkl.gz` (top-level, inside a committed folder, or written by
+  trax, e.g. a released checkpoint) means checkpoint `name` in `dir`. The
+  suffix may be left off (trax's `Loop.load_checkpoint` names 'model').
+  """
+  path = os.path.expanduser(os.fspath(path))
+  if os.path.isdir(path):
+    return path, 'model'
+  directory, name = os.path.split(path)
+  return directory, name.removesuffix('.pkl.gz')
+
+
+def read_checkpoint_at(path, n_tasks=0):
+  """`read_checkpoint` of what `path` means (`checkpoint_location`).
+
+  Raises:
+    FileNotFoundError when there is no checkpoint there.
+  """
+  directory, basename = checkpoint_location(path)
+  ckpt = read_checkpoint(directory, basename, n_tasks=n_tasks)
+  if ckpt is None:
+    raise FileNotFoundError(f'no checkpoint {basename}.pkl.gz in {directory}; '
+                            'has the run saved one yet?')
+  return ckpt
+
+
+# ---------------------------------------------------------------------------
+# One trainer per output dir.
+# ---------------------------------------------------------------------------
+
+LOCK = 'LOCK'
+_LOCKS = {}  # realpath of an output dir -> fd of this process's flock on it
+
+
+def lock_output_dir(directory):
+  """Makes this process the only trainer of `directory` until it exits.
+
+  An exclusive `flock` on `directory/checkpoints/LOCK`, which the OS drops
+  when the process dies (even by `kill -9`), so a stale lock never blocks a
+  restart; the file names the holder for the message. Taking it again in the
+  same process is a no-op. Creates `directory` if needed.
+
+  Raises:
+    OutputDirInUseError naming the holder's pid and host; ValueError when
+    `directory` is a file.
+  """
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise ValueError(f'output dir {directory} is a file, not a directory; '
+                     'pass a directory (it is created if missing).')
+  lock_dir = os.path.join(directory, CHECKPOINTS_DIR)
+  os.makedirs(lock_dir, exist_ok=True)
+  key = os.path.realpath(directory)
+  if key in _LOCKS:
+    return
+  fd = os.open(os.path.join(lock_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    holder = os.pread(fd, 512, 0).decode(errors='replace').strip()
+    os.close(fd)
+    if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+      raise
+    raise OutputDirInUseError(
+        f'output dir {directory} is in use by another trainer '
+        f'({holder or "a process that has not said which"}); wait for it to '
+        'finish or stop it, or pass another --output_dir.') from None
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, (f'pid {os.getpid()} on host {socket.gethostname()}, since '
+                 f'{time.strftime("%Y-%m-%d %H:%M:%S")}').encode(), 0)
+  _LOCKS[key] = fd
