@@ -606,22 +606,35 @@ def parse_names(text, known, flag='--models'):
 # ------------------------------------------------------------ command line --
 
 
-def benchmark_parser(doc, quick, timeout, models=None):
+def benchmark_parser(doc, quick, timeout, models=None, json_help=None,
+                     plot_help=None):
   """The flags every benchmark script shares, and its hidden worker flags.
 
   Args:
     doc: the script's docstring; its first paragraph is the description.
     quick: what --quick does (its help).
     timeout: the default of --worker_timeout, for its help.
-    models: if given, a --models flag of this default (a comma-separated list).
+    models: if given, a --models flag, by default all of these names.
+    json_help: if given, a --json PATH flag writing this.
+    plot_help: if given, a --plot PATH flag: a PNG of this.
   """
   parser = argparse.ArgumentParser(
       description=doc.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   if models is not None:
-    parser.add_argument('--models', default=models,
-                        help='Comma-separated subset of %(default)s.')
+    parser.add_argument('--models', default=','.join(models),
+                        help='Comma-separated subset of %(default)s'
+                        + (', or the ablation ' + ','.join(ABLATION_MODELS)
+                           + ' (see benchmarks/_common.py)'
+                           if models == ALL_MODELS else '') + '.')
   parser.add_argument('--quick', action='store_true', help=quick)
+  if json_help:
+    parser.add_argument('--json', metavar='PATH',
+                        help=f'Also write {json_help} here.')
+  if plot_help:
+    parser.add_argument('--plot', metavar='PATH',
+                        help=f'PNG of {plot_help} (default: the --json path '
+                        'with .png, else no plot).')
   parser.add_argument('--worker_timeout', type=float, default=None,
                       help=f'Seconds before a worker is killed (default '
                       f'{timeout}).')

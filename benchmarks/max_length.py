@@ -111,19 +111,16 @@ def _parser():
   parser = _common.benchmark_parser(
       __doc__, quick='Smoke test: train_speed.py --quick sizes, lengths 48 '
       'and 96, XLA optimization off.', timeout='1800, 600 with --quick; an '
-      'attempt killed counts as not fitting', models=','.join(
-          _common.ALL_MODELS))
+      'attempt killed counts as not fitting',
+      models=_common.ALL_MODELS,
+      json_help='config, every attempt and the result',
+      plot_help='peak RSS vs length')
   _common.add_config_flags(parser, REFERENCE, QUICK, [
       ('start', int, 'First length tried.'),
       ('granularity', int, 'Bisection step; every length is a multiple.'),
       ('max_seq_len', int, 'Longest length tried.'),
       ('bisect_steps', int, 'Bisection steps after the doubling.'),
       ('max_rss_gib', float, 'Memory limit (resident set, GiB).')])
-  parser.add_argument('--json', metavar='PATH',
-                      help='Also write config, every attempt and the result.')
-  parser.add_argument('--plot', metavar='PATH',
-                      help='PNG of peak RSS vs length (default: the --json '
-                      'path with .png, else no plot).')
   return parser
 
 
@@ -221,7 +218,8 @@ def _plot(models, results, cfg, path):
 
 
 def _parent(args):
-  models = _common.parse_names(args.models, _common.ALL_MODELS)
+  models = _common.parse_names(
+      args.models, _common.ALL_MODELS + _common.ABLATION_MODELS)
   cfg = _resolve_config(args)
   timeout_s = args.worker_timeout or (600 if args.quick else 1800)
 

@@ -213,7 +213,9 @@ def _parser():
       __doc__, quick='Smoke test: tiny sizes, 1 round, 2 steps, XLA '
       'optimization off; explicit flags below still override.',
       timeout='3600, 600 with --quick',
-      models=','.join(_common.ALL_MODELS))
+      models=_common.ALL_MODELS,
+      json_help='config, every run and the summary',
+      plot_help='ms per 1k tokens and peak RSS vs length')
   parser.add_argument('--seq_lens', default=None,
                       help='Comma-separated sequence lengths, each divisible '
                       'by the hierarchy\'s shortening factor, e.g. '
@@ -235,11 +237,6 @@ def _parser():
        'killed and reported as over memory; 0 = no limit.'),
       ('matmul_size', int, 'Size of the square float32 matmul that measures '
        'the FLOP/s peak; 0 = skip.')])
-  parser.add_argument('--json', metavar='PATH',
-                      help='Also write config, every run and the summary here.')
-  parser.add_argument('--plot', metavar='PATH',
-                      help='PNG of ms per 1k tokens and peak RSS vs length '
-                      '(default: the --json path with .png, else no plot).')
   return parser
 
 
