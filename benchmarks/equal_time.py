@@ -287,49 +287,30 @@ class _Evaluator:
   """Bits/byte of a weight tree on a fixed list of batches; and the leak."""
 
   def __init__(self, model_fn, batches, seq_len):
-    import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from trax import shapes  # pylint: disable=g-import-not-at-top
+    from trax_hourglass import scoring  # pylint: disable=g-import-not-at-top
     self._batches = batches
     model = model_fn(mode='eval')
     model.init(shapes.ShapeDtype((batches[0].shape[0], seq_len), np.int32))
-    self._state = model.state
-    rng = jax.random.PRNGKey(_common.SEED)  # Unused in eval mode (no dropout).
-
-    def nll(weights, state, tokens):
-      """Per-byte negative log-likelihood (nats): (batch, len)."""
-      logits, _ = model.pure_fn(tokens, weights, state, rng)
-      logp = jax.nn.log_softmax(logits.astype(np.float32), axis=-1)
-      return -jax.numpy.take_along_axis(logp, tokens[..., None], -1)[..., 0]
-
-    def hidden_future_nll(weights, state, tokens, position):
-      """nll of byte `position` when it and every later byte read as 0."""
-      visible = jax.numpy.arange(tokens.shape[1]) < position
-      logits, _ = model.pure_fn(jax.numpy.where(visible, tokens, 0), weights,
-                                state, rng)
-      logp = jax.nn.log_softmax(logits[:, position].astype(np.float32), -1)
-      return -jax.numpy.take_along_axis(logp, tokens[:, position, None], -1)
-
-    self._nll = jax.jit(nll)
-    self._hidden_nll = jax.jit(hidden_future_nll)
+    self._scorer = scoring.Scorer(model)
 
   def __call__(self, weights):
-    total = sum(float(self._nll(weights, self._state, x).sum())
+    bits = -sum(float(self._scorer.log2_probs(x, weights).sum())
                 for x in self._batches)
-    n_bytes = sum(x.size for x in self._batches)
-    return total / (n_bytes * math.log(2.))
+    return bits / sum(x.size for x in self._batches)
 
   def leak(self, weights, positions):
     """(teacher-forced, future-hidden) bits/byte at `positions` of each window."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     forced, hidden = [], []
     for x in self._batches[:LEAK_BATCHES]:
-      forced.append(np.asarray(self._nll(weights, self._state, x))[:, positions])
-      hidden.append(np.concatenate(
-          [np.asarray(self._hidden_nll(weights, self._state, x, p))
-           for p in positions], axis=1))
-    to_bits = lambda nats: float(np.mean(nats) / math.log(2.))
-    return to_bits(forced), to_bits(hidden)
+      forced.append(self._scorer.log2_probs(x, weights)[:, positions])
+      # Byte p scored with it and every later byte read as 0.
+      hidden.append([self._scorer.log2_probs(
+          np.where(np.arange(x.shape[1]) < p, x, 0), weights, targets=x)[:, p]
+                     for p in positions])
+    return -float(np.mean(forced)), -float(np.mean(hidden))
 
 
 def _train(variant, cfg, trax, record):
