@@ -130,21 +130,12 @@ def worker_import_trax(model_name, record):
 
 
 def work(measure_fn, import_as, **record):
-  """The body of a worker process: one measurement, one result line.
+  """A worker process's body: `measure_fn(trax, record)` fills in `record`.
 
-  Imports trax as model `import_as` (`worker_import_trax`), calls
-  `measure_fn(trax, record)`, which fills `record` in, and prints `record` with
-  status 'ok' (plus the process's peak RSS and the device), or with status
-  'error' / 'over memory' (XLA refused an allocation) and the exception as
-  its reason, or 'unavailable'.
-
-  Args:
-    measure_fn: function(trax, record); its exceptions are the failure.
-    import_as: model name for `import_trax` ('ours' for this package's code).
-    **record: the record's first fields, e.g. model=name.
-
-  Returns:
-    The worker's exit status: 0, or 1 on an exception.
+  Trax is imported as for model `import_as` (`worker_import_trax`); `record`
+  starts as the given fields. Prints the record as the one result line, with
+  status 'ok' (and the peak RSS, the device), 'unavailable', or 'error' /
+  'over memory' with the exception as its reason; returns the exit status.
   """
   record = dict(record, status='ok', pid=os.getpid())
   trax = worker_import_trax(import_as, record)
@@ -408,22 +399,13 @@ def record_line(record, describe):
 
 
 def run_rounds(names, n_rounds, measure_fn, describe, stopped, label=''):
-  """`measure_fn(name)` for every name, round after round; logs each record.
+  """Every record of `measure_fn(name)`, `n_rounds` times each, with 'round'.
 
   Each round starts one name later, so that slow drifts of a shared machine
-  hit all names alike and none always runs first or last. A name whose record
-  is not 'ok' goes into `stopped` ({name: record}) and is not measured again.
-
-  Args:
-    names: list of model (or variant) names.
-    n_rounds: rounds.
-    measure_fn: function(name) -> record with a status (e.g. `measure`'s).
-    describe: function(ok record) -> its progress line, without the name.
-    stopped: {name: the record that stopped it}, updated.
-    label: start of each progress line's bracket, e.g. '768 x 8, '.
-
-  Returns:
-    Every record in the order run, each with its 'round'.
+  hit all names alike and none always runs first or last. Each record is
+  logged (`record_line`; `label` starts the bracket, e.g. '768 x 8, '); a name
+  whose record is not 'ok' goes into `stopped` ({name: record}) and is not
+  measured again.
   """
   runs = []
   for rnd in range(n_rounds):
@@ -576,13 +558,11 @@ def max_shorten_factor(hierarchy):
 def parse_hierarchy(hierarchy, vanilla_layers=(1, 1)):
   """`trax_hourglass.hierarchy.parse_hierarchy`, without importing trax.
 
-  The package's `__init__` imports trax, which parents never do; the
-  hierarchy module itself needs nothing but the standard library, so it is
-  loaded on its own (once).
+  Parents never import trax, which the package's `__init__` does: the module,
+  plain Python, is loaded on its own.
   """
-  module = sys.modules.get('trax_hourglass.hierarchy')
-  if module is None:
-    module = sys.modules.get('_trax_hourglass_hierarchy')
+  module = (sys.modules.get('trax_hourglass.hierarchy') or
+            sys.modules.get('_trax_hourglass_hierarchy'))
   if module is None:
     spec = importlib.util.spec_from_file_location(
         '_trax_hourglass_hierarchy',
@@ -608,15 +588,9 @@ def parse_names(text, known, flag='--models'):
 
 def benchmark_parser(doc, quick, timeout, models=None, json_help=None,
                      plot_help=None):
-  """The flags every benchmark script shares, and its hidden worker flags.
-
-  Args:
-    doc: the script's docstring; its first paragraph is the description.
-    quick: what --quick does (its help).
-    timeout: the default of --worker_timeout, for its help.
-    models: if given, a --models flag, by default all of these names.
-    json_help: if given, a --json PATH flag writing this.
-    plot_help: if given, a --plot PATH flag: a PNG of this.
+  """The shared flags: --quick (help `quick`), --worker_timeout (default
+  `timeout`, for its help), the hidden worker flags, and if given --models
+  (default all `models`), --json (writing `json_help`), --plot (of `plot_help`).
   """
   parser = argparse.ArgumentParser(
       description=doc.split('\n\n')[0],
@@ -655,13 +629,9 @@ def add_config_flags(parser, reference, quick, flags):
 
 
 def main(parser, worker, parent, argv=None):
-  """A benchmark script's entry point: its parent, or (--_worker) a worker.
+  """A script's entry: `worker(name, cfg)` with --_worker, else `parent(args)`.
 
-  Args:
-    parser: the script's `benchmark_parser`.
-    worker: function(name, cfg) -> exit status, run in a fresh process.
-    parent: function(args) -> exit status; `args.argv` is the command line.
-    argv: the arguments (default sys.argv[1:]).
+  Both return the exit status; `args.argv` is the command line.
   """
   argv = sys.argv[1:] if argv is None else list(argv)
   args = parser.parse_args(argv)
