@@ -15,15 +15,7 @@ import numpy as np
 
 
 def token_log_probs(logits, targets):
-  """Log-probabilities (nats, float32) of `targets` under `logits`.
-
-  Args:
-    logits: [..., vocab] unnormalized scores.
-    targets: [...] int token ids.
-
-  Returns:
-    [...] log p(targets), a stable log-softmax of `logits` picked at `targets`.
-  """
+  """log p(targets) in nats: [..., vocab] logits, [...] ids -> [...] float32."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
@@ -64,13 +56,9 @@ def score_bytes(scorer, data, sequence_length, stride, batch_size,
   Window k covers data[end - L, end) with end = min(n, L + k*stride), and
   scores its last `stride` bytes (all of them for the first window).
 
-  Args:
-    scorer: a `Scorer` (anything with its `log2_probs(x)`).
-    data: the bytes, a uint8 array.
-    sequence_length: the window length L.
-    stride: bytes scored per window after the first.
-    batch_size: windows per forward pass (the last batch is padded).
-    progress: optional function(batches done, of total, bits, bytes scored).
+  Windows go through `scorer.log2_probs` `batch_size` at a time (the last
+  batch padded); `progress`, if given, is called after each batch with
+  (batches done, of total, bits so far, bytes scored so far).
 
   Returns:
     (total_bits, n_bytes_scored).
