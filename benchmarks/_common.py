@@ -5,6 +5,11 @@ Benchmarks here run every measurement in its own fresh Python process (a
 state never leak from one model into another. The parent never imports trax: it
 only spawns workers, parses the single JSON line each one prints, and reports.
 
+A script is both: `main` runs its parent, or with the hidden `--_worker NAME
+--_config JSON` flags one measurement (`work`). The parent `measure`s each
+model in a worker, round after round (`run_rounds`), and reports medians
+(`spread`, `add_ratios`, `markdown_table`, `write_json`, `write_plot`).
+
 Model names understood by `make_model`:
   ours          -- `trax_hourglass.HourglassLM` (this repository),
   original      -- `trax.models.research.hourglass.HourglassLM` (trax 1.4.1),
@@ -15,6 +20,8 @@ and one ablation, never run by default:
                    `trax_hourglass.layers.Dense`'s (the one difference).
 """
 
+import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -22,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Workers import the working tree's `trax_hourglass`, installed or not.
@@ -37,6 +45,11 @@ BASELINES = ('original', 'transformer6')
 RESULT_PREFIX = 'BENCHMARK_RESULT '
 
 SEED = 0
+# XLA backend optimization level 0 halves compile time, which dominates a
+# --quick smoke run; its timings are then not a measurement.
+FAST_COMPILE_XLA_FLAGS = ('--xla_backend_optimization_level=0',)
+QUICK_NOTE = (' [--quick: XLA optimization off, smoke test only, not a '
+              'measurement]')
 
 
 class ModelUnavailable(Exception):
@@ -114,6 +127,43 @@ def worker_import_trax(model_name, record):
     return None
   record['import_s'] = time.perf_counter() - start
   return trax
+
+
+def work(measure_fn, import_as, **record):
+  """A worker process's body: `measure_fn(trax, record)` fills in `record`.
+
+  Trax is imported as for model `import_as` (`worker_import_trax`); `record`
+  starts as the given fields. Prints the record as the one result line, with
+  status 'ok' (and the peak RSS, the device), 'unavailable', or 'error' /
+  'over memory' with the exception as its reason; returns the exit status.
+  """
+  record = dict(record, status='ok', pid=os.getpid())
+  trax = worker_import_trax(import_as, record)
+  if trax is None:
+    return 0
+  try:
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    np.random.seed(SEED)
+    measure_fn(trax, record)
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    reason = f'{type(e).__name__}: {e}'[:2000]
+    # XLA refusing an allocation larger than the machine is running out of
+    # memory too, only sooner than the parent's guard would see it.
+    out_of_memory = 'Out of memory' in reason or 'RESOURCE_EXHAUSTED' in reason
+    record.update(status='over memory' if out_of_memory else 'error',
+                  reason=reason)
+    emit_result(record)
+    return 1
+  record.update(self_peak_rss_mib=self_peak_rss_mib(), **device_summary())
+  emit_result(record)
+  return 0
+
+
+def never(step):
+  """For `training.Loop`'s checkpoint_at / eval_at: benchmarks save nothing."""
+  del step
+  return False
 
 
 def _apply_compat():
@@ -301,6 +351,102 @@ def worker_failure_status(proc):
   return 'error', f'worker exited {proc["returncode"]} without a result'
 
 
+def xla_flags(cfg):
+  """The workers' extra XLA flags: fast compilation for --quick configs."""
+  return FAST_COMPILE_XLA_FLAGS if cfg.get('fast_compile') else ()
+
+
+def measure(script, name, cfg, timeout_s, max_rss_mib=None, key='model'):
+  """Runs `script --_worker name --_config JSON(cfg)` in a fresh process.
+
+  `cfg['fast_compile']` adds `FAST_COMPILE_XLA_FLAGS`; `max_rss_mib` is
+  `run_worker`'s memory guard.
+
+  Returns:
+    The worker's record, or {key: name, status, reason} if it printed none or
+    was killed ('over memory', 'timeout', 'error'); with the process's
+    peak_rss_mib, worker_wall_s, returncode, and for failures stderr_tail.
+  """
+  argv = [sys.executable, os.path.abspath(script), '--_worker', name,
+          '--_config', json.dumps(cfg)]
+  proc = run_worker(argv, timeout_s, xla_flags=xla_flags(cfg),
+                    max_rss_mib=max_rss_mib)
+  record = parse_result(proc['stdout'])
+  if record is None or proc['over_memory'] or proc['timed_out']:
+    status, reason = worker_failure_status(proc)
+    record = {key: name, 'status': status, 'reason': reason}
+  record.update(peak_rss_mib=proc['peak_rss_mib'],
+                worker_wall_s=proc['wall_s'], returncode=proc['returncode'])
+  if record['status'] not in ('ok', 'unavailable'):
+    record['stderr_tail'] = tail(proc['stderr'])
+  return record
+
+
+def log(message):
+  """Progress goes to stderr, the results to stdout."""
+  print(message, file=sys.stderr, flush=True)
+
+
+def record_line(record, describe):
+  """One progress line of a worker's record: `describe(record)` if it is ok."""
+  if record['status'] == 'ok':
+    return (f'{describe(record)}, peak RSS {record["peak_rss_mib"]:,.0f} MiB, '
+            f'process {record["worker_wall_s"]:.1f} s')
+  if record['status'] == 'unavailable':
+    return f'SKIPPED: {record["reason"]}'
+  return (f'{record["status"].upper()}: {record["reason"]}'
+          + (f'\n{record["stderr_tail"]}' if record.get('stderr_tail') else ''))
+
+
+def run_rounds(names, n_rounds, measure_fn, describe, stopped, label=''):
+  """Every record of `measure_fn(name)`, `n_rounds` times each, with 'round'.
+
+  Each round starts one name later, so that slow drifts of a shared machine
+  hit all names alike and none always runs first or last. Each record is
+  logged (`record_line`; `label` starts the bracket, e.g. '768 x 8, '); a name
+  whose record is not 'ok' goes into `stopped` ({name: record}) and is not
+  measured again.
+  """
+  runs = []
+  for rnd in range(n_rounds):
+    k = rnd % len(names)
+    for name in names[k:] + names[:k]:
+      if name in stopped:
+        continue
+      record = measure_fn(name)
+      record['round'] = rnd
+      runs.append(record)
+      log(f'[{label}round {rnd + 1}/{n_rounds}] {name}: '
+          + record_line(record, describe))
+      if record['status'] != 'ok':
+        stopped[name] = record
+  return runs
+
+
+def split_stopped(stopped):
+  """`run_rounds`' stopped as (skipped {name: reason}, failed {name: record})."""
+  skipped = {m: r['reason'] for m, r in stopped.items()
+             if r['status'] == 'unavailable'}
+  return skipped, {m: r for m, r in stopped.items() if m not in skipped}
+
+
+def spread(runs, field):
+  """{field_median, field_min, field_max} of `field` over `runs` (None if none)."""
+  values = [r[field] for r in runs]
+  return {f'{field}_median': median(values),
+          f'{field}_min': min(values) if values else None,
+          f'{field}_max': max(values) if values else None}
+
+
+def add_ratios(rows, baselines, field='tokens_per_s_median'):
+  """Adds ratio_vs_<base> = row[field] / rows[base][field] to every row."""
+  for row in rows.values():
+    for base in baselines:
+      b = rows.get(base, {}).get(field)
+      mine = row[field]
+      row[f'ratio_vs_{base}'] = mine / b if mine and b else None
+
+
 def cost_analysis_flops(cost):
   """The 'flops' entry of a jax `cost_analysis()` result (dict, or list of them)."""
   if isinstance(cost, (list, tuple)):
@@ -372,23 +518,6 @@ def matmul_peak_worker(size=2048, reps=10, warmup=3):
   return 0
 
 
-def measure_matmul_peak(script, size, timeout_s=300, xla_flags=()):
-  """Runs `script --_worker matmul_peak --_config {"size": size}` in a fresh process.
-
-  Returns:
-    The worker's result dict (status 'ok' with gflops_per_s, or a failure).
-  """
-  argv = [sys.executable, script, '--_worker', 'matmul_peak',
-          '--_config', json.dumps(dict(size=size))]
-  proc = run_worker(argv, timeout_s, xla_flags=xla_flags)
-  record = parse_result(proc['stdout'])
-  if record is None:
-    status, reason = worker_failure_status(proc)
-    record = dict(model='matmul_peak', status=status,
-                  reason=f'{reason}\n{tail(proc["stderr"])}')
-  return record
-
-
 def tail(text, n_lines=15):
   return '\n'.join(text.strip().splitlines()[-n_lines:])
 
@@ -415,12 +544,159 @@ def parse_int_tuple(text):
 
 
 def max_shorten_factor(hierarchy):
-  """Largest total shortening in an Hourglass hierarchy string like '2@1 8@3 2@1'.
+  """Total shortening of an Hourglass hierarchy string like '2@1 8@3 2@1'.
 
-  Returns None if the string is not in the `n_layers@factor` format (then the
+  Returns None if `trax_hourglass.hierarchy` cannot parse the string (then the
   model constructor is left to judge it).
   """
   try:
-    return max(int(level.split('@')[1]) for level in hierarchy.split())
-  except (IndexError, ValueError):
+    return parse_hierarchy(hierarchy).total_factor
+  except ValueError:
     return None
+
+
+def parse_hierarchy(hierarchy, vanilla_layers=(1, 1)):
+  """`trax_hourglass.hierarchy.parse_hierarchy`, without importing trax.
+
+  Parents never import trax, which the package's `__init__` does: the module,
+  plain Python, is loaded on its own.
+  """
+  module = (sys.modules.get('trax_hourglass.hierarchy') or
+            sys.modules.get('_trax_hourglass_hierarchy'))
+  if module is None:
+    spec = importlib.util.spec_from_file_location(
+        '_trax_hourglass_hierarchy',
+        os.path.join(REPO_ROOT, 'trax_hourglass', 'hierarchy.py'))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # For dataclasses, as an import would.
+    spec.loader.exec_module(module)
+  return module.parse_hierarchy(hierarchy, vanilla_layers)
+
+
+def parse_names(text, known, flag='--models'):
+  """'a,b' -> ['a', 'b']; SystemExit naming the unknown ones."""
+  names = [m.strip() for m in text.split(',') if m.strip()]
+  unknown = sorted(set(names) - set(known))
+  if unknown or not names:
+    raise SystemExit(f'Unknown {flag} {unknown}; choose from '
+                     f'{",".join(known)}.')
+  return names
+
+
+# ------------------------------------------------------------ command line --
+
+
+def benchmark_parser(doc, quick, timeout, models=None, json_help=None,
+                     plot_help=None):
+  """The shared flags: --quick (help `quick`), --worker_timeout (default
+  `timeout`, for its help), the hidden worker flags, and if given --models
+  (default all `models`), --json (writing `json_help`), --plot (of `plot_help`).
+  """
+  parser = argparse.ArgumentParser(
+      description=doc.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  if models is not None:
+    parser.add_argument('--models', default=','.join(models),
+                        help='Comma-separated subset of %(default)s'
+                        + (', or the ablation ' + ','.join(ABLATION_MODELS)
+                           + ' (see benchmarks/_common.py)'
+                           if models == ALL_MODELS else '') + '.')
+  parser.add_argument('--quick', action='store_true', help=quick)
+  if json_help:
+    parser.add_argument('--json', metavar='PATH',
+                        help=f'Also write {json_help} here.')
+  if plot_help:
+    parser.add_argument('--plot', metavar='PATH',
+                        help=f'PNG of {plot_help} (default: the --json path '
+                        'with .png, else no plot).')
+  parser.add_argument('--worker_timeout', type=float, default=None,
+                      help=f'Seconds before a worker is killed (default '
+                      f'{timeout}).')
+  # Internal: run one measurement in this process (spawned by the parent).
+  parser.add_argument('--_worker', metavar='MODEL', help=argparse.SUPPRESS)
+  parser.add_argument('--_config', help=argparse.SUPPRESS)
+  return parser
+
+
+def add_config_flags(parser, reference, quick, flags):
+  """A --name flag per (name, type[, help]) overriding `config_from_args`'s."""
+  for name, type_, *text in flags:
+    # None = "take it from the reference (or --quick) configuration".
+    parser.add_argument(f'--{name}', type=type_, default=None,
+                        help=' '.join(text + [
+                            f'Default {reference[name]!r} ({quick[name]!r} '
+                            'with --quick).']))
+
+
+def main(parser, worker, parent, argv=None):
+  """A script's entry: `worker(name, cfg)` with --_worker, else `parent(args)`.
+
+  Both return the exit status; `args.argv` is the command line.
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  args = parser.parse_args(argv)
+  args.argv = argv
+  if args._worker:  # pylint: disable=protected-access
+    return worker(args._worker, json.loads(args._config))  # pylint: disable=protected-access
+  return parent(args)
+
+
+# ----------------------------------------------------------------- reports --
+
+
+def pyplot():
+  """matplotlib.pyplot drawing to files (Agg), or None if not installed."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return plt
+
+
+def plot_path(args):
+  """--plot, else the --json path with .png, else None (no plot)."""
+  return args.plot or (os.path.splitext(args.json)[0] + '.png'
+                       if args.json else None)
+
+
+def length_axis(ax, lengths, label):
+  """Log2 x axis ticked at the sequence `lengths`, labelled `label`."""
+  ax.set_xscale('log', base=2)
+  ax.set_xticks(list(lengths))
+  ax.set_xticklabels([f'{n:,}' for n in lengths], fontsize=8)
+  ax.xaxis.set_minor_locator(pyplot().NullLocator())
+  ax.set_xlabel(label)
+
+
+def save_figure(fig, path):
+  """Grids and legends every plot of `fig`, writes it to `path`, frees it."""
+  for ax in fig.axes:
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  pyplot().close(fig)
+  return True  # For `write_plot`: plotted.
+
+
+def write_plot(plot, path):
+  """Calls `plot(path)` (False: no matplotlib); prints where it went or why not.
+
+  Never raises: the measurements are the result, never lose them (or the JSON
+  written after it) to a plot.
+  """
+  try:
+    plotted = plot(path)
+  except Exception as e:  # pylint: disable=broad-except
+    traceback.print_exc()
+    plotted = f'failed, {type(e).__name__}: {e}'
+  print(f'\nPlot: {path}' if plotted is True else
+        f'\nNo plot: {plotted or "matplotlib is not installed"}.')
+
+
+def write_json(path, **report):
+  """Writes `report` as indented JSON with sorted keys."""
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=2, sort_keys=True)

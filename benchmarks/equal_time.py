@@ -78,14 +78,12 @@ numbers mean nothing; used by tests/test_benchmark_equal_time.py):
       --variants hourglass,no_shift --out /tmp/equal_time_quick
 """
 
-import argparse
-import json
+import functools
 import math
 import os
 import shlex
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -120,30 +118,22 @@ QUICK = dict(REFERENCE, d_model=32, d_ff=64, n_heads=2,
              hierarchy='1@1 1@3 1@1', seq_len=48, batch=2, warmup_steps=10,
              seconds=10., eval_points=2, eval_batches=2, test_batches=2,
              probe_positions=4, lsh_chunk_len=16, fast_compile=True)
-FAST_COMPILE_XLA_FLAGS = ('--xla_backend_optimization_level=0',)
 COMPILE_STEPS = 1  # The first step compiles the training step.
 MAX_CHUNK_S = 5.0  # Longest run of steps between two looks at the clock.
 LEAK_BATCHES = 2  # Test batches probed for the leak (a forward per position).
 
 
-def _never(step):
-  del step
-  return False
-
-
-def _levels(hierarchy):
-  """[(index, n_layers, factor)] of every level in 'n@k ...' notation."""
-  levels = []
-  for i, token in enumerate(hierarchy.split()):
-    n, _, k = token.partition('@')
-    if n.isdigit() and k.isdigit():
-      levels.append((i, int(n), int(k)))
-  return levels
+def _hierarchy(hierarchy):
+  """`hierarchy` parsed (`trax_hourglass.hierarchy`), or SystemExit."""
+  try:
+    return _common.parse_hierarchy(hierarchy)
+  except ValueError as e:
+    raise SystemExit(f'--hierarchy: {e}') from None
 
 
 def _single_level(hierarchy, why):
-  """(index, n_layers, factor) of the one shortened level, or SystemExit."""
-  levels = [level for level in _levels(hierarchy) if level[2] > 1]
+  """The one shortened `Level` of `hierarchy`, or SystemExit."""
+  levels = _hierarchy(hierarchy).levels
   if len(levels) != 1:
     raise SystemExit(f'{why} needs --hierarchy with exactly one shortened '
                      f"level (e.g. '2@1 4@3 2@1'), got {hierarchy!r}.")
@@ -151,16 +141,18 @@ def _single_level(hierarchy, why):
 
 
 def _with_factor(hierarchy, factor, why):
-  """`hierarchy` with its one shortened level's factor replaced by `factor`."""
-  index, n_layers, _ = _single_level(hierarchy, why)
-  tokens = hierarchy.split()
-  tokens[index] = f'{n_layers}@{factor}'
-  return ' '.join(tokens)
+  """`hierarchy` with its one shortened level's factor replaced, '2@1 4@2 2@1'."""
+  n_layers = _single_level(hierarchy, why).n_layers
+  pre, post = _hierarchy(hierarchy).vanilla_layers
+  return f'{pre}@1 {n_layers}@{factor} {post}@1'
 
 
 def _n_layers(hierarchy):
-  """Layers of a paper-notation hierarchy: '2@1 4@3 2@1' has 8."""
-  return sum(n for _, n, _ in _levels(hierarchy))
+  """Layers of a hierarchy: '2@1 4@3 2@1' has 8 (outer levels count twice)."""
+  spec = _hierarchy(hierarchy)
+  return sum(spec.vanilla_layers) + sum(
+      level.n_layers * (1 if i == len(spec.levels) - 1 else 2)
+      for i, level in enumerate(spec.levels))
 
 
 def variant_hierarchy(variant, cfg):
@@ -222,7 +214,7 @@ def describe(variant, cfg):
     return (f'ff_sparsity = {cfg["ff_sparsity"]}, loss_sparsity = '
             f'{cfg["loss_sparsity"]}')
   if variant == 'sfd':
-    _, _, factor = _single_level(cfg['hierarchy'], 'sfd')
+    factor = _single_level(cfg['hierarchy'], 'sfd').total_factor
     return (f'shorten_factor_dropout = (2, {factor}), attention_upsampling_fn '
             '= @trax_hourglass.NaiveUpsampling; scored at factor '
             f'{factor}, and as sfd@2 with the same weights in hierarchy '
@@ -281,7 +273,7 @@ def _model_fn(variant, cfg):
     kwargs.update(ff_sparsity=cfg['ff_sparsity'],
                   loss_sparsity=cfg['loss_sparsity'])
   if variant == 'sfd':
-    _, _, factor = _single_level(cfg['hierarchy'], 'sfd')
+    factor = _single_level(cfg['hierarchy'], 'sfd').total_factor
     kwargs.update(shorten_factor_dropout=(2, factor),
                   attention_upsampling_fn=L.NaiveUpsampling)
   if variant == 'no_shift':
@@ -295,208 +287,180 @@ class _Evaluator:
   """Bits/byte of a weight tree on a fixed list of batches; and the leak."""
 
   def __init__(self, model_fn, batches, seq_len):
-    import jax  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
     from trax import shapes  # pylint: disable=g-import-not-at-top
+    from trax_hourglass import scoring  # pylint: disable=g-import-not-at-top
     self._batches = batches
     model = model_fn(mode='eval')
     model.init(shapes.ShapeDtype((batches[0].shape[0], seq_len), np.int32))
-    self._state = model.state
-    rng = jax.random.PRNGKey(_common.SEED)  # Unused in eval mode (no dropout).
-
-    def nll(weights, state, tokens):
-      """Per-byte negative log-likelihood (nats): (batch, len)."""
-      logits, _ = model.pure_fn(tokens, weights, state, rng)
-      logp = jax.nn.log_softmax(logits.astype(np.float32), axis=-1)
-      return -jax.numpy.take_along_axis(logp, tokens[..., None], -1)[..., 0]
-
-    def hidden_future_nll(weights, state, tokens, position):
-      """nll of byte `position` when it and every later byte read as 0."""
-      visible = jax.numpy.arange(tokens.shape[1]) < position
-      logits, _ = model.pure_fn(jax.numpy.where(visible, tokens, 0), weights,
-                                state, rng)
-      logp = jax.nn.log_softmax(logits[:, position].astype(np.float32), -1)
-      return -jax.numpy.take_along_axis(logp, tokens[:, position, None], -1)
-
-    self._nll = jax.jit(nll)
-    self._hidden_nll = jax.jit(hidden_future_nll)
+    self._scorer = scoring.Scorer(model)
 
   def __call__(self, weights):
-    total = sum(float(self._nll(weights, self._state, x).sum())
+    bits = -sum(float(self._scorer.log2_probs(x, weights).sum())
                 for x in self._batches)
-    n_bytes = sum(x.size for x in self._batches)
-    return total / (n_bytes * math.log(2.))
+    return bits / sum(x.size for x in self._batches)
 
   def leak(self, weights, positions):
     """(teacher-forced, future-hidden) bits/byte at `positions` of each window."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     forced, hidden = [], []
     for x in self._batches[:LEAK_BATCHES]:
-      forced.append(np.asarray(self._nll(weights, self._state, x))[:, positions])
-      hidden.append(np.concatenate(
-          [np.asarray(self._hidden_nll(weights, self._state, x, p))
-           for p in positions], axis=1))
-    to_bits = lambda nats: float(np.mean(nats) / math.log(2.))
-    return to_bits(forced), to_bits(hidden)
+      forced.append(self._scorer.log2_probs(x, weights)[:, positions])
+      # Byte p scored with it and every later byte read as 0.
+      hidden.append([self._scorer.log2_probs(
+          np.where(np.arange(x.shape[1]) < p, x, 0), weights, targets=x)[:, p]
+                     for p in positions])
+    return -float(np.mean(forced)), -float(np.mean(hidden))
 
 
-def _worker(variant, cfg):
-  """Trains one variant in this (fresh) process; prints one result line."""
-  record = dict(variant=variant, status='ok', pid=os.getpid(),
-                load_before=os.getloadavg())
-  trax = _common.worker_import_trax('ours', record)
-  if trax is None:
-    return 0
+def _train(variant, cfg, trax, record):
+  """Trains `variant` for `cfg['seconds']`, scoring it into `record`."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax.supervised import training  # pylint: disable=g-import-not-at-top
+  from trax_hourglass.data import text  # pylint: disable=g-import-not-at-top
 
-  try:
-    import functools  # pylint: disable=g-import-not-at-top
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from trax import layers as tl  # pylint: disable=g-import-not-at-top
-    from trax.supervised import training  # pylint: disable=g-import-not-at-top
-    from trax_hourglass.data import text  # pylint: disable=g-import-not-at-top
-    np.random.seed(_common.SEED)
+  # Data: the byte-file pipeline's splits and training batches.
+  data = text.load_bytes(cfg['data'])
+  bounds = text.byte_file_splits(len(data))
+  inputs = text.byte_file_inputs(
+      cfg['data'], batch_size=cfg['batch'], sequence_length=cfg['seq_len'],
+      seed=_common.SEED)
 
-    # Data: the byte-file pipeline's splits and training batches.
-    data = text.load_bytes(cfg['data'])
-    bounds = text.byte_file_splits(len(data))
-    inputs = text.byte_file_inputs(
-        cfg['data'], batch_size=cfg['batch'], sequence_length=cfg['seq_len'],
-        seed=_common.SEED)
+  def windows(split, n_batches):
+    """Batches of consecutive windows of `split` (0: every whole window)."""
+    part = data[slice(*bounds[split])]
+    n_windows = len(part) // cfg['seq_len']
+    n_batches = n_batches or max(1, n_windows // cfg['batch'])
+    batch = text.eval_batches(part, cfg['batch'], cfg['seq_len'])
+    record[f'{split}_bytes'] = len(part)
+    record[f'{split}_scored_bytes'] = n_batches * cfg['batch'] * cfg['seq_len']
+    record[f'{split}_wraps'] = n_batches * cfg['batch'] > n_windows
+    return [batch(i)[0] for i in range(n_batches)]
 
-    def windows(split, n_batches):
-      """Batches of consecutive windows of `split` (0: every whole window)."""
-      part = data[slice(*bounds[split])]
-      n_windows = len(part) // cfg['seq_len']
-      n_batches = n_batches or max(1, n_windows // cfg['batch'])
-      batch = text.eval_batches(part, cfg['batch'], cfg['seq_len'])
-      record[f'{split}_bytes'] = len(part)
-      record[f'{split}_scored_bytes'] = n_batches * cfg['batch'] * cfg['seq_len']
-      record[f'{split}_wraps'] = n_batches * cfg['batch'] > n_windows
-      return [batch(i)[0] for i in range(n_batches)]
+  valid_batches = windows('valid', cfg['eval_batches'])
+  test_batches = windows('test', cfg['test_batches'])
+  record.update(data_bytes=len(data), train_bytes=bounds['train'][1])
 
-    valid_batches = windows('valid', cfg['eval_batches'])
-    test_batches = windows('test', cfg['test_batches'])
-    record.update(data_bytes=len(data), train_bytes=bounds['train'][1])
+  model_fn = _model_fn(variant, cfg)
+  start = time.perf_counter()
+  task = training.TrainTask(
+      labeled_data=inputs.train_stream(1),
+      loss_layer=tl.WeightedCategoryCrossEntropy(),
+      optimizer=trax.optimizers.Adam(cfg['learning_rate'],
+                                     weight_decay_rate=0.0, b1=0.9, b2=0.98,
+                                     eps=1e-9),
+      lr_schedule=trax.lr.multifactor(
+          constant=cfg['learning_rate'], factors='constant * linear_warmup',
+          warmup_steps=cfg['warmup_steps']))
+  loop = training.Loop(model_fn(mode='train'), [task], output_dir=None,
+                       checkpoint_at=_common.never,
+                       permanent_checkpoint_at=_common.never,
+                       eval_at=_common.never, n_devices=1,
+                       random_seed=_common.SEED)
+  _common.block(loop.model.weights)
+  record['init_s'] = time.perf_counter() - start
+  record['n_params'] = _common.count_params(loop.model.weights)
+  evaluate = _Evaluator(model_fn, valid_batches, cfg['seq_len'])
 
-    model_fn = _model_fn(variant, cfg)
-    start = time.perf_counter()
-    task = training.TrainTask(
-        labeled_data=inputs.train_stream(1),
-        loss_layer=tl.WeightedCategoryCrossEntropy(),
-        optimizer=trax.optimizers.Adam(cfg['learning_rate'],
-                                       weight_decay_rate=0.0, b1=0.9, b2=0.98,
-                                       eps=1e-9),
-        lr_schedule=trax.lr.multifactor(
-            constant=cfg['learning_rate'], factors='constant * linear_warmup',
-            warmup_steps=cfg['warmup_steps']))
-    loop = training.Loop(model_fn(mode='train'), [task], output_dir=None,
-                         checkpoint_at=_never, permanent_checkpoint_at=_never,
-                         eval_at=_never, n_devices=1,
-                         random_seed=_common.SEED)
-    _common.block(loop.model.weights)
-    record['init_s'] = time.perf_counter() - start
-    record['n_params'] = _common.count_params(loop.model.weights)
-    evaluate = _Evaluator(model_fn, valid_batches, cfg['seq_len'])
+  # Untimed: the step that compiles the training step.
+  start = time.perf_counter()
+  loop.run(COMPILE_STEPS)
+  _common.block((loop.model.weights, loop.model.state))
+  record['compile_s'] = time.perf_counter() - start
+  log = lambda msg: print(f'[{variant}] {msg}', file=sys.stderr, flush=True)
 
-    # Untimed: the step that compiles the training step.
-    start = time.perf_counter()
-    loop.run(COMPILE_STEPS)
-    _common.block((loop.model.weights, loop.model.state))
-    record['compile_s'] = time.perf_counter() - start
-    log = lambda msg: print(f'[{variant}] {msg}', file=sys.stderr, flush=True)
+  curve, eval_s = [], 0.
 
-    curve, eval_s = [], 0.
-
-    def eval_point(train_s, timed_steps):
-      nonlocal eval_s
-      t = time.perf_counter()
-      bpb = evaluate(loop.model.weights)
-      eval_s += time.perf_counter() - t
-      curve.append(dict(train_s=train_s, step=loop.step, bits_per_byte=bpb,
-                        tokens=loop.step * cfg['batch'] * cfg['seq_len'],
-                        timed_steps=timed_steps))
-      log(f'{train_s:7.1f} s, step {loop.step:6d}: {bpb:.4f} bits/byte')
-      if not math.isfinite(bpb):
-        raise FloatingPointError(f'validation loss is {bpb} at step '
-                                 f'{loop.step}')
-
+  def eval_point(train_s, timed_steps):
+    nonlocal eval_s
     t = time.perf_counter()
-    eval_point(0., 0)
-    record['first_eval_s'] = time.perf_counter() - t  # Includes its compile.
-    budget = cfg['seconds']
-    targets = [budget * (i + 1) / cfg['eval_points']
-               for i in range(cfg['eval_points'])]
-    train_s, timed_steps, step_s = 0., 0, None
-    for target in targets:
-      while True:
-        remaining = target - train_s
-        if step_s is None:  # First timed chunk: one step, to learn its cost.
-          n = 1
-        elif remaining < 2 * step_s:  # Stop within half a step of the target.
-          n = int(remaining / step_s + 0.5)
-        else:  # At most half the time left: a slowdown cannot overshoot much.
-          n = max(1, int(min(MAX_CHUNK_S, remaining / 2) / step_s))
-        if n < 1 or remaining <= 0:
-          break
-        t = time.perf_counter()
-        loop.run(n)
-        _common.block((loop.model.weights, loop.model.state))
-        elapsed = time.perf_counter() - t
-        train_s += elapsed
-        timed_steps += n
-        step_s = elapsed / n
-      eval_point(train_s, timed_steps)
+    bpb = evaluate(loop.model.weights)
+    eval_s += time.perf_counter() - t
+    curve.append(dict(train_s=train_s, step=loop.step, bits_per_byte=bpb,
+                      tokens=loop.step * cfg['batch'] * cfg['seq_len'],
+                      timed_steps=timed_steps))
+    log(f'{train_s:7.1f} s, step {loop.step:6d}: {bpb:.4f} bits/byte')
+    if not math.isfinite(bpb):
+      raise FloatingPointError(f'validation loss is {bpb} at step '
+                               f'{loop.step}')
 
-    # Off the clock: the test split, and the leak at random probe positions.
-    t = time.perf_counter()
-    test = _Evaluator(model_fn, test_batches, cfg['seq_len'])
-    record['test_bits_per_byte'] = test(loop.model.weights)
-    positions = np.sort(np.random.default_rng(_common.SEED).choice(
-        cfg['seq_len'], min(cfg['probe_positions'], cfg['seq_len']),
-        replace=False))
-    forced, hidden = test.leak(loop.model.weights, positions)
-    record.update(probe_positions=positions.tolist(), probe_forced_bpb=forced,
-                  probe_hidden_bpb=hidden, leak_bits_per_byte=hidden - forced,
-                  test_s=time.perf_counter() - t)
-    log(f'test: {record["test_bits_per_byte"]:.4f} bits/byte; at '
-        f'{len(positions)} probe positions {forced:.4f} teacher-forced, '
-        f'{hidden:.4f} with the future hidden')
-
-    if variant == 'sfd':
-      at_two = _with_factor(cfg['hierarchy'], 2, 'sfd')
-      fn_two = functools.partial(model_fn, hierarchy=at_two,
-                                 shorten_factor_dropout=())
+  t = time.perf_counter()
+  eval_point(0., 0)
+  record['first_eval_s'] = time.perf_counter() - t  # Includes its compile.
+  budget = cfg['seconds']
+  targets = [budget * (i + 1) / cfg['eval_points']
+             for i in range(cfg['eval_points'])]
+  train_s, timed_steps, step_s = 0., 0, None
+  for target in targets:
+    while True:
+      remaining = target - train_s
+      if step_s is None:  # First timed chunk: one step, to learn its cost.
+        n = 1
+      elif remaining < 2 * step_s:  # Stop within half a step of the target.
+        n = int(remaining / step_s + 0.5)
+      else:  # At most half the time left: a slowdown cannot overshoot much.
+        n = max(1, int(min(MAX_CHUNK_S, remaining / 2) / step_s))
+      if n < 1 or remaining <= 0:
+        break
       t = time.perf_counter()
-      record['test_bits_per_byte_at_2'] = _Evaluator(
-          fn_two, test_batches, cfg['seq_len'])(loop.model.weights)
-      record['eval_at_2_s'] = time.perf_counter() - t
-      record['hierarchy_at_2'] = at_two
-      log(f'at factor 2 ({at_two!r}): '
-          f'{record["test_bits_per_byte_at_2"]:.4f} test bits/byte')
-  except Exception as e:  # pylint: disable=broad-except
-    traceback.print_exc()
-    record.update(status='error', reason=f'{type(e).__name__}: {e}'[:2000])
-    _common.emit_result(record)
-    return 1
+      loop.run(n)
+      _common.block((loop.model.weights, loop.model.state))
+      elapsed = time.perf_counter() - t
+      train_s += elapsed
+      timed_steps += n
+      step_s = elapsed / n
+    eval_point(train_s, timed_steps)
+
+  # Off the clock: the test split, and the leak at random probe positions.
+  t = time.perf_counter()
+  test = _Evaluator(model_fn, test_batches, cfg['seq_len'])
+  record['test_bits_per_byte'] = test(loop.model.weights)
+  positions = np.sort(np.random.default_rng(_common.SEED).choice(
+      cfg['seq_len'], min(cfg['probe_positions'], cfg['seq_len']),
+      replace=False))
+  forced, hidden = test.leak(loop.model.weights, positions)
+  record.update(probe_positions=positions.tolist(), probe_forced_bpb=forced,
+                probe_hidden_bpb=hidden, leak_bits_per_byte=hidden - forced,
+                test_s=time.perf_counter() - t)
+  log(f'test: {record["test_bits_per_byte"]:.4f} bits/byte; at '
+      f'{len(positions)} probe positions {forced:.4f} teacher-forced, '
+      f'{hidden:.4f} with the future hidden')
+
+  if variant == 'sfd':
+    at_two = _with_factor(cfg['hierarchy'], 2, 'sfd')
+    fn_two = functools.partial(model_fn, hierarchy=at_two,
+                               shorten_factor_dropout=())
+    t = time.perf_counter()
+    record['test_bits_per_byte_at_2'] = _Evaluator(
+        fn_two, test_batches, cfg['seq_len'])(loop.model.weights)
+    record['eval_at_2_s'] = time.perf_counter() - t
+    record['hierarchy_at_2'] = at_two
+    log(f'at factor 2 ({at_two!r}): '
+        f'{record["test_bits_per_byte_at_2"]:.4f} test bits/byte')
 
   record.update(
       curve=curve, valid_bits_per_byte=curve[-1]['bits_per_byte'],
       train_s=train_s, steps=loop.step, timed_steps=timed_steps,
       tokens_per_s=timed_steps * cfg['batch'] * cfg['seq_len'] / train_s,
       step_ms=1000. * train_s / timed_steps, eval_s=eval_s,
-      self_peak_rss_mib=_common.self_peak_rss_mib(),
-      load_after=os.getloadavg(), **_common.device_summary())
-  _common.emit_result(record)
-  return 0
+      load_after=os.getloadavg())
+
+
+def _worker(variant, cfg):
+  """Trains one variant in this (fresh) process; prints one result line."""
+  return _common.work(functools.partial(_train, variant, cfg), 'ours',
+                      variant=variant, load_before=os.getloadavg())
 
 
 # ------------------------------------------------------------------- parent --
 
 
-def _parse_args(argv):
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser():
+  parser = _common.benchmark_parser(
+      __doc__, quick='Smoke test: tiny sizes, ~10 s per variant, XLA '
+      'optimization off; explicit flags below still override.',
+      timeout='2 * --seconds + 1200')
   parser.add_argument('--data', metavar='PATH',
                       help='Byte file to train and score on (required), '
                       'e.g. ../shared/data/enwik8-head.xml.')
@@ -505,32 +469,17 @@ def _parse_args(argv):
   parser.add_argument('--variants',
                       help='Comma-separated variants instead of --suite\'s, '
                       f'from {",".join(ALL_VARIANTS)}.')
-  parser.add_argument('--quick', action='store_true',
-                      help='Smoke test: tiny sizes, ~10 s per variant, XLA '
-                      'optimization off; explicit flags below still override.')
   parser.add_argument('--out', metavar='DIR',
                       help='Write equal_time.json and equal_time.png '
                       '(validation bits/byte vs training time) here.')
-  # None = "take it from the reference (or --quick) configuration".
-  for name, type_ in [('seconds', float), ('seq_len', int), ('batch', int),
-                      ('d_model', int), ('d_ff', int), ('n_heads', int),
-                      ('hierarchy', str), ('dropout', float),
-                      ('learning_rate', float), ('warmup_steps', int),
-                      ('eval_points', int), ('eval_batches', int),
-                      ('test_batches', int), ('probe_positions', int),
-                      ('lsh_chunk_len', int)]:
-    parser.add_argument(f'--{name}', type=type_, default=None,
-                        help=f'Default {REFERENCE[name]!r} '
-                        f'({QUICK[name]!r} with --quick)'
-                        + ('; 0 = every whole test window.'
-                           if name == 'test_batches' else '.'))
-  parser.add_argument('--worker_timeout', type=float, default=None,
-                      help='Seconds before a worker is killed (default '
-                      '2 * --seconds + 1200).')
-  # Internal: run one variant in this process (spawned by the parent).
-  parser.add_argument('--_worker', metavar='VARIANT', help=argparse.SUPPRESS)
-  parser.add_argument('--_config', help=argparse.SUPPRESS)
-  return parser.parse_args(argv)
+  _common.add_config_flags(parser, REFERENCE, QUICK, [
+      ('seconds', float), ('seq_len', int), ('batch', int), ('d_model', int),
+      ('d_ff', int), ('n_heads', int), ('hierarchy', str), ('dropout', float),
+      ('learning_rate', float), ('warmup_steps', int), ('eval_points', int),
+      ('eval_batches', int),
+      ('test_batches', int, '0 = every whole test window.'),
+      ('probe_positions', int), ('lsh_chunk_len', int)])
+  return parser
 
 
 def _resolve_config(args, variants):
@@ -550,13 +499,14 @@ def _resolve_config(args, variants):
   if 'sfd' in variants:
     hierarchies['sfd@2'] = _with_factor(cfg['hierarchy'], 2, 'sfd')
   for name, hierarchy in hierarchies.items():
-    multiple = max((k for _, _, k in _levels(hierarchy or '')), default=1)
+    multiple = _hierarchy(hierarchy).total_factor if hierarchy else 1
     if cfg['seq_len'] % multiple:
       raise SystemExit(f'--seq_len {cfg["seq_len"]} must be divisible by '
                        f'{multiple}, the shortening of {name} (hierarchy '
                        f'{hierarchy!r}).')
   if 'lsh' in variants:
-    lengths = [cfg['seq_len'] // k for _, _, k in _levels(cfg['hierarchy'])]
+    lengths = [cfg['seq_len']] + [cfg['seq_len'] // level.total_factor for level
+                                  in _hierarchy(cfg['hierarchy']).levels]
     bad = [n for n in lengths if (2 * n) % cfg['lsh_chunk_len']]
     if bad:
       raise SystemExit(
@@ -609,11 +559,8 @@ def _table(variants, results):
 
 def _plot(variants, results, cfg, title, path):
   """valid bits/byte vs training seconds, one line per variant; False if no matplotlib."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  plt = _common.pyplot()
+  if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(8, 5))
   ax.set_prop_cycle(color=plt.get_cmap('tab20').colors)  # 12 ablations: distinct.
@@ -631,58 +578,36 @@ def _plot(variants, results, cfg, title, path):
   ax.set_title(f'{title}: d_model {cfg["d_model"]}, {cfg["batch"]} x '
                f'{cfg["seq_len"]} bytes/step, {os.path.basename(cfg["data"])}',
                fontsize=10)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return True
+  return _common.save_figure(fig, path)
 
 
-def _run_variant(variant, cfg, timeout_s, log):
-  argv = [sys.executable, os.path.abspath(__file__), '--_worker', variant,
-          '--_config', json.dumps(cfg)]
-  proc = _common.run_worker(
-      argv, timeout_s,
-      xla_flags=FAST_COMPILE_XLA_FLAGS if cfg['fast_compile'] else ())
-  record = _common.parse_result(proc['stdout']) or dict(
-      variant=variant, status='error',
-      reason='timed out' if proc['timed_out'] else
-      f'worker exited {proc["returncode"]} without a result')
-  record.update(peak_rss_mib=proc['peak_rss_mib'],
-                worker_wall_s=proc['wall_s'], returncode=proc['returncode'])
-  if record['status'] == 'ok':
-    log(f'{variant}: test {record["test_bits_per_byte"]:.4f} bits/byte, leak '
-        f'{record["leak_bits_per_byte"]:.4f}, {record["tokens_per_s"]:,.0f} '
-        f'tokens/s, {record["steps"]} steps, peak RSS '
-        f'{record["peak_rss_mib"]:,.0f} MiB, process {proc["wall_s"]:.1f} s')
-  else:
-    log(f'{variant}: FAILED: {record["reason"]}\n{_common.tail(proc["stderr"])}')
+def _run_variant(variant, cfg, timeout_s):
+  record = _common.measure(__file__, variant, cfg, timeout_s, key='variant')
+  _common.log(f'{variant}: ' + _common.record_line(
+      record, lambda r: f'test {r["test_bits_per_byte"]:.4f} bits/byte, leak '
+      f'{r["leak_bits_per_byte"]:.4f}, {r["tokens_per_s"]:,.0f} tokens/s, '
+      f'{r["steps"]} steps'))
   return record
 
 
-def _parent(args, argv):
+def _parent(args):
   if args.variants is None:
     variants = list(SUITES[args.suite])
     title = f'Equal training time, suite {args.suite!r}'
   else:
-    variants = [v.strip() for v in args.variants.split(',') if v.strip()]
+    variants = _common.parse_names(args.variants, ALL_VARIANTS, '--variants')
     title = 'Equal training time'
-  unknown = sorted(set(variants) - set(ALL_VARIANTS))
-  if unknown or not variants:
-    raise SystemExit(f'Unknown --variants {unknown}; choose from '
-                     f'{",".join(ALL_VARIANTS)}.')
   cfg = _resolve_config(args, variants)
   timeout_s = args.worker_timeout or 2 * cfg['seconds'] + 1200
-  log = lambda msg: print(msg, file=sys.stderr, flush=True)
   start = time.perf_counter()
 
   results, failed = {}, {}
   for v in variants:
-    record = _run_variant(v, cfg, timeout_s, log)
-    if v == 'lsh' and record['status'] == 'error':
-      log('lsh: PureLSHSelfAttentionWrapper failed; running LSHSelfAttention.')
-      record = dict(_run_variant(LSH_FALLBACK, cfg, timeout_s, log),
+    record = _run_variant(v, cfg, timeout_s)
+    if v == 'lsh' and record['status'] != 'ok':
+      _common.log('lsh: PureLSHSelfAttentionWrapper failed; running '
+                  'LSHSelfAttention.')
+      record = dict(_run_variant(LSH_FALLBACK, cfg, timeout_s),
                     wrapper_error=record['reason'])
     if record['status'] != 'ok':
       failed[record['variant']] = record['reason']
@@ -703,8 +628,7 @@ def _parent(args, argv):
         f'{cfg["warmup_steps"]} warmup steps, seed {_common.SEED}'
         + (f', on {ok[0]["backend"]} ({ok[0]["device_kind"]}, '
            f'{os.cpu_count()} CPUs)' if ok else '')
-        + (' [--quick: XLA optimization off, smoke test only, not a '
-           'measurement]' if cfg['fast_compile'] else '') + ':\n')
+        + (_common.QUICK_NOTE if cfg['fast_compile'] else '') + ':\n')
   print(_table(variants, results))
   print()
   for v in variants:
@@ -720,18 +644,17 @@ def _parent(args, argv):
           + f' ({os.cpu_count()} CPUs).')
   for name, reason in failed.items():
     print(f'\n{name}: FAILED, {reason}')
-  print(f'\nCommand: {_command_line(argv)}')
-  log(f'total {time.perf_counter() - start:.0f} s')
+  print(f'\nCommand: {_command_line(args.argv)}')
+  _common.log(f'total {time.perf_counter() - start:.0f} s')
 
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, 'equal_time.json')
-    with open(json_path, 'w') as f:
-      json.dump(dict(benchmark='equal_time', command=_command_line(argv),
-                     config=cfg, variants=variants, results=results,
-                     descriptions={v: describe(results[v]['variant'], cfg)
-                                   for v in variants},
-                     failed=failed), f, indent=2, sort_keys=True)
+    _common.write_json(
+        json_path, benchmark='equal_time', command=_command_line(args.argv),
+        config=cfg, variants=variants, results=results,
+        descriptions={v: describe(results[v]['variant'], cfg)
+                      for v in variants}, failed=failed)
     png_path = os.path.join(args.out, 'equal_time.png')
     if _plot(variants, results, cfg, title, png_path):
       print(f'Wrote {json_path} and {png_path}.')
@@ -741,11 +664,7 @@ def _parent(args, argv):
 
 
 def main(argv=None):
-  argv = sys.argv[1:] if argv is None else list(argv)
-  args = _parse_args(argv)
-  if args._worker:  # pylint: disable=protected-access
-    return _worker(args._worker, json.loads(args._config))  # pylint: disable=protected-access
-  return _parent(args, argv)
+  return _common.main(_parser(), _worker, _parent, argv)
 
 
 if __name__ == '__main__':

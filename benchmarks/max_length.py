@@ -35,11 +35,8 @@ optimization off; its numbers mean nothing; used by tests/test_benchmarks.py):
   /work/venv/bin/python benchmarks/max_length.py --quick --models ours
 """
 
-import argparse
-import json
 import os
 import sys
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -110,33 +107,21 @@ def search_max_length(fits, start, max_len, granularity, bisect_steps):
               tried=tried)
 
 
-def _parse_args(argv):
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--models', default=','.join(_common.ALL_MODELS),
-                      help='Comma-separated subset of %(default)s.')
-  parser.add_argument('--quick', action='store_true',
-                      help='Smoke test: train_speed.py --quick sizes, lengths '
-                      '48 and 96, XLA optimization off.')
-  for name, type_, text in [
+def _parser():
+  parser = _common.benchmark_parser(
+      __doc__, quick='Smoke test: train_speed.py --quick sizes, lengths 48 '
+      'and 96, XLA optimization off.', timeout='1800, 600 with --quick; an '
+      'attempt killed counts as not fitting',
+      models=_common.ALL_MODELS,
+      json_help='config, every attempt and the result',
+      plot_help='peak RSS vs length')
+  _common.add_config_flags(parser, REFERENCE, QUICK, [
       ('start', int, 'First length tried.'),
       ('granularity', int, 'Bisection step; every length is a multiple.'),
       ('max_seq_len', int, 'Longest length tried.'),
       ('bisect_steps', int, 'Bisection steps after the doubling.'),
-      ('max_rss_gib', float, 'Memory limit (resident set, GiB).')]:
-    parser.add_argument(f'--{name}', type=type_, default=None,
-                        help=f'{text} Default {REFERENCE[name]!r} '
-                        f'({QUICK[name]!r} with --quick).')
-  parser.add_argument('--json', metavar='PATH',
-                      help='Also write config, every attempt and the result.')
-  parser.add_argument('--plot', metavar='PATH',
-                      help='PNG of peak RSS vs length (default: the --json '
-                      'path with .png, else no plot).')
-  parser.add_argument('--worker_timeout', type=float, default=None,
-                      help='Seconds before an attempt is killed and counted '
-                      'as not fitting (default 1800, 600 with --quick).')
-  return parser.parse_args(argv)
+      ('max_rss_gib', float, 'Memory limit (resident set, GiB).')])
+  return parser
 
 
 def _resolve_config(args):
@@ -193,11 +178,8 @@ def _table(models, results, cfg):
 
 def _plot(models, results, cfg, path):
   """Peak RSS vs length (log-log) with the limit; False if no matplotlib."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  plt = _common.pyplot()
+  if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(8, 5))
   lengths = set()
@@ -223,33 +205,23 @@ def _plot(models, results, cfg, path):
                     textcoords='offset points')
   ax.axhline(cfg['max_rss_gib'] * 1024., color='gray', linestyle='--',
              label=f'limit {cfg["max_rss_gib"]:g} GiB')
-  ax.set_xscale('log', base=2)
   ax.set_yscale('log')  # The limit line is always there: log has data.
   doubling = sorted(n for n in lengths if (n // cfg['start']) & (
       n // cfg['start'] - 1) == 0)  # Powers of two times --start.
-  ax.set_xticks(doubling)
-  ax.set_xticklabels([f'{n:,}' for n in doubling], fontsize=8)
-  ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-  ax.set_xlabel('sequence length (batch 1)')
+  _common.length_axis(ax, doubling, 'sequence length (batch 1)')
   ax.set_ylabel('worker peak RSS (MiB); x: did not fit')
   ax.set_title(f'Training memory vs length, d_model {cfg["d_model"]}, '
                f'hierarchy {cfg["hierarchy"]!r}'
-               + (' [--quick: not a measurement]' if cfg['fast_compile']
-                  else ''), fontsize=10)
-  ax.grid(True, which='both', alpha=0.3)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return True
+               + (_common.QUICK_NOTE if cfg['fast_compile'] else ''),
+               fontsize=10)
+  return _common.save_figure(fig, path)
 
 
-def main(argv=None):
-  args = _parse_args(sys.argv[1:] if argv is None else argv)
-  models = train_speed._parse_models(args.models)  # pylint: disable=protected-access
+def _parent(args):
+  models = _common.parse_names(
+      args.models, _common.ALL_MODELS + _common.ABLATION_MODELS)
   cfg = _resolve_config(args)
   timeout_s = args.worker_timeout or (600 if args.quick else 1800)
-  log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
   results, skipped = {}, {}
   for m in models:
@@ -257,20 +229,15 @@ def main(argv=None):
       record = train_speed.measure(m, cfg, length, 1, timeout_s)
       if record['status'] == 'unavailable':
         raise _common.ModelUnavailable(record['reason'])
-      ok = record['status'] == 'ok'
-      log(f'{m} at {length:,}: '
-          + (f'fits, peak RSS {record["peak_rss_mib"]:,.0f} MiB, '
-             f'{record["step_ms"]:,.0f} ms/step' if ok else
-             f'{record["status"].upper()}: {record["reason"]}, peak RSS '
-             f'{record["peak_rss_mib"]:,.0f} MiB')
-          + f', process {record["worker_wall_s"]:.0f} s')
-      return ok, record
+      _common.log(f'{m} at {length:,}: ' + _common.record_line(
+          record, lambda r: f'fits, {r["step_ms"]:,.0f} ms/step'))
+      return record['status'] == 'ok', record
     try:
       results[m] = search_max_length(fits, cfg['start'], cfg['max_seq_len'],
                                      cfg['granularity'], cfg['bisect_steps'])
     except _common.ModelUnavailable as e:
       skipped[m] = str(e)
-      log(f'{m}: SKIPPED: {e}')
+      _common.log(f'{m}: SKIPPED: {e}')
 
   ran = [m for m in models if m in results]
   print(f'Longest trainable sequence (batch 1, 1 compiling + 1 timed step) '
@@ -280,33 +247,27 @@ def main(argv=None):
         f'{cfg["hierarchy"]!r}; lengths {cfg["start"]} x 2^n up to '
         f'{cfg["max_seq_len"]}, then {cfg["bisect_steps"]} bisection steps in '
         f'multiples of {cfg["granularity"]}'
-        + (' [--quick: XLA optimization off, smoke test only, not a '
-           'measurement]' if cfg['fast_compile'] else '') + '.\n')
+        + (_common.QUICK_NOTE if cfg['fast_compile'] else '') + '.\n')
   print(_table(ran, results, cfg))
   print('\n"lengths tried": in order; x = did not fit.')
   for m, reason in skipped.items():
     print(f'\n{m}: skipped, {reason}')
 
-  plot_path = args.plot or (os.path.splitext(args.json)[0] + '.png'
-                            if args.json else None)
+  plot_path = _common.plot_path(args)
   if plot_path and ran:
-    try:
-      plotted = _plot(ran, results, cfg, plot_path)
-    except Exception as e:  # pylint: disable=broad-except
-      # The measurements are the result; never lose them (or the JSON) to it.
-      traceback.print_exc()
-      plotted = f'failed, {type(e).__name__}: {e}'
-    print(f'\nPlot: {plot_path}' if plotted is True else
-          f'\nNo plot: {plotted or "matplotlib is not installed"}.')
+    _common.write_plot(lambda path: _plot(ran, results, cfg, path), plot_path)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(benchmark='max_length', config=cfg, models=models,
-                     results=results, skipped=skipped, plot=plot_path), f,
-                indent=2, sort_keys=True)
+    _common.write_json(args.json, benchmark='max_length', config=cfg,
+                       models=models, results=results, skipped=skipped,
+                       plot=plot_path)
   # An error (not over memory / timeout) at the very first length is a bug.
   broken = [m for m in ran if results[m]['longest'] is None
             and results[m]['failure_info']['status'] == 'error']
   return 1 if broken or not ran else 0
+
+
+def main(argv=None):
+  return _common.main(_parser(), None, _parent, argv)
 
 
 if __name__ == '__main__':

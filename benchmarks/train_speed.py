@@ -80,8 +80,7 @@ compiles fast; its numbers mean nothing; used by tests/test_benchmarks.py):
       --models original,transformer6
 """
 
-import argparse
-import json
+import functools
 import os
 import sys
 import tempfile
@@ -99,109 +98,83 @@ REFERENCE = dict(vocab_size=256, seq_lens=(768,), tokens_per_step=6144,
                  dropout=0.1, learning_rate=1e-4,
                  steps=10, warmup=2, rounds=3, fast_compile=False,
                  max_rss_gib=20., matmul_size=2048, count_flops=True)
-# fast_compile: XLA backend optimization level 0 halves compile time, which
-# dominates a smoke run; its tokens/s are then not a measurement.
+# fast_compile: `_common.FAST_COMPILE_XLA_FLAGS`.
 QUICK = dict(REFERENCE, seq_lens=(48,), tokens_per_step=96, d_model=32,
              d_ff=64, n_heads=2, vanilla_layers=(1, 1), hierarchy='1@3',
              steps=2, warmup=2, rounds=1, fast_compile=True, matmul_size=512)
-FAST_COMPILE_XLA_FLAGS = ('--xla_backend_optimization_level=0',)
 # Statuses of a (model, length) that stop that model's sweep.
 LIMIT_STATUSES = ('over memory', 'timeout', 'error')
 
 
-def _never(step):
-  del step
-  return False
+def _train(model_name, cfg, trax, record):
+  """Times `cfg['steps']` training steps of `model_name` into `record`."""
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax.supervised import training  # pylint: disable=g-import-not-at-top
+
+  start = time.perf_counter()
+  model = _common.make_model(model_name, cfg, mode='train')
+  batches = _common.random_lm_batches(
+      cfg['vocab_size'], cfg['batch'], cfg['seq_len'])
+  task = training.TrainTask(
+      labeled_data=batches,
+      loss_layer=tl.WeightedCategoryCrossEntropy(),
+      optimizer=trax.optimizers.Adam(cfg['learning_rate']),
+      lr_schedule=trax.lr.constant(cfg['learning_rate']))
+  with tempfile.TemporaryDirectory() as output_dir:
+    loop = training.Loop(model, [task], output_dir=output_dir,
+                         checkpoint_at=_common.never,
+                         permanent_checkpoint_at=_common.never,
+                         n_devices=1, random_seed=_common.SEED)
+    _common.block(loop.model.weights)
+    record['init_s'] = time.perf_counter() - start
+    record['n_params'] = _common.count_params(loop.model.weights)
+
+    # Untimed: compilation (step 1) and a warm step.
+    start = time.perf_counter()
+    loop.run(cfg['warmup'])
+    _common.block((loop.model.weights, loop.model.state))
+    record['warmup_s'] = time.perf_counter() - start
+
+    # Timed: JAX dispatches asynchronously, so stop the clock only once the
+    # last step's weights exist (they depend on every earlier step).
+    start = time.perf_counter()
+    loop.run(cfg['steps'])
+    _common.block((loop.model.weights, loop.model.state))
+    elapsed = time.perf_counter() - start
+
+    # After the timing, so it cannot disturb it; lowering only traces.
+    if cfg.get('count_flops', True):
+      start = time.perf_counter()
+      try:
+        record['flops_per_step'] = _common.train_step_flops(
+            loop.model, next(batches))
+      except Exception as e:  # pylint: disable=broad-except
+        # Throughput is still a result; report why FLOPs are missing.
+        traceback.print_exc()
+        record['flops_error'] = f'{type(e).__name__}: {e}'
+      record['cost_analysis_s'] = time.perf_counter() - start
+
+  tokens = cfg['steps'] * cfg['batch'] * cfg['seq_len']
+  record.update(timed_s=elapsed, steps=cfg['steps'],
+                tokens_per_s=tokens / elapsed,
+                step_ms=1000. * elapsed / cfg['steps'])
+  if record.get('flops_per_step'):
+    record['gflops_per_s'] = (
+        record['flops_per_step'] * cfg['steps'] / elapsed / 1e9)
 
 
 def _worker(model_name, cfg):
   """Measures one model in this (fresh) process; prints one result line."""
   if model_name == 'matmul_peak':
     return _common.matmul_peak_worker(size=cfg['size'])
-  record = dict(model=model_name, status='ok', pid=os.getpid(),
-                seq_len=cfg['seq_len'], batch=cfg['batch'])
-  trax = _common.worker_import_trax(model_name, record)
-  if trax is None:
-    return 0
-
-  try:
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    from trax import layers as tl  # pylint: disable=g-import-not-at-top
-    from trax.supervised import training  # pylint: disable=g-import-not-at-top
-    np.random.seed(_common.SEED)
-
-    start = time.perf_counter()
-    model = _common.make_model(model_name, cfg, mode='train')
-    batches = _common.random_lm_batches(
-        cfg['vocab_size'], cfg['batch'], cfg['seq_len'])
-    task = training.TrainTask(
-        labeled_data=batches,
-        loss_layer=tl.WeightedCategoryCrossEntropy(),
-        optimizer=trax.optimizers.Adam(cfg['learning_rate']),
-        lr_schedule=trax.lr.constant(cfg['learning_rate']))
-    with tempfile.TemporaryDirectory() as output_dir:
-      loop = training.Loop(model, [task], output_dir=output_dir,
-                           checkpoint_at=_never, permanent_checkpoint_at=_never,
-                           n_devices=1, random_seed=_common.SEED)
-      _common.block(loop.model.weights)
-      record['init_s'] = time.perf_counter() - start
-      record['n_params'] = _common.count_params(loop.model.weights)
-
-      # Untimed: compilation (step 1) and a warm step.
-      start = time.perf_counter()
-      loop.run(cfg['warmup'])
-      _common.block((loop.model.weights, loop.model.state))
-      record['warmup_s'] = time.perf_counter() - start
-
-      # Timed: JAX dispatches asynchronously, so stop the clock only once the
-      # last step's weights exist (they depend on every earlier step).
-      start = time.perf_counter()
-      loop.run(cfg['steps'])
-      _common.block((loop.model.weights, loop.model.state))
-      elapsed = time.perf_counter() - start
-
-      # After the timing, so it cannot disturb it; lowering only traces.
-      if cfg.get('count_flops', True):
-        start = time.perf_counter()
-        try:
-          record['flops_per_step'] = _common.train_step_flops(
-              loop.model, next(batches))
-        except Exception as e:  # pylint: disable=broad-except
-          # Throughput is still a result; report why FLOPs are missing.
-          traceback.print_exc()
-          record['flops_error'] = f'{type(e).__name__}: {e}'
-        record['cost_analysis_s'] = time.perf_counter() - start
-  except Exception as e:  # pylint: disable=broad-except
-    traceback.print_exc()
-    reason = f'{type(e).__name__}: {e}'
-    # XLA refusing an allocation larger than the machine is running out of
-    # memory too, only sooner than the guard would see it.
-    out_of_memory = 'Out of memory' in reason or 'RESOURCE_EXHAUSTED' in reason
-    record.update(status='over memory' if out_of_memory else 'error',
-                  reason=reason)
-    _common.emit_result(record)
-    return 1
-
-  tokens = cfg['steps'] * cfg['batch'] * cfg['seq_len']
-  record.update(timed_s=elapsed, steps=cfg['steps'],
-                tokens_per_s=tokens / elapsed,
-                step_ms=1000. * elapsed / cfg['steps'],
-                self_peak_rss_mib=_common.self_peak_rss_mib(),
-                **_common.device_summary())
-  if record.get('flops_per_step'):
-    record['gflops_per_s'] = (
-        record['flops_per_step'] * cfg['steps'] / elapsed / 1e9)
-  _common.emit_result(record)
-  return 0
+  return _common.work(functools.partial(_train, model_name, cfg), model_name,
+                      model=model_name, seq_len=cfg['seq_len'],
+                      batch=cfg['batch'])
 
 
 def batch_for(cfg, seq_len):
   """The batch at `seq_len`: `cfg['batch']` if set, else tokens_per_step // seq_len."""
   return cfg['batch'] or max(1, cfg['tokens_per_step'] // seq_len)
-
-
-def xla_flags(cfg):
-  return FAST_COMPILE_XLA_FLAGS if cfg['fast_compile'] else ()
 
 
 def max_rss_mib(cfg):
@@ -216,20 +189,10 @@ def measure(model_name, cfg, seq_len, batch, timeout_s):
   'over memory' (killed by the `cfg['max_rss_gib']` guard), 'timeout' or
   'error'; it carries the worker's peak RSS (at the kill, if killed).
   """
-  wcfg = dict(cfg, seq_len=seq_len, batch=batch)
-  argv = [sys.executable, os.path.abspath(__file__), '--_worker', model_name,
-          '--_config', json.dumps(wcfg)]
-  proc = _common.run_worker(argv, timeout_s, xla_flags=xla_flags(cfg),
-                            max_rss_mib=max_rss_mib(cfg))
-  record = _common.parse_result(proc['stdout'])
-  if record is None or proc['over_memory'] or proc['timed_out']:
-    status, reason = _common.worker_failure_status(proc)
-    record = dict(model=model_name, status=status, reason=reason)
-  record.update(seq_len=seq_len, batch=batch,
-                peak_rss_mib=proc['peak_rss_mib'],
-                worker_wall_s=proc['wall_s'], returncode=proc['returncode'])
-  if record['status'] == 'error':
-    record['stderr_tail'] = _common.tail(proc['stderr'])
+  record = _common.measure(__file__, model_name,
+                           dict(cfg, seq_len=seq_len, batch=batch), timeout_s,
+                           max_rss_mib=max_rss_mib(cfg))
+  record.update(seq_len=seq_len, batch=batch)
   return record
 
 
@@ -245,17 +208,14 @@ def parse_lengths(text, flag='--seq_lens'):
   return tuple(lengths)
 
 
-def _parse_args(argv):
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--models', default=','.join(_common.ALL_MODELS),
-                      help='Comma-separated subset of %(default)s, or '
-                      'the ablation ' + ','.join(_common.ABLATION_MODELS) +
-                      ' (see benchmarks/_common.py).')
-  parser.add_argument('--quick', action='store_true',
-                      help='Smoke test: tiny sizes, 1 round, 2 steps, XLA '
-                      'optimization off; explicit flags below still override.')
+def _parser():
+  parser = _common.benchmark_parser(
+      __doc__, quick='Smoke test: tiny sizes, 1 round, 2 steps, XLA '
+      'optimization off; explicit flags below still override.',
+      timeout='3600, 600 with --quick',
+      models=_common.ALL_MODELS,
+      json_help='config, every run and the summary',
+      plot_help='ms per 1k tokens and peak RSS vs length')
   parser.add_argument('--seq_lens', default=None,
                       help='Comma-separated sequence lengths, each divisible '
                       'by the hierarchy\'s shortening factor, e.g. '
@@ -267,33 +227,17 @@ def _parse_args(argv):
   parser.add_argument('--batch', type=int, default=None,
                       help='Sequences per step at every length (default: '
                       'max(1, --tokens_per_step // length)).')
-  # None = "take it from the reference (or --quick) configuration".
-  for name, type_, extra in [
-      ('tokens_per_step', int, 'Tokens per step when --batch is not given. '),
-      ('d_model', int, ''), ('d_ff', int, ''), ('n_heads', int, ''),
-      ('hierarchy', str, ''),
-      ('vanilla_layers', _common.parse_int_tuple, ''),
-      ('dropout', float, ''), ('learning_rate', float, ''),
-      ('steps', int, ''), ('warmup', int, ''), ('rounds', int, ''),
+  _common.add_config_flags(parser, REFERENCE, QUICK, [
+      ('tokens_per_step', int, 'Tokens per step when --batch is not given.'),
+      ('d_model', int), ('d_ff', int), ('n_heads', int), ('hierarchy', str),
+      ('vanilla_layers', _common.parse_int_tuple),
+      ('dropout', float), ('learning_rate', float),
+      ('steps', int), ('warmup', int), ('rounds', int),
       ('max_rss_gib', float, 'A worker whose resident memory exceeds this is '
-       'killed and reported as over memory; 0 = no limit. '),
+       'killed and reported as over memory; 0 = no limit.'),
       ('matmul_size', int, 'Size of the square float32 matmul that measures '
-       'the FLOP/s peak; 0 = skip. ')]:
-    parser.add_argument(f'--{name}', type=type_, default=None,
-                        help=f'{extra}Default {REFERENCE[name]!r} '
-                        f'({QUICK[name]!r} with --quick).')
-  parser.add_argument('--json', metavar='PATH',
-                      help='Also write config, every run and the summary here.')
-  parser.add_argument('--plot', metavar='PATH',
-                      help='PNG of ms per 1k tokens and peak RSS vs length '
-                      '(default: the --json path with .png, else no plot).')
-  parser.add_argument('--worker_timeout', type=float, default=None,
-                      help='Seconds before a worker is killed '
-                      '(default 3600, 600 with --quick).')
-  # Internal: run one measurement in this process (spawned by the parent).
-  parser.add_argument('--_worker', metavar='MODEL', help=argparse.SUPPRESS)
-  parser.add_argument('--_config', help=argparse.SUPPRESS)
-  return parser.parse_args(argv)
+       'the FLOP/s peak; 0 = skip.')])
+  return parser
 
 
 def _resolve_config(args):
@@ -356,10 +300,9 @@ def _summarize(models, seq_lens, runs, peak_gflops):
     for m in models:
       mine = [r for r in runs if r['model'] == m and r['seq_len'] == length]
       ok = [r for r in mine if r['status'] == 'ok']
-      tps = [r['tokens_per_s'] for r in ok]
-      gflops = [r['gflops_per_s'] for r in ok if r.get('gflops_per_s')]
-      tps_median = _common.median(tps)
-      gflops_median = _common.median(gflops)
+      tps = _common.spread(ok, 'tokens_per_s')
+      gflops_median = _common.median(
+          [r['gflops_per_s'] for r in ok if r.get('gflops_per_s')])
       failed = [r for r in mine if r['status'] != 'ok']
       stop = next((r for r in runs if r['model'] == m
                    and r['status'] in LIMIT_STATUSES), None)
@@ -370,12 +313,10 @@ def _summarize(models, seq_lens, runs, peak_gflops):
               f'skipped ({stop["status"]} at {stop["seq_len"]})' if stop
               else 'skipped'),
           reason=failed[0].get('reason') if failed else None,
-          n_runs=len(ok),
-          tokens_per_s_median=tps_median,
-          tokens_per_s_min=min(tps) if tps else None,
-          tokens_per_s_max=max(tps) if tps else None,
+          n_runs=len(ok), **tps,
           step_ms_median=_common.median([r['step_ms'] for r in ok]),
-          ms_per_1k_tokens=1e6 / tps_median if tps_median else None,
+          ms_per_1k_tokens=(1e6 / tps['tokens_per_s_median']
+                            if tps['tokens_per_s_median'] else None),
           warmup_s_median=_common.median([r['warmup_s'] for r in ok]),
           # Of ok runs; of the killed run if none (its RSS at the kill).
           peak_rss_mib_max=max((r['peak_rss_mib'] for r in ok or mine),
@@ -385,11 +326,7 @@ def _summarize(models, seq_lens, runs, peak_gflops):
           gflops_per_s_median=gflops_median,
           pct_of_matmul_peak=(100. * gflops_median / peak_gflops
                               if gflops_median and peak_gflops else None))
-    for m, s in rows.items():
-      for base in _common.BASELINES:
-        b = rows.get(base, {}).get('tokens_per_s_median')
-        mine = s['tokens_per_s_median']
-        s[f'ratio_vs_{base}'] = mine / b if mine and b else None
+    _common.add_ratios(rows, _common.BASELINES)
   return summary
 
 
@@ -424,11 +361,8 @@ def _table(models, seq_lens, summary):
 
 def _plot(models, seq_lens, summary, cfg, path):
   """ms per 1k tokens and peak RSS vs length (log-log); False if no matplotlib."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
+  plt = _common.pyplot()
+  if plt is None:
     return False
   fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5))
   for i, m in enumerate(models):
@@ -464,93 +398,58 @@ def _plot(models, seq_lens, summary, cfg, path):
            f'{cfg["tokens_per_step"]:,} tokens/step')
   for ax, ylabel in [(ax_t, 'ms per 1,000 training tokens'),
                      (ax_m, 'worker peak RSS (MiB)')]:
-    ax.set_xscale('log', base=2)
+    _common.length_axis(ax, seq_lens, 'sequence length (tokens)')
     if any(y > 0 for l in ax.get_lines() for y in l.get_ydata()
            if l.get_transform() == ax.transData):  # Log of nothing fails.
       ax.set_yscale('log')
-    ax.set_xticks(list(seq_lens))
-    ax.set_xticklabels([f'{n:,}' for n in seq_lens], fontsize=8)
-    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-    ax.set_xlabel('sequence length (tokens)')
     ax.set_ylabel(ylabel)
-    ax.grid(True, which='both', alpha=0.3)
-    ax.legend(fontsize=8)
   fig.suptitle(f'Training step, {batch}, d_model {cfg["d_model"]}, '
                f'hierarchy {cfg["hierarchy"]!r}, vanilla_layers '
                f'{tuple(cfg["vanilla_layers"])}'
-               + (' [--quick: not a measurement]' if cfg['fast_compile']
-                  else ''), fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return True
+               + (_common.QUICK_NOTE if cfg['fast_compile'] else ''),
+               fontsize=10)
+  return _common.save_figure(fig, path)
 
 
-def _matmul_peak(cfg, log, when):
+def _matmul_peak(cfg, when):
+  """`_common.matmul_peak_worker`'s record, in a fresh worker; None if size 0."""
   if not cfg['matmul_size']:
     return None
-  record = _common.measure_matmul_peak(
-      os.path.abspath(__file__), cfg['matmul_size'], xla_flags=xla_flags(cfg))
-  if record['status'] == 'ok':
-    log(f'matmul peak ({when}): {record["gflops_per_s"]:,.1f} GFLOP/s '
-        f'(float32 {cfg["matmul_size"]}^2 x {cfg["matmul_size"]})')
-  else:
-    log(f'matmul peak ({when}) FAILED: {record.get("reason")}')
+  record = _common.measure(__file__, 'matmul_peak', dict(
+      size=cfg['matmul_size'], fast_compile=cfg['fast_compile']), 300)
+  _common.log(f'matmul peak ({when}): ' + _common.record_line(
+      record, lambda r: f'{r["gflops_per_s"]:,.1f} GFLOP/s (float32 '
+      f'{cfg["matmul_size"]}^2 x {cfg["matmul_size"]})'))
   return record
 
 
-def _parse_models(text):
-  models = [m.strip() for m in text.split(',') if m.strip()]
-  known = _common.ALL_MODELS + _common.ABLATION_MODELS
-  unknown = sorted(set(models) - set(known))
-  if unknown or not models:
-    raise SystemExit(f'Unknown --models {unknown}; choose from '
-                     f'{",".join(known)}.')
-  return models
+def _describe(record):
+  return (f'{record["tokens_per_s"]:,.0f} tokens/s, '
+          f'{record["step_ms"]:,.1f} ms/step, warmup '
+          f'{record["warmup_s"]:.1f} s'
+          + (f', {record["gflops_per_s"]:,.2f} GFLOP/s'
+             if record.get('gflops_per_s') else ''))
 
 
 def _parent(args):
-  models = _parse_models(args.models)
+  models = _common.parse_names(
+      args.models, _common.ALL_MODELS + _common.ABLATION_MODELS)
   cfg = _resolve_config(args)
   seq_lens = cfg['seq_lens']
   timeout_s = args.worker_timeout or (600 if args.quick else 3600)
-  log = lambda msg: print(msg, file=sys.stderr, flush=True)
 
-  peaks = [_matmul_peak(cfg, log, 'before')]
-  runs, skipped, stopped = [], {}, {}
-  for length in seq_lens:
+  peaks = [_matmul_peak(cfg, 'before')]
+  runs, stopped = [], {}
+  for length in seq_lens:  # A model stopped at one length skips the longer.
     batch = batch_for(cfg, length)
-    for rnd in range(cfg['rounds']):
-      # Rotate the order each round so no model always runs first / last.
-      order = models[rnd % len(models):] + models[:rnd % len(models)]
-      for m in order:
-        if m in skipped or m in stopped:
-          continue
-        record = measure(m, cfg, length, batch, timeout_s)
-        record['round'] = rnd
-        runs.append(record)
-        prefix = (f'[{length} x {batch}, round {rnd + 1}/{cfg["rounds"]}] '
-                  f'{m}:')
-        if record['status'] == 'ok':
-          log(f'{prefix} {record["tokens_per_s"]:,.0f} tokens/s, '
-              f'{record["step_ms"]:,.1f} ms/step, warmup '
-              f'{record["warmup_s"]:.1f} s, peak RSS '
-              f'{record["peak_rss_mib"]:,.0f} MiB, '
-              + (f'{record["gflops_per_s"]:,.2f} GFLOP/s, '
-                 if record.get('gflops_per_s') else '')
-              + f'process {record["worker_wall_s"]:.1f} s')
-        elif record['status'] == 'unavailable':
-          skipped[m] = record['reason']
-          log(f'{prefix} SKIPPED: {record["reason"]}')
-        else:
-          stopped[m] = dict(seq_len=length, status=record['status'],
-                            reason=record['reason'])
-          log(f'{prefix} {record["status"].upper()}: {record["reason"]}'
-              + (f'\n{record["stderr_tail"]}' if 'stderr_tail' in record
-                 else '')
-              + ('; longer lengths skipped' if length != seq_lens[-1]
-                 else ''))
-  peaks.append(_matmul_peak(cfg, log, 'after'))
+    runs += _common.run_rounds(
+        models, cfg['rounds'],
+        lambda m: measure(m, cfg, length, batch, timeout_s),  # pylint: disable=cell-var-from-loop
+        _describe, stopped, label=f'{length} x {batch}, ')
+  peaks.append(_matmul_peak(cfg, 'after'))
+  skipped, stopped = _common.split_stopped(stopped)
+  stopped = {m: dict(seq_len=r['seq_len'], status=r['status'],
+                     reason=r['reason']) for m, r in stopped.items()}
 
   ok_peaks = [p['gflops_per_s'] for p in peaks if p and p['status'] == 'ok']
   peak_gflops = max(ok_peaks, default=None)
@@ -564,8 +463,7 @@ def _parent(args):
         f'{cfg["n_heads"]}, vanilla_layers {tuple(cfg["vanilla_layers"])}, '
         f'hierarchy {cfg["hierarchy"]!r}, {cfg["steps"]} timed steps x '
         f'{cfg["rounds"]} rounds{device}'
-        + (' [--quick: XLA optimization off, smoke test only, not a '
-           'measurement]' if cfg['fast_compile'] else '') + '.')
+        + (_common.QUICK_NOTE if cfg['fast_compile'] else '') + '.')
   if cfg['matmul_size']:
     before, after = (
         _common.fmt(p and p.get('gflops_per_s'), ',.1f') for p in peaks)
@@ -586,36 +484,24 @@ def _parent(args):
     print(f'\n{m}: {stop["status"]} at length {stop["seq_len"]}, '
           f'{stop["reason"]}')
 
-  plot_path = args.plot or (os.path.splitext(args.json)[0] + '.png'
-                            if args.json else None)
+  plot_path = _common.plot_path(args)
   if plot_path:
-    try:
-      plotted = _plot(ran, seq_lens, summary, cfg, plot_path)
-    except Exception as e:  # pylint: disable=broad-except
-      # The measurements are the result; never lose them (or the JSON) to it.
-      traceback.print_exc()
-      plotted = f'failed, {type(e).__name__}: {e}'
-    print(f'\nPlot: {plot_path}' if plotted is True else
-          f'\nNo plot: {plotted or "matplotlib is not installed"}.')
+    _common.write_plot(
+        lambda path: _plot(ran, seq_lens, summary, cfg, path), plot_path)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(benchmark='train_speed', config=cfg, models=models,
-                     seq_lens=list(seq_lens), matmul_peak=dict(
-                         before=peaks[0], after=peaks[1],
-                         gflops_per_s=peak_gflops),
-                     summary=summary, runs=runs, skipped=skipped,
-                     stopped=stopped, plot=plot_path),
-                f, indent=2, sort_keys=True)
+    _common.write_json(
+        args.json, benchmark='train_speed', config=cfg, models=models,
+        seq_lens=list(seq_lens), matmul_peak=dict(
+            before=peaks[0], after=peaks[1], gflops_per_s=peak_gflops),
+        summary=summary, runs=runs, skipped=skipped, stopped=stopped,
+        plot=plot_path)
   # Over memory / timeouts at long lengths are results; crashes are not.
   errors = [r for r in runs if r['status'] == 'error']
   return 1 if errors or not any(r['status'] == 'ok' for r in runs) else 0
 
 
 def main(argv=None):
-  args = _parse_args(sys.argv[1:] if argv is None else argv)
-  if args._worker:  # pylint: disable=protected-access
-    return _worker(args._worker, json.loads(args._config))  # pylint: disable=protected-access
-  return _parent(args)
+  return _common.main(_parser(), _worker, _parent, argv)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,6 @@ output_dir/eval_<split>.json).
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -31,6 +30,9 @@ import numpy as np
 
 from trax_hourglass import cli
 from trax_hourglass.cli import run_command
+from trax_hourglass.scoring import Scorer
+from trax_hourglass.scoring import score_bytes
+from trax_hourglass.scoring import score_images
 
 
 def _parse_args(argv):
@@ -95,94 +97,20 @@ def _bound(name, default=None):
     return default
 
 
-def _log_softmax(logits):
-  m = logits.max(-1, keepdims=True)
-  return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
-
-
-class Scorer:
-  """Batched `model` forward passes returning log2-probabilities of targets."""
-
-  def __init__(self, model):
-    from trax import fastmath  # pylint: disable=g-import-not-at-top
-    self._model = model
-    self._fwd = fastmath.jit(lambda x, w, s, r: model.pure_fn(x, w, s, r)[0])
-    self._rng = fastmath.random.get_prng(0)
-
-  def log2_probs(self, x):
-    """x int32 [batch, length] -> log2 p(x[:, t] | x[:, <t]) [batch, length]."""
-    logits = np.asarray(self._fwd(x, self._model.weights, self._model.state,
-                                  self._rng), np.float64)
-    logp = _log_softmax(logits)
-    return np.take_along_axis(logp, x[..., None], -1)[..., 0] / math.log(2)
-
-
 class _Progress:
   """One stderr line, rewritten per batch: done/total, bits so far, speed, ETA."""
 
-  def __init__(self, total, unit):
-    self._total, self._unit, self._start = total, unit, time.time()
+  def __init__(self, unit):
+    self._unit, self._start = unit, time.time()
 
-  def update(self, done, bits, scored):
+  def __call__(self, done, total, bits, scored):
     secs = time.time() - self._start
-    left = secs / done * (self._total - done) if done else float('nan')
+    left = secs / done * (total - done) if done else float('nan')
     rate = f'{bits / scored:.4f} bits/{self._unit}' if scored else '-'
-    end = '\n' if done >= self._total else ''
-    print(f'\r[{done}/{self._total} batches] {rate} | '
+    end = '\n' if done >= total else ''
+    print(f'\r[{done}/{total} batches] {rate} | '
           f'{scored / max(secs, 1e-9):,.0f} {self._unit}s/s | left {left:.0f} s',
           end=end, file=sys.stderr, flush=True)
-
-
-def score_bytes(scorer, data, sequence_length, stride, batch_size):
-  """Total bits of `data` (uint8), each byte scored once with context.
-
-  Window k covers data[end - L, end) with end = min(n, L + k*stride), and
-  scores its last `stride` bytes (all of them for the first window).
-
-  Returns:
-    (total_bits, n_bytes_scored).
-  """
-  n, length = len(data), sequence_length
-  if n < 2:
-    raise ValueError(f'need at least 2 bytes to score, got {n}')
-  length = min(length, n)
-  windows = []  # (start, first scored offset within window)
-  end = length
-  windows.append((0, 0))
-  while end < n:
-    new_end = min(n, end + stride)
-    windows.append((new_end - length, length - (new_end - end)))
-    end = new_end
-  total, scored = 0.0, 0
-  progress = _Progress(-(-len(windows) // batch_size), 'byte')
-  for b in range(0, len(windows), batch_size):
-    chunk = windows[b:b + batch_size]
-    x = np.stack([np.asarray(data[s:s + length]) for s, _ in chunk]).astype(
-        np.int32)
-    pad = batch_size - len(chunk)  # Fixed batch shape: one compilation.
-    if pad:
-      x = np.concatenate([x, np.zeros((pad, length), np.int32)])
-    lp = scorer.log2_probs(x)
-    for j, (_, first) in enumerate(chunk):
-      total -= float(lp[j, first:].sum())
-      scored += length - first
-    progress.update(b // batch_size + 1, total, scored)
-  return total, n
-
-
-def score_images(scorer, tokens, batch_size):
-  """Total bits of every subpixel of `tokens` (int [N, D]); returns (bits, N*D)."""
-  total = 0.0
-  progress = _Progress(-(-len(tokens) // batch_size), 'dim')
-  for b in range(0, len(tokens), batch_size):
-    x = tokens[b:b + batch_size].astype(np.int32)
-    real = len(x)
-    if real < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - real, x.shape[1]),
-                                      np.int32)])
-    total -= float(scorer.log2_probs(x)[:real].sum())
-    progress.update(b // batch_size + 1, total, (b + real) * tokens.shape[1])
-  return total, tokens.size
 
 
 def _byte_data(args, seq_len):
@@ -318,7 +246,8 @@ def run(args):
     if stride > seq_len:
       raise ValueError(f'--stride={stride} is more than the window of '
                        f'{seq_len}; use 1..{seq_len}.')
-    bits, n = score_bytes(scorer, data, seq_len, stride, args.batch_size)
+    bits, n = score_bytes(scorer, data, seq_len, stride, args.batch_size,
+                          _Progress('byte'))
     result.update(metric='bits_per_byte', value=bits / n, n_bytes=n,
                   sequence_length=seq_len, stride=stride,
                   min_context=seq_len - stride, data=source)
@@ -331,7 +260,7 @@ def run(args):
                        'images; pass --byte_file or --npz')
     tokens, source = image_data
     _check_ids(tokens, vocab, source)
-    bits, n = score_images(scorer, tokens, args.batch_size)
+    bits, n = score_images(scorer, tokens, args.batch_size, _Progress('dim'))
     result.update(metric='bits_per_dim', value=bits / n, n_dims=n,
                   n_images=len(tokens), data=source)
     line = (f'{bits / n:.4f} bits per dim on {len(tokens):,} images '

@@ -1,0 +1,112 @@
+"""Scoring: the bits a language model needs for its data.
+
+`Scorer` runs a model's jitted forward pass and gives log2 p(token | the tokens
+before it) for every token of a batch. `score_bytes` adds them up over a byte
+stream (strided windows: each byte scored once, with context), `score_images`
+over images (each on its own). Bits per byte (per dimension, for images) is
+the total bits over the number of tokens scored.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def token_log_probs(logits, targets):
+  """log p(targets) in nats: [..., vocab] logits, [...] ids -> [...] float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+class Scorer:
+  """Batched, jitted forward passes of an LM returning log2 p of each token."""
+
+  def __init__(self, model):
+    """`model`: an initialized trax LM (mode 'eval') mapping tokens to logits."""
+    self._model = model
+    self._rng = jax.random.PRNGKey(0)  # Unused: no dropout in 'eval' mode.
+
+    def log_probs(inputs, targets, weights, state, rng):
+      logits, _ = model.pure_fn(inputs, weights, state, rng)
+      return token_log_probs(logits, targets)
+
+    self._log_probs = jax.jit(log_probs)
+
+  def log2_probs(self, x, weights=None, targets=None):
+    """log2 p(x[:, t] | x[:, <t]): int32 [batch, length] -> float [batch, length].
+
+    Args:
+      x: int32 [batch, length] tokens the model reads (it shifts them right).
+      weights: the model's weights to score with (default its own).
+      targets: int32 [batch, length] tokens scored at each position instead
+        of `x`'s, e.g. when `x` hides part of them.
+    """
+    weights = self._model.weights if weights is None else weights
+    logp = self._log_probs(x, x if targets is None else targets, weights,
+                           self._model.state, self._rng)
+    return np.asarray(logp, np.float64) / math.log(2)
+
+
+def score_bytes(scorer, data, sequence_length, stride, batch_size,
+                progress=None):
+  """Total bits of `data` (uint8), each byte scored once with context.
+
+  Window k covers data[end - L, end) with end = min(n, L + k*stride), and
+  scores its last `stride` bytes (all of them for the first window).
+
+  Windows go through `scorer.log2_probs` `batch_size` at a time (the last
+  batch padded); `progress`, if given, is called after each batch with
+  (batches done, of total, bits so far, bytes scored so far).
+
+  Returns:
+    (total_bits, n_bytes_scored).
+  """
+  n, length = len(data), sequence_length
+  if n < 2:
+    raise ValueError(f'need at least 2 bytes to score, got {n}')
+  length = min(length, n)
+  windows = []  # (start, first scored offset within window)
+  end = length
+  windows.append((0, 0))
+  while end < n:
+    new_end = min(n, end + stride)
+    windows.append((new_end - length, length - (new_end - end)))
+    end = new_end
+  total, scored = 0.0, 0
+  n_batches = -(-len(windows) // batch_size)
+  for b in range(0, len(windows), batch_size):
+    chunk = windows[b:b + batch_size]
+    x = np.stack([np.asarray(data[s:s + length]) for s, _ in chunk]).astype(
+        np.int32)
+    pad = batch_size - len(chunk)  # Fixed batch shape: one compilation.
+    if pad:
+      x = np.concatenate([x, np.zeros((pad, length), np.int32)])
+    lp = scorer.log2_probs(x)
+    for j, (_, first) in enumerate(chunk):
+      total -= float(lp[j, first:].sum())
+      scored += length - first
+    if progress:
+      progress(b // batch_size + 1, n_batches, total, scored)
+  return total, n
+
+
+def score_images(scorer, tokens, batch_size, progress=None):
+  """Total bits of every subpixel of `tokens` (int [N, D]); returns (bits, N*D).
+
+  Each image is scored on its own; `progress` as in `score_bytes`.
+  """
+  total = 0.0
+  n_batches = -(-len(tokens) // batch_size)
+  for b in range(0, len(tokens), batch_size):
+    x = tokens[b:b + batch_size].astype(np.int32)
+    real = len(x)
+    if real < batch_size:
+      x = np.concatenate([x, np.zeros((batch_size - real, x.shape[1]),
+                                      np.int32)])
+    total -= float(scorer.log2_probs(x)[:real].sum())
+    if progress:
+      progress(b // batch_size + 1, n_batches, total,
+               (b + real) * tokens.shape[1])
+  return total, tokens.size
