@@ -22,9 +22,9 @@ from trax.layers.combinators import outputs_onto_stack
 from trax_hourglass.hierarchy import parse_hierarchy
 from trax_hourglass.layers.attention import RelativeAttentionBiases
 from trax_hourglass.layers.attention import RelativeAttentionWrapper
-from trax_hourglass.layers.attention import SelfAttention
-from trax_hourglass.layers.attention import constructor_parameters
-from trax_hourglass.layers.attention import has_positions
+from trax_hourglass.layers.attention_types import SelfAttention
+from trax_hourglass.layers.attention_types import constructor_parameters
+from trax_hourglass.layers.attention_types import has_positions
 from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
@@ -243,6 +243,11 @@ class Autoregressive(tl.Serial):
     self._max_len = max_len
     self._counter = [isinstance(layer, TokenShift)
                      for layer in self.sublayers].index(True)
+
+  @property
+  def max_len(self):
+    """The longest sequence (prompt and new tokens) the caches hold."""
+    return self._max_len
 
   def init_weights_and_state(self, input_signature):
     batch = input_signature.shape[0]
