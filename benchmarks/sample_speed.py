@@ -1,75 +1,111 @@
 """Sampling speed (new tokens/s) of Hourglass vs. the original and a Transformer.
 
-Measures how fast each model generates tokens one after another (batch 1,
-temperature 1, random weights: only speed matters):
+Measures how fast each model generates tokens one after another (temperature
+1, random weights: only speed matters). A model name is an architecture and a
+decoding loop:
 
-  ours           trax_hourglass.HourglassLM(mode='predict'), sampled with
-                 trax's `decoding.autoregressive_sample_stream` (one jitted
-                 model call per token, sampling on the host)
-  ours_sample    the same model sampled with `trax_hourglass.decoding.sample`
-                 (model step and sampling fused, many tokens per call)
+  ours           trax_hourglass.HourglassLM(mode='predict'), relative attention
+  ours_rotary    the same with RotaryCausalAttention at every level
+  ours_sparse    the same with ff_sparsity=--ff_sparsity (sparse suite)
+  transformer12  trax.models.TransformerLM(mode='predict'), 12 layers, same
+                 d_model/d_ff/n_heads
   original       trax.models.research.hourglass.HourglassLM in 'eval' mode, as
                  trax's Hourglass sampling notebook does it: one full forward
                  pass per token over a fixed buffer of `--n_tokens` (rounded
                  up to the shorten factor), jitted once; its cost does not
                  depend on the position, so `--original_tokens` are timed
-  transformer12  trax.models.TransformerLM(mode='predict'), 12 layers, same
-                 d_model/d_ff/n_heads, with autoregressive_sample_stream
-  transformer12_sample  the same, sampled with `trax_hourglass.decoding.sample`
-                 (same decoding loop as ours_sample: compares architectures)
 
-Reference configuration (the defaults): vocab 256, hierarchy '2@1 8@3 2@1'
-(vanilla_layers (2, 2), '8@3'), d_model 256, d_ff 1024, n_heads 4, batch 1,
-1024 new tokens, max_len 2048 (the cache length of ours and the positional
-length of the Transformer).
+  <name>         sampled with trax's `decoding.autoregressive_sample_stream`
+                 (one jitted model call per token, sampling on the host)
+  <name>_sample  sampled with `trax_hourglass.decoding.sample` (model step and
+                 sampling fused, many tokens per call, caches donated): the
+                 same loop for every architecture
+  <name>@<L>     built with max_len L (position suite)
+
+Suites (`--suite`), on the reference configuration (vocab 256, hierarchy
+'2@1 8@3 2@1', d_model 256, d_ff 1024, n_heads 4) unless said:
+
+  reference  batch 1, 1,024 new tokens, max_len 2,048; every loop, the
+             original, and trax's per-token overhead (ms/token of a model in
+             trax's loop minus in ours)
+  long       batch 1, 4,096 new tokens, max_len 8,192
+  batch      batch 16, 1,024 new tokens, max_len 2,048 (total tokens/s)
+  position   256 new tokens at max_len 512 and 8,192, relative and rotary:
+             a step costs what the position reached costs, not the cache size
+  sparse     hierarchy '1@1 2@3 1@1', d_model 1,024, d_ff 16,384, 8 heads,
+             max_len 512, 128 tokens: dense against ff_sparsity=64, batch 1
 
 Timing excludes compilation: for the streams, the first `--warmup` tokens
 (2: the first call compiles, and the second is slow too, as jit sees the
-model's new state as committed arrays; see train_speed.py); for the
-`*_sample` rows, an untimed first call of 2 tokens compiles and a second call
-generating all `--n_tokens` is timed; for `original`, one untimed forward
-pass. As in train_speed.py, every (model, round) runs in a fresh process,
-rounds rotate the order, and the table reports medians, min/max and ratios of
-medians to `original`, `transformer12` and `transformer12_sample`.
+model's new state as committed arrays); for the `_sample` models, an untimed
+first call of 2 tokens compiles and a second call generating all `--n_tokens`
+is timed (its progress reports give time per token against position, plotted
+with `--plot`); for `original`, one untimed forward pass. Every (model, round)
+runs in a fresh process, rounds rotate the order, and the table reports
+medians, min/max and ratios of medians.
 
-Reproduce (from the repository root):
+Reproduce (from the repository root; results in benchmarks/results/sampling):
 
-  /work/venv/bin/python benchmarks/sample_speed.py --rounds 3 \
-      --json /tmp/sample_speed.json
+  python benchmarks/sample_speed.py --suite reference --json r.json
+  python benchmarks/sample_speed.py --suite long --json long.json --plot long.png
 
 Quick smoke run (tiny sizes, 1 round, XLA optimization off; its numbers mean
 nothing; used by tests/test_benchmarks.py):
 
-  /work/venv/bin/python benchmarks/sample_speed.py --quick
+  python benchmarks/sample_speed.py --quick
 """
 
-import argparse
-import json
+import functools
 import os
 import sys
 import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-MODELS = ('ours', 'ours_sample', 'original', 'transformer12',
-          'transformer12_sample')
-BASELINES = ('original', 'transformer12', 'transformer12_sample')
-# Printed below the table: each Hourglass row against each baseline decoded
-# the same way or against the original.
-RATIOS = (('ours', 'original'), ('ours', 'transformer12'),
-          ('ours_sample', 'original'), ('ours_sample', 'transformer12'),
-          ('ours_sample', 'transformer12_sample'))
-
+ARCHITECTURES = ('ours', 'ours_rotary', 'ours_sparse', 'original',
+                 'transformer12')
 REFERENCE = dict(vocab_size=256, d_model=256, d_ff=1024, n_heads=4,
                  vanilla_layers=(2, 2), hierarchy='8@3', dropout=0.0,
-                 n_tokens=1024, original_tokens=32, max_len=2048, warmup=2,
-                 temperature=1.0, rounds=3, fast_compile=False)
+                 n_tokens=1024, original_tokens=32, max_len=2048, batch=1,
+                 ff_sparsity=64, warmup=2, temperature=1.0, rounds=3,
+                 fast_compile=False)
 QUICK = dict(REFERENCE, d_model=32, d_ff=64, n_heads=2, vanilla_layers=(1, 1),
              hierarchy='1@3', n_tokens=24, original_tokens=4, max_len=48,
-             rounds=1, fast_compile=True)
-FAST_COMPILE_XLA_FLAGS = ('--xla_backend_optimization_level=0',)
+             ff_sparsity=4, rounds=1, fast_compile=True)
+# suite: (config overrides, models, (model, baseline) ratios printed).
+SUITES = {
+    'reference': ({}, ('ours', 'ours_sample', 'original', 'transformer12',
+                       'transformer12_sample'),
+                  (('ours', 'original'), ('ours', 'transformer12'),
+                   ('ours_sample', 'original'),
+                   ('ours_sample', 'transformer12'),
+                   ('ours_sample', 'transformer12_sample'))),
+    'long': (dict(n_tokens=4096, max_len=8192),
+             ('ours_sample', 'transformer12_sample'),
+             (('ours_sample', 'transformer12_sample'),)),
+    'batch': (dict(batch=16), ('ours_sample', 'transformer12_sample'),
+              (('ours_sample', 'transformer12_sample'),)),
+    'position': (dict(n_tokens=256),
+                 ('ours_sample@512', 'ours_sample@8192',
+                  'ours_rotary_sample@512', 'ours_rotary_sample@8192'),
+                 (('ours_sample@512', 'ours_sample@8192'),
+                  ('ours_rotary_sample@512', 'ours_rotary_sample@8192'))),
+    'sparse': (dict(d_model=1024, d_ff=16384, n_heads=8, vanilla_layers=(1, 1),
+                    hierarchy='2@3', max_len=512, n_tokens=128),
+               ('ours_sample', 'ours_sparse_sample'),
+               (('ours_sparse_sample', 'ours_sample'),)),
+}
+# A stream's ms/token minus the same architecture's in our loop.
+OVERHEAD = (('ours', 'ours_sample'), ('transformer12', 'transformer12_sample'))
+
+
+def _parse_model(name):
+  """'ours_rotary_sample@512' -> ('ours_rotary', True, 512)."""
+  name, _, max_len = name.partition('@')
+  in_our_loop = name.endswith('_sample')
+  return (name[:-len('_sample')] if in_our_loop else name, in_our_loop,
+          int(max_len) if max_len else None)
 
 
 def _buffer_len(cfg):
@@ -78,11 +114,30 @@ def _buffer_len(cfg):
   return -(-cfg['n_tokens'] // factor) * factor
 
 
+def _build(arch, cfg):
+  """The model `arch` of `cfg`, uninitialized."""
+  if arch in ('original', 'transformer12'):
+    return _common.make_model(arch, dict(cfg, seq_len=_buffer_len(cfg)),
+                              mode='eval' if arch == 'original' else 'predict')
+  import trax_hourglass as th  # pylint: disable=g-import-not-at-top
+  extra = {}
+  if arch == 'ours_rotary':
+    extra = dict(vanilla_attn_type=th.layers.RotaryCausalAttention,
+                 middle_attn_type=th.layers.RotaryCausalAttention)
+  elif arch == 'ours_sparse':
+    extra = dict(ff_sparsity=cfg['ff_sparsity'])
+  return th.HourglassLM(
+      cfg['vocab_size'], d_model=cfg['d_model'], d_ff=cfg['d_ff'],
+      n_heads=cfg['n_heads'], dropout=cfg['dropout'],
+      vanilla_layers=tuple(cfg['vanilla_layers']), hierarchy=cfg['hierarchy'],
+      mode='predict', max_len=cfg['max_len'], **extra)
+
+
 def _time_stream(model, cfg):
   """Times autoregressive_sample_stream after `warmup` (compiling) tokens."""
   from trax.supervised import decoding  # pylint: disable=g-import-not-at-top
   stream = decoding.autoregressive_sample_stream(
-      model, batch_size=1, temperature=cfg['temperature'])
+      model, batch_size=cfg['batch'], temperature=cfg['temperature'])
   first_ms = []
   for _ in range(cfg['warmup']):
     start = time.perf_counter()
@@ -98,15 +153,22 @@ def _time_stream(model, cfg):
 def _time_sample(model, cfg):
   """Times trax_hourglass.decoding.sample after a compiling call."""
   from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
+  batch = cfg['batch']
   start = time.perf_counter()
-  decoding.sample(model, 2, temperature=cfg['temperature'], seed=1)
+  decoding.sample(model, 2, batch_size=batch, temperature=cfg['temperature'],
+                  seed=1)
   compile_ms = 1000. * (time.perf_counter() - start)
+  progress = []  # (tokens done per sequence, seconds since the start)
   start = time.perf_counter()
-  tokens = decoding.sample(model, cfg['n_tokens'],
-                           temperature=cfg['temperature'])
+  tokens = decoding.sample(
+      model, cfg['n_tokens'], batch_size=batch,
+      temperature=cfg['temperature'],
+      progress=lambda done, *_: progress.append(
+          (done, time.perf_counter() - start)))
   elapsed = time.perf_counter() - start
-  assert tokens.shape == (1, cfg['n_tokens']), tokens.shape
-  return cfg['n_tokens'], elapsed, dict(first_tokens_ms=[compile_ms])
+  assert tokens.shape == (batch, cfg['n_tokens']), tokens.shape
+  return cfg['n_tokens'], elapsed, dict(first_tokens_ms=[compile_ms],
+                                        progress=progress)
 
 
 def _time_original(trax, model, cfg):
@@ -135,77 +197,63 @@ def _time_original(trax, model, cfg):
                                               buffer_len=buffer.shape[1])
 
 
+def _measure(model_name, cfg, trax, record):
+  """Builds and times `model_name` in this worker; fills in `record`."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  arch, in_our_loop, max_len = _parse_model(model_name)
+  cfg = dict(cfg, max_len=max_len or cfg['max_len'])
+  start = time.perf_counter()
+  model = _build(arch, cfg)
+  batch = 1 if arch == 'original' else cfg['batch']
+  length = _buffer_len(cfg) if arch == 'original' else 1
+  model.init(trax.shapes.ShapeDtype((batch, length), np.int32))
+  _common.block(model.weights)
+  record['init_s'] = time.perf_counter() - start
+  record['n_params'] = _common.count_params(model.weights)
+  if arch == 'original':
+    n, elapsed, extra = _time_original(trax, model, cfg)
+  elif in_our_loop:
+    n, elapsed, extra = _time_sample(model, cfg)
+  else:
+    n, elapsed, extra = _time_stream(model, cfg)
+  record.update(extra, timed_s=elapsed, timed_tokens=n, batch=batch,
+                max_len=cfg['max_len'], tokens_per_s=batch * n / elapsed,
+                ms_per_token=1000. * elapsed / n)
+
+
 def _worker(model_name, cfg):
   """Measures one model in this (fresh) process; prints one result line."""
-  record = dict(model=model_name, status='ok', pid=os.getpid())
-  base_name = model_name[:-len('_sample')] if model_name.endswith(
-      '_sample') else model_name
-  trax = _common.worker_import_trax(base_name, record)
-  if trax is None:
-    return 0
-
-  try:
-    import numpy as np  # pylint: disable=g-import-not-at-top
-    np.random.seed(_common.SEED)
-    mode = 'eval' if model_name == 'original' else 'predict'
-    start = time.perf_counter()
-    model = _common.make_model(base_name, dict(cfg, seq_len=_buffer_len(cfg)),
-                               mode=mode)
-    length = _buffer_len(cfg) if mode == 'eval' else 1
-    model.init(trax.shapes.ShapeDtype((1, length), np.int32))
-    _common.block(model.weights)
-    record['init_s'] = time.perf_counter() - start
-    record['n_params'] = _common.count_params(model.weights)
-    if model_name == 'original':
-      n, elapsed, extra = _time_original(trax, model, cfg)
-    elif model_name.endswith('_sample'):
-      n, elapsed, extra = _time_sample(model, cfg)
-    else:
-      n, elapsed, extra = _time_stream(model, cfg)
-  except Exception as e:  # pylint: disable=broad-except
-    traceback.print_exc()
-    record.update(status='error', reason=f'{type(e).__name__}: {e}')
-    _common.emit_result(record)
-    return 1
-
-  record.update(extra, timed_s=elapsed, timed_tokens=n,
-                tokens_per_s=n / elapsed, ms_per_token=1000. * elapsed / n,
-                self_peak_rss_mib=_common.self_peak_rss_mib(),
-                **_common.device_summary())
-  _common.emit_result(record)
-  return 0
+  arch = _parse_model(model_name)[0]
+  return _common.work(functools.partial(_measure, model_name, cfg),
+                      'ours' if arch.startswith('ours') else arch,
+                      model=model_name)
 
 
-def _parse_args(argv):
-  parser = argparse.ArgumentParser(
-      description=__doc__.split('\n\n')[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--models', default=','.join(MODELS),
-                      help='Comma-separated subset of %(default)s.')
-  parser.add_argument('--quick', action='store_true',
-                      help='Smoke test: tiny sizes, 1 round, XLA optimization '
-                      'off; explicit flags below still override.')
-  for name, type_ in [('d_model', int), ('d_ff', int), ('n_heads', int),
-                      ('hierarchy', str),
-                      ('vanilla_layers', _common.parse_int_tuple),
-                      ('n_tokens', int), ('original_tokens', int),
-                      ('max_len', int), ('warmup', int),
-                      ('temperature', float), ('rounds', int)]:
-    parser.add_argument(f'--{name}', type=type_, default=None,
-                        help=f'Default {REFERENCE[name]!r} '
-                        f'({QUICK[name]!r} with --quick).')
-  parser.add_argument('--json', metavar='PATH',
-                      help='Also write config, every run and the summary here.')
-  parser.add_argument('--worker_timeout', type=float, default=None,
-                      help='Seconds before a worker is killed '
-                      '(default 1800, 600 with --quick).')
-  parser.add_argument('--_worker', metavar='MODEL', help=argparse.SUPPRESS)
-  parser.add_argument('--_config', help=argparse.SUPPRESS)
-  return parser.parse_args(argv)
+def _parser():
+  parser = _common.benchmark_parser(
+      __doc__, quick='Smoke test: tiny sizes, 1 round, XLA optimization off; '
+      'explicit flags below still override.', timeout='1800, 600 with --quick',
+      models=None, json_help='config, every run and the summary',
+      plot_help='time per token against position (the _sample models)')
+  parser.add_argument('--suite', default='reference', choices=sorted(SUITES),
+                      help='What to compare (see above); default reference.')
+  parser.add_argument('--models', default=None,
+                      help="Comma-separated subset of the suite's models "
+                      '(default: all of them).')
+  _common.add_config_flags(parser, REFERENCE, QUICK, [
+      ('d_model', int), ('d_ff', int), ('n_heads', int), ('hierarchy', str),
+      ('vanilla_layers', _common.parse_int_tuple), ('n_tokens', int),
+      ('original_tokens', int), ('max_len', int), ('batch', int),
+      ('ff_sparsity', int), ('warmup', int), ('temperature', float),
+      ('rounds', int)])
+  return parser
 
 
 def _resolve_config(args):
-  cfg = _common.config_from_args(args, REFERENCE, QUICK)
+  overrides = SUITES[args.suite][0]
+  cfg = _common.config_from_args(
+      args, dict(REFERENCE, **overrides),
+      dict(QUICK, **{k: v for k, v in overrides.items() if k == 'batch'}))
   if cfg['warmup'] < 1 or cfg['n_tokens'] <= cfg['warmup']:
     raise SystemExit(f'--warmup must be >= 1 (the first token compiles) and '
                      f'below --n_tokens; got warmup {cfg["warmup"]}, n_tokens '
@@ -216,137 +264,140 @@ def _resolve_config(args):
   if not 1 <= cfg['original_tokens'] < _buffer_len(cfg):
     raise SystemExit(f'--original_tokens must be in 1..'
                      f'{_buffer_len(cfg) - 1}, got {cfg["original_tokens"]}.')
-  if cfg['rounds'] < 1 or cfg['temperature'] <= 0:
-    raise SystemExit('--rounds must be >= 1 and --temperature > 0.')
+  if cfg['rounds'] < 1 or cfg['temperature'] <= 0 or cfg['batch'] < 1:
+    raise SystemExit('--rounds and --batch must be >= 1 and --temperature '
+                     '> 0.')
   return cfg
 
 
 def _summarize(models, runs):
-  """Per-model medians over successful rounds, and ratios to the baselines."""
+  """Per-model medians over successful rounds, and ratios to each other."""
   summary = {}
   for m in models:
     ok = [r for r in runs if r['model'] == m and r['status'] == 'ok']
-    tps = [r['tokens_per_s'] for r in ok]
     summary[m] = dict(
-        n_runs=len(ok),
-        tokens_per_s_median=_common.median(tps),
-        tokens_per_s_min=min(tps) if tps else None,
-        tokens_per_s_max=max(tps) if tps else None,
+        n_runs=len(ok), **_common.spread(ok, 'tokens_per_s'),
         ms_per_token_median=_common.median([r['ms_per_token'] for r in ok]),
         compile_s_median=_common.median(
             [sum(r['first_tokens_ms']) / 1000. for r in ok]),
         peak_rss_mib_max=max((r['peak_rss_mib'] for r in ok), default=None),
         n_params=ok[0]['n_params'] if ok else None)
-  for m, s in summary.items():
-    for base in BASELINES:
-      b = summary.get(base, {}).get('tokens_per_s_median')
-      mine = s['tokens_per_s_median']
-      s[f'ratio_vs_{base}'] = mine / b if mine and b else None
+  _common.add_ratios(summary, models)
   return summary
 
 
-def _table(models, summary):
-  headers = ['model', 'params', 'tokens/s (median)', 'min', 'max',
-             'vs original', 'vs transformer12', 'vs transformer12_sample',
-             'ms/token', 'peak RSS MiB', 'warmup s', 'runs']
+def _table(models, summary, baselines):
+  headers = (['model', 'params', 'tokens/s (median)', 'min', 'max']
+             + [f'vs {b}' for b in baselines]
+             + ['ms/token', 'peak RSS MiB', 'warmup s', 'runs'])
   rows = []
   for m in models:
     s = summary[m]
-    rows.append([
-        m, _common.fmt(s['n_params'], ','),
-        _common.fmt(s['tokens_per_s_median'], ',.1f'),
-        _common.fmt(s['tokens_per_s_min'], ',.1f'),
-        _common.fmt(s['tokens_per_s_max'], ',.1f'),
-        _common.fmt(s['ratio_vs_original'], '.2f', suffix='x'),
-        _common.fmt(s['ratio_vs_transformer12'], '.2f', suffix='x'),
-        _common.fmt(s['ratio_vs_transformer12_sample'], '.2f', suffix='x'),
-        _common.fmt(s['ms_per_token_median'], ',.2f'),
-        _common.fmt(s['peak_rss_mib_max'], ',.0f'),
-        _common.fmt(s['compile_s_median'], '.1f'),
-        s['n_runs']])
+    rows.append(
+        [m, _common.fmt(s['n_params'], ','),
+         _common.fmt(s['tokens_per_s_median'], ',.1f'),
+         _common.fmt(s['tokens_per_s_min'], ',.1f'),
+         _common.fmt(s['tokens_per_s_max'], ',.1f')]
+        + [_common.fmt(s[f'ratio_vs_{b}'], '.2f', suffix='x')
+           for b in baselines]
+        + [_common.fmt(s['ms_per_token_median'], ',.2f'),
+           _common.fmt(s['peak_rss_mib_max'], ',.0f'),
+           _common.fmt(s['compile_s_median'], '.1f'), s['n_runs']])
   return _common.markdown_table(headers, rows)
 
 
+def per_token_ms(progress):
+  """[(position, ms per token step)] between a run's progress reports."""
+  points, (done0, t0) = [], (0, 0.0)
+  for done, t in progress:
+    if done > done0:
+      points.append(((done0 + done) / 2, 1000. * (t - t0) / (done - done0)))
+    done0, t0 = done, t
+  return points[1:]  # The first interval holds the prefill and a tiny call.
+
+
+def _plot(runs, models, cfg, path):
+  plt = _common.pyplot()
+  if plt is None:
+    return False
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for m in models:
+    ok = [r for r in runs if r['model'] == m and r['status'] == 'ok'
+          and r.get('progress')]
+    if not ok:
+      continue
+    median_run = sorted(ok, key=lambda r: r['tokens_per_s'])[len(ok) // 2]
+    points = per_token_ms(median_run['progress'])
+    ax.plot([p for p, _ in points], [ms for _, ms in points], marker='.',
+            label=f'{m} (median run)')
+  ax.set_xlabel('position (tokens decoded)')
+  ax.set_ylabel('ms per token step')
+  ax.set_ylim(bottom=0)
+  ax.set_title(f'batch {cfg["batch"]}, max_len {cfg["max_len"]}, '
+               f'd_model {cfg["d_model"]}', fontsize=9)
+  return _common.save_figure(fig, path)
+
+
 def _parent(args):
-  models = [m.strip() for m in args.models.split(',') if m.strip()]
-  unknown = sorted(set(models) - set(MODELS))
-  if unknown or not models:
-    raise SystemExit(f'Unknown --models {unknown}; choose from '
-                     f'{",".join(MODELS)}.')
   cfg = _resolve_config(args)
+  suite_models, ratios = SUITES[args.suite][1], SUITES[args.suite][2]
+  models = (suite_models if args.models is None else
+            _common.parse_names(args.models, suite_models))
   timeout_s = args.worker_timeout or (600 if args.quick else 1800)
-  log = lambda msg: print(msg, file=sys.stderr, flush=True)
-
-  runs, skipped, failed = [], {}, {}
-  for rnd in range(cfg['rounds']):
-    order = models[rnd % len(models):] + models[:rnd % len(models)]
-    for m in order:
-      if m in skipped or m in failed:
-        continue
-      argv = [sys.executable, os.path.abspath(__file__), '--_worker', m,
-              '--_config', json.dumps(cfg)]
-      proc = _common.run_worker(
-          argv, timeout_s,
-          xla_flags=FAST_COMPILE_XLA_FLAGS if cfg['fast_compile'] else ())
-      record = _common.parse_result(proc['stdout']) or dict(
-          model=m, status='error',
-          reason='timed out' if proc['timed_out'] else
-          f'worker exited {proc["returncode"]} without a result')
-      record.update(round=rnd, peak_rss_mib=proc['peak_rss_mib'],
-                    worker_wall_s=proc['wall_s'],
-                    returncode=proc['returncode'])
-      runs.append(record)
-      prefix = f'[round {rnd + 1}/{cfg["rounds"]}] {m}:'
-      if record['status'] == 'ok':
-        log(f'{prefix} {record["tokens_per_s"]:,.1f} tokens/s '
-            f'({record["timed_tokens"]} timed), first tokens '
-            f'{", ".join(f"{x:,.0f}" for x in record["first_tokens_ms"])} ms, '
-            f'peak RSS {record["peak_rss_mib"]:,.0f} MiB, process '
-            f'{proc["wall_s"]:.1f} s')
-      elif record['status'] == 'unavailable':
-        skipped[m] = record['reason']
-        log(f'{prefix} SKIPPED: {record["reason"]}')
-      else:
-        failed[m] = record['reason']
-        log(f'{prefix} FAILED: {record["reason"]}\n'
-            f'{_common.tail(proc["stderr"])}')
-
+  stopped = {}
+  runs = _common.run_rounds(
+      models, cfg['rounds'],
+      lambda m: _common.measure(__file__, m, cfg, timeout_s),
+      lambda r: (f'{r["tokens_per_s"]:,.1f} tokens/s ({r["timed_tokens"]} '
+                 'timed), first tokens '
+                 + ', '.join(f'{x:,.0f}' for x in r['first_tokens_ms'])
+                 + ' ms'), stopped)
+  skipped, failed = _common.split_stopped(stopped)
+  failed = {m: r['reason'] for m, r in failed.items()}
   summary = _summarize(models, runs)
   ran = [m for m in models if m not in skipped]
-  print(f'Sampling speed, batch 1, {cfg["n_tokens"]} new tokens (original: '
-        f'{cfg["original_tokens"]} tokens over a {_buffer_len(cfg)}-token '
-        f'buffer), d_model {cfg["d_model"]}, d_ff {cfg["d_ff"]}, n_heads '
+  baselines = [b for b in dict.fromkeys(b for _, b in ratios) if b in ran]
+  print(f'Sampling speed, suite {args.suite}: batch {cfg["batch"]}, '
+        f'{cfg["n_tokens"]} new tokens'
+        + (f' (original: {cfg["original_tokens"]} tokens over a '
+           f'{_buffer_len(cfg)}-token buffer)' if 'original' in ran else '')
+        + f', d_model {cfg["d_model"]}, d_ff {cfg["d_ff"]}, n_heads '
         f'{cfg["n_heads"]}, vanilla_layers {tuple(cfg["vanilla_layers"])}, '
-        f'hierarchy {cfg["hierarchy"]!r}, max_len {cfg["max_len"]}, '
-        f'{cfg["rounds"]} rounds'
+        f'hierarchy {cfg["hierarchy"]!r}, max_len {cfg["max_len"]}'
+        + (f', ff_sparsity {cfg["ff_sparsity"]}' if args.suite == 'sparse'
+           else '') + f', {cfg["rounds"]} rounds'
         + (f', on {runs[0]["backend"]} ({runs[0]["device_kind"]})'
            if runs and 'backend' in runs[0] else '')
-        + (' [--quick: XLA optimization off, smoke test only, not a '
-           'measurement]' if cfg['fast_compile'] else '') + ':\n')
-  print(_table(ran, summary))
-  ratios = [f'{m} / {base}: {summary[m][f"ratio_vs_{base}"]:.2f}x'
-            for m, base in RATIOS
-            if m in ran and summary[m][f'ratio_vs_{base}'] is not None]
-  if ratios:
-    print('\n' + '\n'.join(ratios))
+        + (_common.QUICK_NOTE if cfg['fast_compile'] else '') + ':\n')
+  print(_table(ran, summary, baselines))
+  lines = [f'{m} / {base}: {summary[m][f"ratio_vs_{base}"]:.2f}x'
+           for m, base in ratios
+           if m in ran and summary[m].get(f'ratio_vs_{base}') is not None]
+  for stream, ours in OVERHEAD:
+    if {stream, ours} <= set(ran) and summary[stream]['ms_per_token_median'] \
+        and summary[ours]['ms_per_token_median']:
+      lines.append(
+          f"trax's loop overhead, {stream}: "
+          f'{summary[stream]["ms_per_token_median"] - summary[ours]["ms_per_token_median"]:.2f}'
+          ' ms/token')
+  if lines:
+    print('\n' + '\n'.join(lines))
   for m, reason in skipped.items():
     print(f'\n{m}: skipped, {reason}')
   for m, reason in failed.items():
     print(f'\n{m}: FAILED, {reason}')
-
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(dict(benchmark='sample_speed', config=cfg, models=models,
-                     summary=summary, runs=runs, skipped=skipped, failed=failed),
-                f, indent=2, sort_keys=True)
+    _common.write_json(args.json, benchmark='sample_speed', suite=args.suite,
+                       config=cfg, models=models, summary=summary, runs=runs,
+                       skipped=skipped, failed=failed)
+  plot = _common.plot_path(args)
+  if plot and any(_parse_model(m)[1] for m in ran):
+    _common.write_plot(functools.partial(_plot, runs, ran, cfg), plot)
   return 1 if failed or not any(r['status'] == 'ok' for r in runs) else 0
 
 
 def main(argv=None):
-  args = _parse_args(sys.argv[1:] if argv is None else argv)
-  if args._worker:  # pylint: disable=protected-access
-    return _worker(args._worker, json.loads(args._config))  # pylint: disable=protected-access
-  return _parent(args)
+  return _common.main(_parser(), _worker, _parent, argv)
 
 
 if __name__ == '__main__':

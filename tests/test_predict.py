@@ -17,6 +17,7 @@ from trax import shapes
 from trax.supervised import decoding
 
 import trax_hourglass as th
+from trax_hourglass.layers import cache
 from configurations import ATTENTION, SHORTENING, UPSAMPLING  # pylint: disable=g-bad-import-order
 
 L = th.layers
@@ -126,6 +127,18 @@ def test_every_resampling_and_attention_type_decodes_exactly():
     np.testing.assert_allclose(
         got, np.asarray(evaluator(tokens)), atol=1e-4,
         err_msg=f'{shortening} / {upsampling} / {attention}')
+
+
+@pytest.mark.parametrize('vanilla_attn', ['relative', 'rotary'])
+def test_caches_read_in_blocks_equal_eval_mode(monkeypatch, vanilla_attn):
+  # Blocks of 5 keys: the 12-key caches take three, the last one shifted
+  # back to fit (its keys already seen are masked); the short level takes one.
+  monkeypatch.setattr(cache, 'KEY_BLOCK', 5)
+  evaluator, decoder = _pair(hierarchy='1@3', vanilla_layers=(1, 1),
+                             vanilla_attn_type=ATTENTION[vanilla_attn])
+  tokens = _tokens(4)
+  got = _decode(decoder, tokens, [LENGTH])
+  np.testing.assert_allclose(got, np.asarray(evaluator(tokens)), atol=1e-4)
 
 
 def test_past_max_len_raises_instead_of_returning_garbage():

@@ -85,6 +85,20 @@ def test_sparse_ff_predict_one_token_at_a_time_matches_eval(sparse_ff_eval):
   assert not np.allclose(expected, x)  # The block did something.
 
 
+@pytest.mark.parametrize('batch', [1, 8], ids=['gathered', 'read_whole'])
+def test_sparse_ff_predict_computes_chosen_units_as_eval(batch):
+  # N = 64: one row per call gathers the chosen units' weights; 8 rows read
+  # the kernels whole (see sparse._ROWS_PER_DENSE_READ).
+  def block(mode):
+    return FeedForwardBlock(D_MODEL, 128, 0.0, None, mode, tl.Relu,
+                            ff_sparsity=64)
+  x = _vecs(batch=batch)
+  evaluator = _init(block('eval'), x)
+  predict = _copy_weights(_init(block('predict'), x[:, :1]), evaluator)
+  got = np.concatenate([predict(x[:, t:t + 1]) for t in range(LENGTH)], 1)
+  np.testing.assert_allclose(got, evaluator(x), atol=1e-4)
+
+
 def test_vocab_projection_layouts():
   x = _vecs()
   dense = VocabProjection(VOCAB, D_MODEL)

@@ -18,7 +18,6 @@ each call takes the previous tokens (0 first) and returns the logits of the
 next ones.
 """
 
-import functools
 import os
 import time
 import weakref
@@ -31,6 +30,7 @@ from trax import shapes
 from trax_hourglass import checkpoints
 from trax_hourglass import runs
 from trax_hourglass.data import images as image_data
+from trax_hourglass.layers import attention_types
 from trax_hourglass.models.hourglass import HourglassLM
 
 # Upper bound of tokens per compiled call (the size of its output buffer).
@@ -188,7 +188,7 @@ def sample(model, n_tokens, prompt=None, batch_size=1, temperature=1.0,
     raise ValueError(f'top_k={top_k}; use None (all tokens) or >= 1.')
   prompt = _prompt_batch(prompt, batch_size)
   batch, prompt_len = prompt.shape
-  max_len = getattr(model, '_max_len', None)  # HourglassLM(mode='predict').
+  max_len = getattr(model, 'max_len', None)  # HourglassLM(mode='predict').
   if max_len is not None and prompt_len + n_tokens > max_len:
     raise ValueError(
         f'a prompt of {prompt_len} tokens + n_tokens={n_tokens} is past the '
@@ -339,8 +339,7 @@ def save_png(array, path):
 
 
 def _is_our_hourglass(model_fn):
-  while isinstance(model_fn, functools.partial):
-    model_fn = model_fn.func
+  model_fn, _ = attention_types.unwrap_partial(model_fn)
   if model_fn is HourglassLM:
     return True
   wrapped = getattr(model_fn, '__wrapped__', None)  # gin's scoped function.

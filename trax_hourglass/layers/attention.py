@@ -1,4 +1,4 @@
-"""Attention for the hourglass: funnel-aware relative attention, and one adapter.
+"""Funnel-aware relative attention, the default attention of the hourglass.
 
 Relative attention follows Transformer-XL: the score of query i for key j is
   (q_i + u) . k_j  +  (q_i + v) . W_r sin(rel(i, j)),
@@ -12,9 +12,6 @@ The weights of `RelativeAttention` are laid out as in trax's `rel_attention`
 projection), so checkpoints of trax's HourglassLM load unchanged.
 """
 
-import functools
-import inspect
-
 import gin
 import jax
 import numpy as np
@@ -23,7 +20,7 @@ from trax.fastmath import numpy as jnp
 from trax.layers import base
 from trax.layers import initializers as init
 
-from trax_hourglass.layers import favor
+from trax_hourglass.layers import cache
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import apply_dropout
 
@@ -78,12 +75,33 @@ def relative_positions(queries_len, keys_len, kv_pooling):
   return ((grid[None, :] + residues) * kv_pooling).reshape(-1).astype(np.float64)
 
 
+def _inverse_frequencies(d_model):
+  return 1.0 / (10000 ** (np.arange(0.0, d_model, 2.0) / d_model))
+
+
 def sinusoidal_embeddings(positions, d_model):
   """Transformer-XL sinusoids of `positions` (P,) -> (P, d_model) float32."""
-  inv_freq = 1.0 / (10000 ** (np.arange(0.0, d_model, 2.0) / d_model))
-  angles = np.asarray(positions, np.float64)[:, None] * inv_freq[None, :]
+  angles = np.asarray(positions, np.float64)[:, None] * _inverse_frequencies(
+      d_model)[None, :]
   return np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(
       np.float32)
+
+
+def sinusoids_at(positions, d_model, low, high, step=64):
+  """`sinusoidal_embeddings` of traced int positions (P,) in [low, high].
+
+  By angle addition from float64-exact tables of coarse (multiples of `step`)
+  and fine angles: float32 angles would be off by ~5e-4 radians at 1e4.
+  """
+  coarse = np.arange(low // step, high // step + 1) * step
+  sin_c, cos_c = np.split(sinusoidal_embeddings(coarse, d_model), 2, axis=1)
+  sin_f, cos_f = np.split(sinusoidal_embeddings(np.arange(step), d_model), 2,
+                          axis=1)
+  hi, lo = positions // step - low // step, positions % step
+  sin_c, cos_c = jnp.asarray(sin_c)[hi], jnp.asarray(cos_c)[hi]
+  sin_f, cos_f = jnp.asarray(sin_f)[lo], jnp.asarray(cos_f)[lo]
+  return jnp.concatenate([sin_c * cos_f + cos_c * sin_f,
+                          cos_c * cos_f - sin_c * sin_f], axis=1)
 
 
 def causal_mask(query_positions, keys_len, factor=1, is_upsampling=False):
@@ -113,6 +131,10 @@ def _skew(x):
   x = x.reshape(*lead, rows * (cols + 1))
   x = x[..., rows - 1:rows - 1 + rows * cols]
   return x.reshape(*lead, rows, cols)
+
+
+def _raise_past_max_len(n_done, length, max_len):
+  cache.raise_past_max_len('RelativeAttention', n_done, length, max_len)
 
 
 def _split_heads(x, n_heads):
@@ -183,11 +205,23 @@ class RelativeDotProductAttention(base.Layer):
     self._max_keys = max_inference_length
 
   def init_weights_and_state(self, input_signature):
-    if self._mode == 'predict':
+    if self._mode == 'predict':  # See `_decode_step`.
       q = input_signature[3]
-      shape = (q.shape[0], self._max_keys, q.shape[-1])
-      self.state = (jnp.zeros(shape, q.dtype), jnp.zeros(shape, q.dtype),
+      batch, n_heads, d_model = q.shape[0], self._n_heads, q.shape[-1]
+      keys = (batch, n_heads, self._max_keys, d_model // n_heads)
+      residues, rows = self._position_table_shape()
+      self.state = (jnp.zeros(keys, q.dtype), jnp.zeros(keys, q.dtype),
+                    jnp.zeros((residues, n_heads, rows, d_model // n_heads),
+                              q.dtype),
                     jnp.zeros((), jnp.int32))  # Distinct buffers: donatable.
+
+  def _position_table_shape(self):
+    """(residues, rows) of the projected-position table of predict mode."""
+    n_keys, factor = self._max_keys, self._factor
+    block = min(cache.KEY_BLOCK, n_keys)  # A block past the last row fits.
+    if self._is_upsampling:
+      return factor, n_keys + block
+    return 1, n_keys + factor - 1 + block
 
   def forward(self, inputs):
     if self._mode == 'predict':
@@ -214,41 +248,65 @@ class RelativeDotProductAttention(base.Layer):
     return _merge_heads(jnp.concatenate(outputs, axis=2))
 
   def _decode_step(self, location_bias, context_bias, pos_proj, q, k, v):
-    """One query against the key/value cache; see `decode_offsets`.
+    """One query against the key/value cache, over the keys it can see.
 
-    pos_proj: (d_model + 1, d_model), the position projection's kernel over its
-    bias (`PositionProjection` in predict mode): projecting the query onto the
-    kernel once is cheaper than projecting every cached offset's sinusoid.
+    The state holds the keys and values, (batch, heads, max_keys, d_head),
+    and the projected position embeddings of the offsets seen so far (rows of
+    the `relative_positions` table: each step projects only its new offsets).
+    Same level: query n's key goes to slot n, key j sits at offset j - n.
+    Shortening: the query brings `factor` keys, written from slot f*n (query
+    i sits at key f*i). Upsampling: query n = f*a + s rewrites slot a (key j
+    summarises queries up to f*j) and sees key j at offset f*(j - a) - s.
+
+    pos_proj: (d_model + 1, d_model), the position projection's kernel over
+    its bias (`PositionProjection` in predict mode).
     """
     if q.shape[1] != 1:
       raise ValueError(
           f'Predict mode takes one query per call, got {q.shape[1]}; '
           'HourglassLM feeds longer inputs (prompts) one token at a time.')
-    k_cache, v_cache, n_done = self.state
-    slot, offsets, visible, table_start, table = decode_offsets(
-        n_done, self._max_keys, self._factor, self._is_upsampling,
-        self._kv_pooling)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(
-        k_cache, k.astype(k_cache.dtype), slot, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(
-        v_cache, v.astype(v_cache.dtype), slot, axis=1)
-    self.state = (k_cache, v_cache, n_done + 1)
+    k_cache, v_cache, table, n_done = self.state
+    factor, n_keys, n_heads = self._factor, self._max_keys, self._n_heads
+    batch, d_model = q.shape[0], q.shape[-1]
+    d_head = d_model // n_heads
+    if self._is_upsampling:
+      slot = n_done // factor
+      residue, base, n_visible = n_done % factor, n_keys - 1 - slot, slot + 1
+      offsets = -n_done[None]  # The new one: key 0's.
+      low, high, scale = -(factor * n_keys - 1), 0, 1
+    else:
+      slot = n_done * factor
+      residue, base, n_visible = 0, n_keys - 1 - slot, slot + factor
+      offsets = jnp.arange(factor) - slot  # New: key 0's, from each residue.
+      low, high, scale = -(n_keys - 1), factor - 1, self._kv_pooling
+    past = cache.check_room(slot, k.shape[1], n_keys, _raise_past_max_len)
+    k_cache = cache.append(k_cache, _split_heads(k, n_heads), slot, axis=2)
+    v_cache = cache.append(v_cache, _split_heads(v, n_heads), slot, axis=2)
+    sinusoids = sinusoids_at(scale * offsets, d_model, scale * low,
+                             scale * high)
+    new_rows = (jnp.dot(sinusoids, pos_proj[:-1]) + pos_proj[-1]).reshape(
+        1, -1, n_heads, d_head).transpose(0, 2, 1, 3)  # (1, heads, f, d_head)
+    table = jax.lax.dynamic_update_slice(
+        table, new_rows.astype(table.dtype), (residue, 0, base, 0))
+    self.state = (k_cache, v_cache, table, n_done + 1)
 
-    n_heads = self._n_heads
-    q, keys, values = (_split_heads(x, n_heads) for x in (q, k_cache, v_cache))
-    d_model, d_head = pos_proj.shape[1], q.shape[-1]
-    content = jnp.einsum('bnid,bnjd->bnij', q + context_bias, keys)
-    q_loc = q + location_bias  # (batch, heads, 1, d_head)
-    kernel = pos_proj[:-1].reshape(d_model, n_heads, d_head)
-    bias = pos_proj[-1].reshape(n_heads, d_head)
-    q_on_kernel = jnp.einsum('bnie,dne->bnid', q_loc, kernel)
-    sinusoids = jnp.asarray(sinusoidal_embeddings(table, d_model))
-    by_offset = jnp.einsum('rd,bnid->bnir', sinusoids, q_on_kernel)
-    position = jnp.take(by_offset, offsets - table_start, axis=-1)
-    position = position + jnp.einsum('bnie,ne->bni', q_loc, bias)[..., None]
-    out = self._attend(content + position, visible[None, None, None, :],
-                       values, 0)
-    return _merge_heads(out)
+    scale = 1.0 / np.sqrt(d_head)
+    q = _split_heads(q, n_heads)  # (batch, heads, 1, d_head)
+    q_content, q_location = (q + context_bias) * scale, (q + location_bias) * scale
+    block = min(cache.KEY_BLOCK, n_keys)
+
+    def logits(start):
+      keys = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=2)
+      rows = jax.lax.dynamic_slice(table, (residue, 0, base + start, 0),
+                                   (1, n_heads, block, d_head))[0]
+      return (jnp.einsum('bnid,bnkd->bnik', q_content, keys) +
+              jnp.einsum('bnid,nkd->bnik', q_location, rows))
+
+    def values(start):
+      return jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=2)
+
+    out = cache.attend(logits, values, n_visible[None], n_keys, block)
+    return jnp.where(past, jnp.nan, _merge_heads(out))
 
   def _attend(self, logits, mask, values, block):
     """Masked softmax of logits (batch, heads, C, K), dropout, times values."""
@@ -268,35 +326,6 @@ def _query_blocks(length, unit=1, min_block=64, max_blocks=4):
                   if units % n == 0 and units // n * unit >= min_block] or [1])
   size = units // n_blocks * unit
   return [(i * size, (i + 1) * size) for i in range(n_blocks)]
-
-
-def decode_offsets(n_done, n_keys, factor, is_upsampling, kv_pooling):
-  """Where the next query's keys go and what it sees, in predict mode.
-
-  The query is number `n_done` of its level. Same level: its key goes to slot
-  n_done. Shortening: it summarises `factor` new keys, written from slot
-  factor*n_done (query i sits at key f*i). Upsampling: key j summarises queries
-  up to f*j; each query rewrites slot n_done // f with the same vector.
-
-  Returns:
-    slot: where this call's keys are written.
-    offsets: (n_keys,) int relative offsets of every cached key from the query,
-      clipped into the table (clipped keys are masked).
-    visible: (n_keys,) bool, the causal mask of `causal_mask`.
-    table_start, table: the offsets' positions are table[offset - table_start],
-      a static array of positions (in input tokens, see `relative_positions`).
-  """
-  keys = jnp.arange(n_keys)
-  if is_upsampling:
-    slot = n_done // factor
-    offsets, visible = factor * keys - n_done, keys <= slot
-    low, high, scale = -(factor * n_keys - 1), 0, 1
-  else:
-    slot = n_done * factor
-    offsets, visible = keys - slot, keys // factor <= n_done
-    low, high, scale = -(n_keys - 1), factor - 1, kv_pooling
-  table = scale * np.arange(low, high + 1)
-  return slot, jnp.clip(offsets, low, high), visible, low, table
 
 
 def RelativePositionEmbeddings(d_model, kv_pooling, mode='train'):
@@ -376,89 +405,3 @@ def RelativeAttentionWrapper(d_feature, n_heads=1, dropout=0.0,
                         location_bias_layer, total_pooling,
                         max_inference_length=max_inference_length),
   )
-
-
-def constructor_parameters(attention_type):
-  """Parameter names of a layer class or function, seen through partials and gin."""
-  fn = attention_type
-  while isinstance(fn, functools.partial):
-    fn = fn.func
-  if inspect.isclass(fn):  # gin-wrapped classes hide their signature; __init__ does not.
-    fn = fn.__init__
-  try:
-    return inspect.signature(inspect.unwrap(fn)).parameters
-  except (TypeError, ValueError):
-    return {}
-
-
-def _with_predict_mode(attention_type):
-  """trax's `tl.CausalFavor` ignores predict mode: use ours, same weights."""
-  fn, keywords = attention_type, {}
-  while isinstance(fn, functools.partial):
-    keywords = {**fn.keywords, **keywords}
-    fn = fn.func
-  if inspect.unwrap(fn) is inspect.unwrap(tl.CausalFavor):
-    return functools.partial(favor.CausalFavor, **keywords)
-  return attention_type
-
-
-def has_positions(attention_type):
-  """Whether an attention type encodes positions itself.
-
-  Ours do (relative and rotary: they take `total_pooling`), and so do trax's
-  LSH wrappers with `rotary_position_emb=True` (given in a partial or a gin
-  binding). Without positions (`tl.CausalAttention`, `tl.CausalFavor`, sparse
-  QKV, plain LSH) HourglassLM adds absolute positions at the embedding.
-  """
-  params = constructor_parameters(attention_type)
-  if 'context_bias_layer' in params or 'total_pooling' in params:
-    return True
-  fn, keywords = attention_type, {}
-  while isinstance(fn, functools.partial):
-    keywords = {**fn.keywords, **keywords}
-    fn = fn.func
-  for selector in (fn, getattr(fn, '__name__', None)):
-    if 'rotary_position_emb' in keywords or selector is None:
-      break
-    try:  # Gin bindings of the configurable (by name for external classes).
-      keywords = gin.get_bindings(selector)
-    except (ValueError, TypeError, KeyError):  # Not in the gin registry.
-      pass
-  return bool(keywords.get('rotary_position_emb', False))
-
-
-def SelfAttention(attention_type, d_model, n_heads, dropout, mode,
-                  context_bias_layer, location_bias_layer, total_pooling,
-                  max_inference_length=2048):
-  """The attention adapter: builds any attention type as vecs -> vecs.
-
-  `attention_type` is our `RelativeAttentionWrapper` or a trax attention class
-  (`tl.CausalAttention`, `tl.LSHSelfAttention`, `tl.CausalFavor`,
-  `MultiplicativeConvCausalAttention`, ...), a `functools.partial` of one, or a
-  gin reference to one. Their constructors differ; this reads the signature and
-  passes each what it takes, exactly as trax's HourglassLM does, so the weights
-  have the same layout. `max_inference_length` (the level's longest sequence in
-  predict mode) and `total_pooling` go to those that take them.
-  """
-  attention_type = _with_predict_mode(attention_type)
-  params = constructor_parameters(attention_type)
-  extra = {}
-  if 'max_inference_length' in params:
-    extra['max_inference_length'] = max_inference_length
-  if 'total_pooling' in params:
-    extra['total_pooling'] = total_pooling
-  if 'context_bias_layer' in params:
-    return attention_type(
-        d_model, n_heads=n_heads, dropout=dropout, mode=mode,
-        context_bias_layer=context_bias_layer,
-        location_bias_layer=location_bias_layer, **extra)
-  if 'd_qk' in params:  # Reformer-style layers (LSH, PureLSH, ...).
-    d_head = d_model // n_heads
-    if 'predict_mem_len' in params:  # Remember the whole level, drop none.
-      extra['predict_mem_len'] = extra['predict_drop_len'] = (
-          max_inference_length)
-    return attention_type(
-        n_heads=n_heads, d_qk=d_head, d_v=d_head, causal=True, masked=False,
-        output_dropout=dropout, attention_dropout=dropout, mode=mode, **extra)
-  return attention_type(d_model, n_heads=n_heads, dropout=dropout, mode=mode,
-                        **extra)

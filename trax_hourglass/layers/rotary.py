@@ -21,6 +21,7 @@ from trax.fastmath import numpy as jnp
 from trax.layers import base
 from trax.layers.assert_shape import assert_shape
 
+from trax_hourglass.layers import cache
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import apply_dropout
 
@@ -52,11 +53,7 @@ def rotate_pairs(x, sin, cos):
 
 
 def _raise_if_past_cache(n_done, length, max_len):
-  if int(n_done) + length > max_len:
-    raise ValueError(
-        f'RotaryCausalAttention in predict mode got positions {int(n_done)}..'
-        f'{int(n_done) + length - 1}, past max_inference_length={max_len}; '
-        'make max_inference_length cover the longest sequence to decode.')
+  cache.raise_past_max_len('RotaryCausalAttention', n_done, length, max_len)
 
 
 class RotaryDotProductCausalAttention(base.Layer):
@@ -105,26 +102,28 @@ class RotaryDotProductCausalAttention(base.Layer):
           f'RotaryCausalAttention got {length} positions in one predict call, '
           f'more than max_inference_length={self._max_len}.')
     k_cache, v_cache, n_done = self.state
-    # Past the cache, dynamic_update_slice would clamp the start and overwrite
-    # the last keys: error out (the callback raises in the caller, under jit as
-    # an XlaRuntimeError) and return NaNs, never plausible garbage.
-    past_cache = n_done + length > self._max_len
-    jax.lax.cond(past_cache,
-                 lambda: jax.debug.callback(_raise_if_past_cache, n_done,
-                                            length, self._max_len),
-                 lambda: None)
+    # The overflow policy of `cache`: an error from the host, NaN outputs.
+    past = cache.check_room(n_done, length, self._max_len,
+                            _raise_if_past_cache)
     sin, cos = (jax.lax.dynamic_slice_in_dim(jnp.asarray(table), n_done, length)
                 for table in self._tables(self._max_len, q.shape[-1]))
     q, k = rotate_pairs(q, sin, cos), rotate_pairs(k, sin, cos)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(
-        k_cache, k.astype(k_cache.dtype), n_done, axis=1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(
-        v_cache, v.astype(v_cache.dtype), n_done, axis=1)
+    k_cache = cache.append(k_cache, k, n_done, axis=1)
+    v_cache = cache.append(v_cache, v, n_done, axis=1)
     self.state = (k_cache, v_cache, n_done + length)
-    query_positions = n_done + jnp.arange(length)
-    mask = jnp.arange(self._max_len)[None, :] <= query_positions[:, None]
-    out = self._attend(q, k_cache, v_cache, mask)
-    return jnp.where(past_cache, jnp.nan, out)
+    q = q * (1.0 / np.sqrt(q.shape[-1]))
+    block = min(cache.KEY_BLOCK, self._max_len)
+
+    def logits(start):
+      keys = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=1)
+      return jnp.einsum('bid,bjd->bij', q, keys)
+
+    def values(start):
+      return jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=1)
+
+    out = cache.attend(logits, values, n_done + 1 + jnp.arange(length),
+                       self._max_len, block)
+    return jnp.where(past, jnp.nan, out)
 
   def _attend(self, q, k, v, mask):
     """Softmax of masked q.k / sqrt(d), attention-prob dropout, times v."""
@@ -146,9 +145,10 @@ def RotaryCausalAttention(d_feature, n_heads=1, dropout=0.0,
   vecs: (batch, len, d_feature). Positions advance by `total_pooling` per vector.
   `dropout` applies to the attention probabilities, in train mode. In predict
   mode, calls take one or more new positions each, up to
-  `max_inference_length` in all. A call past it raises ValueError (eagerly
-  wrapped in trax's LayerError; under jit an XlaRuntimeError carrying it, when
-  the outputs are read) and its outputs are NaN.
+  `max_inference_length` in all. A call past it raises `PastMaxLenError`, a
+  ValueError (eagerly wrapped in trax's LayerError; under jit an
+  XlaRuntimeError carrying it, when the outputs are read) and its outputs are
+  NaN: the policy of every cache of ours (`trax_hourglass.layers.cache`).
   """
   if d_feature % n_heads:
     raise ValueError(

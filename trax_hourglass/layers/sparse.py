@@ -10,6 +10,7 @@ import numbers
 
 import gin
 import trax.layers as tl
+from trax.fastmath import numpy as jnp
 from trax.layers.research import sparsity as trax_sparsity
 
 from trax_hourglass.layers.dense import Dense
@@ -20,6 +21,10 @@ from trax_hourglass.layers.feed_forward import FeedForwardResidual
 # values for an integer `ff_sparsity`.
 _SPARSE_FF_TEMPERATURE = 0.1
 _SPARSE_FF_QUANT_PROB = 0.3
+# Gathering one unit per block of N reads about a quarter of w1 per row (one
+# float per 64-byte cache line of a block of 64); past N / 16 rows per call
+# reading w1 whole is cheaper.
+_ROWS_PER_DENSE_READ = 16
 
 
 def _configurable(fn):
@@ -44,6 +49,48 @@ def _check_sparsity(name, value, width_name, width):
         f'{_nearest_divisor(width, value)}.')
 
 
+class _ChosenUnitsFF(trax_sparsity._SparseFFMain):  # pylint: disable=protected-access
+  """trax's main part of `SparseFF`, same weights; predict mode reads only the
+  weights of the chosen units.
+
+  trax's predict mode transposes both d_model x d_ff kernels on every call,
+  which costs more than the dense block. Here: (quant_mask (..., d_ff/N),
+  x (..., d_model)) -> (quant_mask, x'), gathering for each block i the
+  column of w1 (d_model, d_ff/N, N) and the row of w2 (N, d_ff/N, d_model)
+  of its chosen unit.
+  """
+
+  def forward(self, inputs):
+    if self._mode != 'predict' or self._multiply_by_controller_output:
+      return super().forward(inputs)
+    chosen, x = inputs
+    w1, w2, b2 = self.weights
+    d_model, n_blocks, block = w1.shape
+    x_2d = x.reshape(-1, d_model)
+    rows = x_2d.shape[0]
+    chosen_2d = chosen.reshape(rows, n_blocks)
+    units = jnp.arange(n_blocks) * block + chosen_2d  # (rows, d_ff/N)
+    if rows * _ROWS_PER_DENSE_READ > block:  # Reading all weights is cheaper.
+      mid = jnp.dot(x_2d, w1.reshape(d_model, -1))
+      mid = jnp.take_along_axis(mid, units, axis=1)
+    else:  # A flat gather: w1's chosen entries are one per cache line.
+      flat = jnp.arange(d_model)[None, :, None] * (n_blocks * block) + units[
+          :, None, :]  # (rows, d_model, d_ff/N)
+      mid = jnp.einsum('rd,rdi->ri', x_2d, jnp.take(w1.reshape(-1), flat))
+    out = jnp.einsum('ri,rid->rd', jnp.maximum(mid, 0.0),
+                     w2[chosen_2d, jnp.arange(n_blocks)[None, :], :]) + b2
+    return chosen, out.reshape(x.shape)
+
+
+def _reading_chosen_units(layer):
+  """`layer` with trax's `_SparseFFMain` made a `_ChosenUnitsFF`, in place."""
+  for sublayer in layer.sublayers:
+    if type(sublayer) is trax_sparsity._SparseFFMain:  # pylint: disable=protected-access
+      sublayer.__class__ = _ChosenUnitsFF  # Same attributes and weights.
+    _reading_chosen_units(sublayer)
+  return layer
+
+
 @_configurable
 def FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
                      ff_activation, ff_sparsity=0):
@@ -52,7 +99,8 @@ def FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
   vecs: (batch, len, d_model). ff_sparsity=0 is `FeedForwardResidual`. N > 0 is
   trax's `SparseFF`: d_ff split into d_ff/N blocks of N units, one unit active
   per block, chosen by a low-rank (d_ff/N) controller; ReLU, so `ff_activation`
-  is unused. Position-wise in every mode, 'predict' included.
+  is unused. Position-wise in every mode; predict mode computes only the
+  chosen units (see `_ChosenUnitsFF`).
   """
   _check_sparsity('ff_sparsity', ff_sparsity, 'd_ff', d_ff)
   if not ff_sparsity:
@@ -63,11 +111,11 @@ def FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
       tl.LayerNorm(),
       # SparseFF ends with its own dropout (on its output), so unlike the dense
       # block none follows here: trax adds none either.
-      trax_sparsity.SparseFF(
+      _reading_chosen_units(trax_sparsity.SparseFF(
           d_ff, n_elements_in_block=ff_sparsity, d_lowrank=d_ff // ff_sparsity,
           temperature=_SPARSE_FF_TEMPERATURE, quant_prob=_SPARSE_FF_QUANT_PROB,
           mode=mode, dropout_rate=dropout,
-          dropout_shared_axes=dropout_shared_axes),  # vecs: (batch, len, d_model)
+          dropout_shared_axes=dropout_shared_axes)),  # vecs: (batch, len, d_model)
   )
 
 

@@ -18,9 +18,9 @@ from trax.fastmath import numpy as jnp
 from trax_hourglass.hierarchy import parse_hierarchy
 from trax_hourglass.layers.attention import RelativeAttentionBiases
 from trax_hourglass.layers.attention import RelativeAttentionWrapper
-from trax_hourglass.layers.attention import SelfAttention
-from trax_hourglass.layers.attention import constructor_parameters
-from trax_hourglass.layers.attention import has_positions
+from trax_hourglass.layers.attention_types import SelfAttention
+from trax_hourglass.layers.attention_types import constructor_parameters
+from trax_hourglass.layers.attention_types import has_positions
 from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling

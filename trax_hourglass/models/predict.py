@@ -12,6 +12,8 @@ from trax.layers import base
 from trax.layers.combinators import inputs_from_stack
 from trax.layers.combinators import outputs_onto_stack
 
+from trax_hourglass.layers.cache import PastMaxLenError
+
 
 class CausalShift(base.Layer):
   """Shifts vectors right by k-1 before shortening by k, so nothing leaks.
@@ -148,10 +150,6 @@ class TokenShift(base.Layer):
       return jnp.pad(toks, ((0, 0), (1, 0)))[:, :-1]
     self.state = self.state + toks.shape[1]
     return toks
-
-
-class PastMaxLenError(ValueError):
-  """A predict-mode HourglassLM was given more tokens than its max_len."""
 
 
 class Autoregressive(tl.Serial):
