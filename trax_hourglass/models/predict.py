@@ -158,8 +158,8 @@ class Autoregressive(tl.Serial):
   trax's `autoregressive_sample` feeds a prompt in one call; the layers decode
   one token at a time, so a longer input runs them under `lax.scan`. Same
   sublayers, hence the same weights, as the `tl.Serial` of train/eval mode.
-  The caches hold `max_len` tokens: a call that goes past them raises when its
-  new state comes back (a host-side check, free of callbacks in the step).
+  The caches hold `max_len` tokens: a call that would go past them raises
+  `PastMaxLenError` before it runs (a host-side check).
   """
 
   def __init__(self, *sublayers, max_len):
@@ -179,6 +179,9 @@ class Autoregressive(tl.Serial):
         shapes.ShapeDtype((batch, 1), input_signature.dtype))
 
   def pure_fn(self, x, weights, state, rng, use_cache=False):
+    # Checked before the step, so the caches' own overflow check (an error
+    # from inside the computation) never fires for HourglassLM's callers.
+    self._check_room(state[self._counter], x.shape[1])
     # trax re-raises any error inside a layer as its LayerError; going past
     # max_len is the caller's error and stays the ValueError it is.
     try:
@@ -195,11 +198,16 @@ class Autoregressive(tl.Serial):
   @state.setter
   def state(self, state):
     tl.Serial.state.fset(self, state)
-    n_tokens = state[self._counter]
-    if not isinstance(n_tokens, (jax.core.Tracer, dict)) and (
-        int(n_tokens) > self._max_len):
+    self._check_room(state[self._counter], 0)
+
+  def _check_room(self, n_done, n_new):
+    """Raises PastMaxLenError (host side, when not traced) past max_len."""
+    if isinstance(n_done, (jax.core.Tracer, dict)):
+      return
+    n_tokens = int(n_done) + n_new
+    if n_tokens > self._max_len:
       raise PastMaxLenError(
-          f'HourglassLM(mode="predict") got token number {int(n_tokens)}, '
+          f'HourglassLM(mode="predict") got token number {n_tokens}, '
           f'past its max_len={self._max_len}: build it with a larger max_len '
           '(the caches grow with it) or start a new sequence.')
 
