@@ -359,19 +359,19 @@ def test_a_bad_setting_is_one_line(capsys):
 
 
 def test_several_cpu_devices_per_process_are_refused_where_they_hang(
-    monkeypatch, capsys):
+    tmp_path, monkeypatch, capsys):
   import jax  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(trainer, 'init_distributed', lambda args: 2)
   monkeypatch.setattr(compat, 'multiprocess_cpu_training_hangs', lambda: True)
   monkeypatch.setattr(jax, 'local_device_count', lambda: 2)
-  assert trainer.main(['--output_dir', 'unused']) == 1
+  assert trainer.main(['--output_dir', str(tmp_path / 'run')]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1, err
   assert err[0].startswith('trainer: error: 2 CPU devices per process hang '
                            f'multi-process training with jax {jax.__version__}')
   monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
   monkeypatch.setattr(trainer, '_train', lambda args: 'trained')
-  assert trainer.run(_args(output_dir='unused')) == 'trained'
+  assert trainer.run(_args(output_dir=str(tmp_path / 'run'))) == 'trained'
 
 
 @pytest.mark.skipif(not compat.multiprocess_cpu_training_hangs(),
