@@ -308,11 +308,18 @@ class RelativeDotProductAttention(base.Layer):
     out = cache.attend(logits, values, n_visible[None], n_keys, block)
     return jnp.where(past, jnp.nan, _merge_heads(out))
 
+  def attention_weights(self, logits, mask, d_head):
+    """Softmax weights of logits (batch, heads, C, K), zero where mask is False.
+
+    A method of its own so that `trax_hourglass.attention_maps` reads them.
+    """
+    logits = logits * (1.0 / np.sqrt(d_head))
+    logits = jnp.where(mask, logits, _MASK_VALUE)  # mask: a constant.
+    return jax.nn.softmax(logits, axis=-1)
+
   def _attend(self, logits, mask, values, block):
     """Masked softmax of logits (batch, heads, C, K), dropout, times values."""
-    logits = logits * (1.0 / np.sqrt(values.shape[-1]))
-    logits = jnp.where(mask, logits, _MASK_VALUE)  # mask: a constant.
-    probs = jax.nn.softmax(logits, axis=-1)
+    probs = self.attention_weights(logits, mask, values.shape[-1])
     if self._mode == 'train':
       rng = jax.random.fold_in(self.rng, block) if block else self.rng
       probs = apply_dropout(probs, self._dropout, rng)
