@@ -16,6 +16,8 @@ from trax_hourglass.layers import resampling
 from trax_hourglass.layers.attention import RelativeDotProductAttention
 from trax_hourglass.layers.rotary import RotaryCausalAttention
 
+import benchmark_scripts  # pylint: disable=g-bad-import-order
+
 VOCAB, D_MODEL, HEADS = 16, 16, 2
 ATTN = resampling.AttentionResampling
 
@@ -145,3 +147,16 @@ def test_refuses_other_attention_types_and_modes():
     with pytest.raises(ValueError, match=f"eval-mode model, got mode='{mode}'"):
       th.attention_maps(_model('1@2', mode=mode), _tokens())
 
+
+def test_picture_script_quick(tmp_path, capsys):
+  text = tmp_path / 'text.xml'
+  text.write_bytes(b'<page>[[x]]</page>' * 50 + b'. Some plain prose follows '
+                   b'here, long enough for a window of forty-eight bytes.')
+  script = benchmark_scripts.load('attention_maps')
+  out = tmp_path / 'out'
+  assert script.main(['--quick', '--data', str(text), '--offset', '0',
+                      '--length', '48', '--out', str(out)]) == 0
+  rows = benchmark_scripts.table_rows(capsys.readouterr().out, 'layer')
+  assert list(rows) == ['pre/0', 'level1/shortening', 'level1/shortened/0',
+                        'level1/upsampling', 'post/0']
+  assert (out / 'attention_maps.png').stat().st_size > 10_000
