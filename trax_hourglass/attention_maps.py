@@ -42,9 +42,9 @@ def attention_maps(model, tokens):
   Args:
     model: an `HourglassLM(..., mode='eval')` with its weights (e.g. a
       trained model's, loaded into an eval-mode one).
-    tokens: ints (batch, len). Lengths are those the model runs at: len
-      rounded up to a multiple of the total shorten factor (the model pads
-      after the tokens), over that factor at a shortened level. Full-length
+    tokens: ints (batch, len). The maps are at the lengths the model runs
+      at: len rounded up to a multiple of the total shorten factor (the model
+      pads after the tokens), over that factor at a shortened level. Full-length
       position t has read tokens < t (the model's input shift). A level
       shortening by k shifts its input right by k-1, so shortened position i
       covers positions k*i-k+1 .. k*i of the level outside, and the
@@ -120,7 +120,7 @@ def _labels(model):
 
 
 def _record(layer, calls):
-  """Makes `layer` append (layer, [weights per query block]) to calls per run."""
+  """Makes `layer` add (layer, [weights per query block]) to calls per run."""
   forward, attention_weights = layer.forward, layer.attention_weights
 
   def recording_forward(inputs):
