@@ -238,7 +238,7 @@ CASES = [
      r'--json=\S+ is a directory; pass a file path', False),
     ('eval ids past the vocabulary', 'evaluate',
      ['--output_dir', '{base}', '--byte_file={text}'],
-     r"text.txt \[test: bytes [\d,]+\.\.[\d,]+\) holds token id \d+, outside "
+     r"text.txt \[test: bytes [\d,]+\.\.[\d,]+\): holds token id \d+, outside "
      r"the model's vocabulary \[0, 64\)", True),
     ('eval non-finite weights', 'evaluate', ['--output_dir', '{nan}'],
      r'model.weights.npy.gz \(step 4\): weight array 0 \([\d, ]+\) holds '
