@@ -160,8 +160,6 @@ def _fix_on_cpu_multihost():
   import jax  # pylint: disable=g-import-not-at-top
   from trax import layers as tl  # pylint: disable=g-import-not-at-top
   from trax.layers import acceleration  # pylint: disable=g-import-not-at-top
-  if not hasattr(acceleration, 'on_cpu'):
-    return
   trax_on_cpu = acceleration.on_cpu
 
   def on_cpu(x):
@@ -183,8 +181,6 @@ def _fix_same_weights_across_hosts():
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from trax.supervised import training  # pylint: disable=g-import-not-at-top
-  if not hasattr(training, '_make_weights_and_state_same_across_hosts'):
-    return  # A trax that syncs some other way.
 
   def same_across_hosts(weights_and_state):
     """Process 0's weights and state, on every process (numpy arrays)."""
@@ -204,8 +200,6 @@ def _fix_eval_metrics_across_hosts():
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from trax.supervised import training  # pylint: disable=g-import-not-at-top
-  if not hasattr(training, '_accelerate_model_with_metrics'):
-    return  # A trax that evaluates some other way.
   trax_accelerate = training._accelerate_model_with_metrics  # pylint: disable=protected-access
 
   def accelerate_all_hosts(model_with_metrics, n_devices, accelerate=True,
@@ -233,8 +227,6 @@ def _fix_one_device_per_process():
   import jax  # pylint: disable=g-import-not-at-top
   from jax import numpy as jnp  # pylint: disable=g-import-not-at-top
   from trax.optimizers import trainer  # pylint: disable=g-import-not-at-top
-  if not hasattr(trainer, '_average_multidevice_gradients'):
-    return  # A trax that accelerates its step some other way.
   accelerate_update_fn = trainer._accelerate_update_fn  # pylint: disable=protected-access
   average = trainer._average_multidevice_gradients  # pylint: disable=protected-access
 
@@ -285,8 +277,7 @@ def _fix_same_rng_on_every_process():
     return one_step_with_own_key
 
   for cls in (trainer.Trainer, trainer.ReversibleSerialTrainer):
-    if hasattr(cls, 'one_step'):
-      cls.one_step = per_process_key(cls.one_step)
+    cls.one_step = per_process_key(cls.one_step)
 
 
 def _replicate(x, devices):
