@@ -79,6 +79,15 @@ def _fix_assert_shape_stack():
     sys.meta_path.insert(0, _AfterImport(_ASSERT_SHAPE, patch))
 
 
+class _Markers(tuple):
+  """A `copy_from_tree` whose `in` never compares an array with a marker."""
+
+  def __contains__(self, tree):
+    if tree is not None and not isinstance(tree, (list, tuple, dict)):
+      return False  # A leaf (array): never a marker.
+    return any(type(tree) is type(m) and tree == m for m in self)  # pylint: disable=unidiomatic-typecheck
+
+
 def _fix_tree_unflatten():
   # Loop restores optimizer slots with tree_unflatten(..., copy_from_tree=[None, ()])
   # and trax tests `tree in copy_from_tree`, which compares a jax array with a tuple
@@ -86,34 +95,16 @@ def _fix_tree_unflatten():
   from trax import fastmath  # pylint: disable=g-import-not-at-top
   # `trax.fastmath.numpy` the attribute is a backend object; patch the module.
   trax_np = sys.modules['trax.fastmath.numpy']
+  trax_unflatten = trax_np.tree_unflatten
 
   def tree_unflatten(flat, tree, copy_from_tree=None):
-    if copy_from_tree is not None and _is_marker(tree, copy_from_tree):
-      return tree, flat
-    if isinstance(tree, (list, tuple)):
-      new_tree, rest = [], flat
-      for t in tree:
-        new_t, rest = tree_unflatten(rest, t, copy_from_tree=copy_from_tree)
-        new_tree.append(new_t)
-      return (tuple(new_tree) if isinstance(tree, tuple) else new_tree), rest
-    if isinstance(tree, dict):
-      new_tree, rest = {}, flat
-      for k in tree:
-        new_v, rest = tree_unflatten(rest, tree[k], copy_from_tree=copy_from_tree)
-        new_tree[k] = new_v
-      return new_tree, rest
-    return flat[0], flat[1:]
+    if copy_from_tree is not None:
+      copy_from_tree = _Markers(copy_from_tree)
+    return trax_unflatten(flat, tree, copy_from_tree=copy_from_tree)
 
-  tree_unflatten.__doc__ = trax_np.tree_unflatten.__doc__
-  trax_np.tree_unflatten = tree_unflatten  # Callers look it up at call time.
-  fastmath.tree_unflatten = tree_unflatten
-
-
-def _is_marker(tree, markers):
-  """`tree in markers` that never compares an array with a marker."""
-  if tree is not None and not isinstance(tree, (list, tuple, dict)):
-    return False  # A leaf (array): never a marker.
-  return any(type(tree) is type(m) and tree == m for m in markers)  # pylint: disable=unidiomatic-typecheck
+  tree_unflatten.__doc__ = trax_unflatten.__doc__
+  # Callers, and trax's own recursion, look it up at call time.
+  trax_np.tree_unflatten = fastmath.tree_unflatten = tree_unflatten
 
 
 def _fix_first_step_recompile():

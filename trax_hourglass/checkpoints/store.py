@@ -29,6 +29,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -453,12 +454,11 @@ def read_checkpoint(directory, basename='model', n_tasks=None):
   if 'slots' in data:  # trax's oldest format: one task's slots in the pickle.
     slots_per_task = [data['slots']]
   elif isinstance(data.get('slots_per_task'), int):
-    slots_per_task = []
-    i = 0
-    while (n_tasks is None and os.path.exists(f'{prefix}.opt_slots{i}.npy.gz')
-           or n_tasks is not None and i < n_tasks):
-      slots_per_task.append(read_arrays(f'{prefix}.opt_slots{i}.npy.gz'))
-      i += 1
+    slots = f'{prefix}.opt_slots{{}}.npy.gz'
+    if n_tasks is None:  # As many as there are.
+      n_tasks = next(i for i in itertools.count()
+                     if not os.path.exists(slots.format(i)))
+    slots_per_task = [read_arrays(slots.format(i)) for i in range(n_tasks)]
   else:
     slots_per_task = list(data.get('slots_per_task') or [])
   # Every process resumes at process 0's data position: this project's
