@@ -32,11 +32,6 @@ class NonFiniteWeightsError(ValueError):
   """Weights hold NaN or infinity: the run diverged."""
 
 
-# ---------------------------------------------------------------------------
-# Safe reading.
-# ---------------------------------------------------------------------------
-
-
 def _numpy_from_jax_pickle(fun, args, arr_state, aval_state):
   """Stands in for `jax._src.array._reconstruct_array`; returns a numpy array.
 
@@ -203,11 +198,6 @@ def check_shapes(where, model_arrays, saved_arrays, what, fix):
       raise CheckpointError(
           f'{what.capitalize()} array {i} of {where} has shape '
           f'{tuple(s.shape)}, the model expects {tuple(m.shape)}; {fix}')
-
-
-# ---------------------------------------------------------------------------
-# Writing.
-# ---------------------------------------------------------------------------
 
 
 def _gzip_writer(write_fn, compresslevel):

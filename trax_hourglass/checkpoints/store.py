@@ -62,11 +62,6 @@ def sha256_of(path):
     return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
-# ---------------------------------------------------------------------------
-# Durable writing.
-# ---------------------------------------------------------------------------
-
-
 class _HashingWriter:
   """A write-only file object that hashes and counts what passes through."""
 
@@ -114,11 +109,6 @@ def write_file_atomically(path, write_fn):
   _write_durably(tmp, write_fn)
   os.replace(tmp, path)
   _fsync_dir(os.path.dirname(path) or '.')
-
-
-# ---------------------------------------------------------------------------
-# The checkpoint unit.
-# ---------------------------------------------------------------------------
 
 
 def is_local(path):
@@ -498,10 +488,6 @@ def read_checkpoint_at(path, n_tasks=0):
                             'has the run saved one yet?')
   return ckpt
 
-
-# ---------------------------------------------------------------------------
-# One trainer per output dir.
-# ---------------------------------------------------------------------------
 
 LOCK = 'LOCK'
 _LOCKS = {}  # realpath of an output dir -> fd of this process's flock on it
