@@ -52,10 +52,6 @@ QUICK_NOTE = (' [--quick: XLA optimization off, smoke test only, not a '
               'measurement]')
 
 
-class ModelUnavailable(Exception):
-  """The model's code cannot be imported (e.g. `ours` is still being written)."""
-
-
 def worker_env(xla_flags=()):
   """Environment for worker processes: fixed hash seed, quiet TF, repo on path."""
   env = dict(os.environ)
@@ -69,30 +65,12 @@ def worker_env(xla_flags=()):
 
 
 def import_trax(model_name):
-  """Imports trax the same way for every model, so import cost is identical.
-
-  `ours` imports trax through `trax_hourglass` (which applies `compat` first);
-  the other models apply the same `compat` fixes without needing the model code.
-
-  Args:
-    model_name: one of `ALL_MODELS` or `ABLATION_MODELS`.
-
-  Returns:
-    The `trax` module.
-
-  Raises:
-    ModelUnavailable: if `model_name == 'ours'` and `trax_hourglass.HourglassLM`
-      cannot be imported.
-  """
+  """Imports trax with `trax_hourglass.compat` applied, as for every model."""
   if model_name.startswith('ours'):
-    try:
-      from trax_hourglass import HourglassLM  # pylint: disable=g-import-not-at-top,unused-import
-    except Exception as e:  # pylint: disable=broad-except
-      raise ModelUnavailable(
-          f'trax_hourglass.HourglassLM cannot be imported: '
-          f'{type(e).__name__}: {e}') from e
+    from trax_hourglass import HourglassLM  # pylint: disable=g-import-not-at-top,unused-import
   else:
-    _apply_compat()
+    from trax_hourglass import compat  # pylint: disable=g-import-not-at-top
+    compat.apply()
   import trax  # pylint: disable=g-import-not-at-top
   return trax
 
@@ -111,36 +89,17 @@ def config_from_args(args, reference, quick, skip=()):
   return cfg
 
 
-def worker_import_trax(model_name, record):
-  """`import_trax` in a worker: times it into `record['import_s']`.
-
-  Returns:
-    The `trax` module, or None after printing `record` as 'unavailable' (the
-    worker then exits 0: a model still being written is not a failure).
-  """
-  start = time.perf_counter()
-  try:
-    trax = import_trax(model_name)
-  except ModelUnavailable as e:
-    record.update(status='unavailable', reason=str(e))
-    emit_result(record)
-    return None
-  record['import_s'] = time.perf_counter() - start
-  return trax
-
-
 def work(measure_fn, import_as, **record):
   """A worker process's body: `measure_fn(trax, record)` fills in `record`.
 
-  Trax is imported as for model `import_as` (`worker_import_trax`); `record`
-  starts as the given fields. Prints the record as the one result line, with
-  status 'ok' (and the peak RSS, the device), 'unavailable', or 'error' /
-  'over memory' with the exception as its reason; returns the exit status.
+  Trax is imported as for model `import_as` (timed). Prints the record
+  (starting as the given fields) as the one result line, with status 'ok',
+  'error' or 'over memory' (and the reason); returns the exit status.
   """
   record = dict(record, status='ok', pid=os.getpid())
-  trax = worker_import_trax(import_as, record)
-  if trax is None:
-    return 0
+  start = time.perf_counter()
+  trax = import_trax(import_as)
+  record['import_s'] = time.perf_counter() - start
   try:
     import numpy as np  # pylint: disable=g-import-not-at-top
     np.random.seed(SEED)
@@ -166,32 +125,12 @@ def never(step):
   return False
 
 
-def _apply_compat():
-  """`from trax_hourglass import compat; compat.apply()`, robust to a broken package."""
-  try:
-    from trax_hourglass import compat  # pylint: disable=g-import-not-at-top
-  except Exception:  # pylint: disable=broad-except
-    # The package __init__ imports the model code after `compat`; if that part
-    # fails, `trax_hourglass.compat` is still loaded (and usually applied).
-    compat = sys.modules.get('trax_hourglass.compat')
-    if compat is None:  # compat.py itself failed: plain (slow) trax import.
-      print('warning: trax_hourglass.compat unavailable; importing trax as is',
-            file=sys.stderr)
-      return
-  compat.apply()
-
-
 def make_model(name, cfg, mode='train'):
-  """Returns an uninitialized model `name` built from benchmark config `cfg`.
+  """Uninitialized model `name` (in `mode`) of benchmark config `cfg`.
 
-  Args:
-    name: one of `ALL_MODELS` or `ABLATION_MODELS`.
-    cfg: dict with vocab_size, d_model, d_ff, n_heads, dropout, seq_len and,
-      for the Hourglass models, vanilla_layers (tuple) and hierarchy (str);
-      optionally max_len, the predict-mode cache length of `ours` and the
-      positional-embedding length of the Transformers (default
-      max(2048, seq_len)).
-    mode: 'train', 'eval' or 'predict'.
+  `cfg`: vocab_size, d_model, d_ff, n_heads, dropout, seq_len, and for the
+  Hourglass models vanilla_layers and hierarchy; optionally max_len (`ours`'
+  predict-mode cache, the Transformers' positions; default max(2048, seq_len)).
   """
   import trax  # pylint: disable=g-import-not-at-top
   width = dict(d_model=cfg['d_model'], d_ff=cfg['d_ff'],
@@ -289,22 +228,13 @@ def proc_rss_mib(pid):
 
 
 def run_worker(argv, timeout_s, xla_flags=(), max_rss_mib=None):
-  """Runs `argv` as a child process; returns a dict with its outputs and peak RSS.
+  """Runs `argv` as a child process: dict(returncode, stdout, stderr, wall_s,
+  peak_rss_mib, timed_out, over_memory).
 
-  The child is reaped with `os.wait4`, which gives that one child's rusage
+  The child is killed after `timeout_s`, or as soon as its resident memory
+  (VmRSS, polled every 50 ms) exceeds `max_rss_mib`, before the machine swaps.
+  It is reaped with `os.wait4`, which gives that one child's rusage
   (`RUSAGE_CHILDREN` would mix all children reaped so far).
-
-  Args:
-    argv: the command line.
-    timeout_s: seconds before the child is killed (`timed_out=True`).
-    xla_flags: XLA flags appended to the child's `XLA_FLAGS`.
-    max_rss_mib: if set, the child is killed as soon as its resident memory
-      (VmRSS, polled every 50 ms) exceeds this many MiB (`over_memory=True`),
-      before it can push the machine into swap or the kernel's OOM killer.
-
-  Returns:
-    dict(returncode, stdout, stderr, wall_s, peak_rss_mib, timed_out,
-    over_memory).
   """
   with tempfile.TemporaryFile('w+') as out, tempfile.TemporaryFile('w+') as err:
     start = time.perf_counter()
@@ -359,13 +289,9 @@ def xla_flags(cfg):
 def measure(script, name, cfg, timeout_s, max_rss_mib=None, key='model'):
   """Runs `script --_worker name --_config JSON(cfg)` in a fresh process.
 
-  `cfg['fast_compile']` adds `FAST_COMPILE_XLA_FLAGS`; `max_rss_mib` is
-  `run_worker`'s memory guard.
-
-  Returns:
-    The worker's record, or {key: name, status, reason} if it printed none or
-    was killed ('over memory', 'timeout', 'error'); with the process's
-    peak_rss_mib, worker_wall_s, returncode, and for failures stderr_tail.
+  Returns the worker's record, or {key: name, status, reason} if it printed
+  none or was killed; with peak_rss_mib, worker_wall_s, returncode, and for
+  failures stderr_tail.
   """
   argv = [sys.executable, os.path.abspath(script), '--_worker', name,
           '--_config', json.dumps(cfg)]
@@ -377,7 +303,7 @@ def measure(script, name, cfg, timeout_s, max_rss_mib=None, key='model'):
     record = {key: name, 'status': status, 'reason': reason}
   record.update(peak_rss_mib=proc['peak_rss_mib'],
                 worker_wall_s=proc['wall_s'], returncode=proc['returncode'])
-  if record['status'] not in ('ok', 'unavailable'):
+  if record['status'] != 'ok':
     record['stderr_tail'] = tail(proc['stderr'])
   return record
 
@@ -392,8 +318,6 @@ def record_line(record, describe):
   if record['status'] == 'ok':
     return (f'{describe(record)}, peak RSS {record["peak_rss_mib"]:,.0f} MiB, '
             f'process {record["worker_wall_s"]:.1f} s')
-  if record['status'] == 'unavailable':
-    return f'SKIPPED: {record["reason"]}'
   return (f'{record["status"].upper()}: {record["reason"]}'
           + (f'\n{record["stderr_tail"]}' if record.get('stderr_tail') else ''))
 
@@ -447,31 +371,14 @@ def add_ratios(rows, baselines, field='tokens_per_s_median'):
       row[f'ratio_vs_{base}'] = mine / b if mine and b else None
 
 
-def cost_analysis_flops(cost):
-  """The 'flops' entry of a jax `cost_analysis()` result (dict, or list of them)."""
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  flops = (cost or {}).get('flops')
-  return float(flops) if flops is not None and flops >= 0 else None
-
-
 def train_step_flops(model, batch, weights=None, state=None):
   """XLA's FLOP count of one forward + backward pass of an LM and its loss.
 
-  Lowers (does not compile: at long lengths a second compilation would cost
-  minutes) `jax.value_and_grad` of `model.pure_fn` followed by a masked
-  log-softmax cross-entropy, and returns XLA's `HloCostAnalysis` FLOPs of that
-  unoptimized program: matmuls as 2*M*N*K, elementwise ops one per element.
-  The optimizer update is not counted (a few FLOPs per parameter).
-
-  Args:
-    model: an initialized trax layer mapping tokens [batch, length] to logits.
-    batch: (inputs, targets, weights) arrays; only shapes and dtypes are used.
-    weights: model weights (default `model.weights`).
-    state: model state (default `model.state`).
-
-  Returns:
-    FLOPs as a float, or None if XLA reports none.
+  `model` maps tokens [batch, length] to logits; of `batch` (inputs, targets,
+  weights) only shapes and dtypes are used. Lowers (does not compile: at long
+  lengths that costs minutes) `jax.value_and_grad` of `model.pure_fn` and a
+  masked cross-entropy; returns XLA's `HloCostAnalysis` FLOPs (matmuls as
+  2*M*N*K, elementwise ops one per element; no optimizer update), or None.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -487,7 +394,8 @@ def train_step_flops(model, batch, weights=None, state=None):
   spec = lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.asarray(a).dtype)
   lowered = jax.jit(jax.value_and_grad(loss)).lower(
       weights, state, *[spec(a) for a in batch], jax.random.PRNGKey(SEED))
-  return cost_analysis_flops(lowered.cost_analysis())
+  flops = (lowered.cost_analysis() or {}).get('flops')
+  return float(flops) if flops is not None and flops >= 0 else None
 
 
 def matmul_peak_worker(size=2048, reps=10, warmup=3):
@@ -544,11 +452,8 @@ def parse_int_tuple(text):
 
 
 def max_shorten_factor(hierarchy):
-  """Total shortening of an Hourglass hierarchy string like '2@1 8@3 2@1'.
-
-  Returns None if `trax_hourglass.hierarchy` cannot parse the string (then the
-  model constructor is left to judge it).
-  """
+  """Total shortening of a hierarchy like '2@1 8@3 2@1'; None if it does not
+  parse (the model constructor then judges it)."""
   try:
     return parse_hierarchy(hierarchy).total_factor
   except ValueError:
@@ -588,10 +493,8 @@ def parse_names(text, known, flag='--models'):
 
 def benchmark_parser(doc, quick, timeout, models=None, json_help=None,
                      plot_help=None):
-  """The shared flags: --quick (help `quick`), --worker_timeout (default
-  `timeout`, for its help), the hidden worker flags, and if given --models
-  (default all `models`), --json (writing `json_help`), --plot (of `plot_help`).
-  """
+  """The shared flags: --quick, --worker_timeout, the hidden worker flags, and
+  if given --models, --json, --plot."""
   parser = argparse.ArgumentParser(
       description=doc.split('\n\n')[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -684,8 +587,7 @@ def save_figure(fig, path):
 def write_plot(plot, path):
   """Calls `plot(path)` (False: no matplotlib); prints where it went or why not.
 
-  Never raises: the measurements are the result, never lose them (or the JSON
-  written after it) to a plot.
+  Never raises: a plot must not lose the measurements (or the JSON after it).
   """
   try:
     plotted = plot(path)

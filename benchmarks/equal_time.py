@@ -27,42 +27,26 @@ Suites (`--suite`, or any mix with `--variants`):
               scored at factor 2 with the same weights, row "sfd@2")
 
 Reference configuration (the defaults): d_model 128, d_ff 512, 4 heads,
-hierarchy '2@1 4@3 2@1', dropout 0, sequences of 384 bytes, batch 16, Adam
-(b2 0.98, eps 1e-9, no weight decay) at 1e-3 after a linear warmup of 100
-steps, 240 s of training per variant. Trax's TransformerLM keeps its own
-choices (absolute positions, ReLU feed-forward); models without positions of
-their own (softmax, performer, sparse_qkv) get trax's `PositionalEncoding` at
-the embedding, a trainable seq_len x d_model table counted in their params.
+hierarchy '2@1 4@3 2@1', dropout 0, 16 x 384 bytes per step, Adam (b2 0.98,
+eps 1e-9) at 1e-3 after 100 linear warmup steps, 240 s of training each.
+TransformerLM keeps its own choices (absolute positions, ReLU); attentions
+without positions of their own get trax's `PositionalEncoding` at the embedding.
 
-Data: any byte file (`--data`, e.g. the shared enwik8 head), split as
-`trax_hourglass.data.text.byte_file_splits` splits it: bytes [0, 90%) train,
-[90%, 95%) validation, [95%, 100%) test. Training batches are random windows
-of the train split (a function of the seed and the step: every variant sees
-the same batches in the same order). Bits per byte is the mean cross-entropy,
-in bits, of every byte of consecutive windows (each scored on its own, so its
-first bytes have little context): during training on `--eval_batches`
-batches of the validation split (the curve in the plot), at the end on every
-whole window of the test split (the table's "test bits/byte").
+Data: any byte file (`--data`), split 90/5/5 by
+`trax_hourglass.data.text.byte_file_splits`. Training batches are random
+windows of the train split, the same for every variant. Bits per byte: on
+`--eval_batches` validation batches during training (the plot), at the end on
+every whole window of the test split (the table). Leak: at the end
+`--probe_positions` positions of the first 2 test batches are scored again
+with that byte and all later ones replaced by 0; a causal model scores the
+same (leak 0), a model that peeks (no_shift) scores worse without the future.
 
-Leak: at the end each variant also scores `--probe_positions` byte positions
-in each window of the first 2 test batches twice: as usual (teacher forcing)
-and with that byte and all later ones replaced by 0 (the future hidden). A
-causal model gives the same loss (the "leak" column is 0 up to float
-rounding); a model that peeks, like no_shift, scores better when it can see
-the future: its leak, in bits per byte, is how much of its test score came
-from the future.
+Clock: each variant trains in its own worker process; the step that compiles
+is untimed, then chunks of steps run until `--seconds` of training time have
+passed; evaluations are off the clock. Each worker records the load average
+before and after: run it on an otherwise idle machine.
 
-Clock: each variant runs in its own fresh worker process; the worker builds a
-real `trax.supervised.training.Loop`, runs the step that compiles the
-training step (its time is "compile s", it counts in "steps"), then trains in
-chunks of steps until `--seconds` of training time have passed. Evaluations
-(`--eval_points` of them, evenly spaced in training time, plus one before) are
-off the training clock. On a shared machine a wall-time budget measures the
-machine as much as the model: each worker records the load average before and
-after, and the report prints them. Run it on an otherwise idle machine.
-
-Reproduce (from the repository root; each variant takes --seconds plus 1-2
-minutes of import, compilation and evaluation):
+Reproduce (each variant takes --seconds plus 1-2 minutes):
 
   python benchmarks/equal_time.py --suite claim \
       --data ../shared/data/enwik8-head.xml --out benchmarks/results/claim
@@ -71,8 +55,7 @@ minutes of import, compilation and evaluation):
   python benchmarks/equal_time.py --suite swaps --seconds 60 --batch 8 \
       --data ../shared/data/enwik8-head.xml --out benchmarks/results/swaps
 
-Quick smoke run (tiny sizes, ~20 s per variant, XLA optimization off; its
-numbers mean nothing; used by tests/test_benchmark_equal_time.py):
+Quick smoke run (tiny sizes, XLA optimization off; numbers mean nothing):
 
   python benchmarks/equal_time.py --quick --data SMALL_TEXT_FILE \
       --variants hourglass,no_shift --out /tmp/equal_time_quick
@@ -227,7 +210,6 @@ def describe(variant, cfg):
 
 def _model_fn(variant, cfg):
   """mode -> uninitialized model of `variant` (imports trax: workers only)."""
-  import functools  # pylint: disable=g-import-not-at-top
   import trax  # pylint: disable=g-import-not-at-top
   from trax import layers as tl  # pylint: disable=g-import-not-at-top
   from trax.layers.research import sparsity  # pylint: disable=g-import-not-at-top

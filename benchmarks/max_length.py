@@ -1,38 +1,21 @@
 """Longest sequence each model trains on within a memory limit (default 20 GiB).
 
-For each model (ours, original, transformer6, transformer12; see
-train_speed.py), trains with batch 1 at lengths `--start` * 2^n (768, 1536,
-3072, ...) until a length goes over `--max_rss_gib` of resident memory, fails,
-times out or would pass `--max_seq_len`, then bisects between the last length
-that fit and the first that did not, in multiples of `--granularity` (768),
-for `--bisect_steps` (2) steps. Lengths are multiples of 768, not of 512,
-because the Hourglass hierarchy's shortening factor 3 must divide them.
+For each model (see train_speed.py), trains with batch 1 at lengths `--start`
+* 2^n (768, 1536, ...) until one goes over `--max_rss_gib` of resident memory,
+fails, times out or would pass `--max_seq_len`, then bisects between the last
+length that fit and the first that did not, in multiples of `--granularity`,
+for `--bisect_steps` steps. Each attempt is a train_speed.py worker (reference
+sizes, 1 compiling + 1 timed step) whose resident memory the parent polls every
+50 ms, killing it at the limit; "fits" means it finished both steps under it.
 
-Each attempt is one train_speed.py worker in a fresh process (the same code
-as the throughput benchmark: a real `trax.supervised.training.Loop`, Adam,
-dropout on, the reference sizes d_model 256, hierarchy '8@3', vanilla_layers
-(2, 2)), with 1 untimed step (it compiles the training step) and 1 timed
-step. "Fits" means the worker finished both steps without its
-resident memory (VmRSS, polled every 50 ms by the parent) ever exceeding the
-limit; a worker over the limit is killed at once, so the limit also protects
-the machine. The peak RSS reported is the worker's whole process (Python,
-trax, XLA compilation, weights, optimizer slots and activations).
+Reproduce (from the repository root; 30-45 minutes per model on a 2-core CPU):
 
-Reproduce (from the repository root):
+  python benchmarks/max_length.py --json /tmp/max_length.json \
+      --plot /tmp/max_length.png
 
-  /work/venv/bin/python benchmarks/max_length.py \
-      --json /tmp/max_length.json --plot /tmp/max_length.png
+Quick smoke run (train_speed.py --quick sizes, lengths 48 and 96):
 
-Estimated time on a 2-core CPU: each attempt is a worker of 3-5 minutes
-(2-3 of them compiling, as in train_speed.py) and a model takes about 7
-attempts (768 ... until a doubling fails, then 2 bisection steps), so 30-45
-minutes per model and 2-3 hours for all four. Attempts over the limit are
-killed as soon as they cross it.
-
-Quick smoke run (tiny sizes as train_speed.py --quick, lengths 48 and 96, XLA
-optimization off; its numbers mean nothing; used by tests/test_benchmarks.py):
-
-  /work/venv/bin/python benchmarks/max_length.py --quick --models ours
+  python benchmarks/max_length.py --quick --models ours
 """
 
 import os
@@ -54,19 +37,10 @@ QUICK = dict(train_speed.QUICK, batch=1, steps=1, warmup=1,
 def search_max_length(fits, start, max_len, granularity, bisect_steps):
   """Longest length in multiples of `granularity` for which `fits` holds.
 
-  Doubles from `start` until `fits` fails or the next length would pass
-  `max_len` (then `max_len` itself is tried), then bisects between the last
-  length that fit and the first that did not for up to `bisect_steps` steps.
-  Assumes that what fits at one length fits at every shorter one.
-
-  Args:
-    fits: function(length) -> (ok, info); `info` (anything, e.g. the worker's
-      record) is kept for the report.
-    start: first length tried, a multiple of `granularity`.
-    max_len: the cap, a multiple of `granularity`, >= `start`.
-    granularity: every length tried is a multiple of it.
-    bisect_steps: how many lengths to try between the last fit and the first
-      failure.
+  Doubles from `start` until `fits(length) -> (ok, info)` fails or the next
+  length would pass `max_len` (then `max_len` itself is tried), then bisects
+  for up to `bisect_steps` steps. Assumes that what fits at one length fits at
+  every shorter one.
 
   Returns:
     dict(longest=the longest length that fit, or None if `start` did not;
@@ -223,23 +197,16 @@ def _parent(args):
   cfg = _resolve_config(args)
   timeout_s = args.worker_timeout or (600 if args.quick else 1800)
 
-  results, skipped = {}, {}
+  results = {}
   for m in models:
     def fits(length, m=m):
       record = train_speed.measure(m, cfg, length, 1, timeout_s)
-      if record['status'] == 'unavailable':
-        raise _common.ModelUnavailable(record['reason'])
       _common.log(f'{m} at {length:,}: ' + _common.record_line(
           record, lambda r: f'fits, {r["step_ms"]:,.0f} ms/step'))
       return record['status'] == 'ok', record
-    try:
-      results[m] = search_max_length(fits, cfg['start'], cfg['max_seq_len'],
-                                     cfg['granularity'], cfg['bisect_steps'])
-    except _common.ModelUnavailable as e:
-      skipped[m] = str(e)
-      _common.log(f'{m}: SKIPPED: {e}')
+    results[m] = search_max_length(fits, cfg['start'], cfg['max_seq_len'],
+                                   cfg['granularity'], cfg['bisect_steps'])
 
-  ran = [m for m in models if m in results]
   print(f'Longest trainable sequence (batch 1, 1 compiling + 1 timed step) '
         f'within {cfg["max_rss_gib"]:g} GiB resident memory: d_model '
         f'{cfg["d_model"]}, d_ff {cfg["d_ff"]}, n_heads {cfg["n_heads"]}, '
@@ -248,22 +215,21 @@ def _parent(args):
         f'{cfg["max_seq_len"]}, then {cfg["bisect_steps"]} bisection steps in '
         f'multiples of {cfg["granularity"]}'
         + (_common.QUICK_NOTE if cfg['fast_compile'] else '') + '.\n')
-  print(_table(ran, results, cfg))
+  print(_table(models, results, cfg))
   print('\n"lengths tried": in order; x = did not fit.')
-  for m, reason in skipped.items():
-    print(f'\n{m}: skipped, {reason}')
 
   plot_path = _common.plot_path(args)
-  if plot_path and ran:
-    _common.write_plot(lambda path: _plot(ran, results, cfg, path), plot_path)
+  if plot_path:
+    _common.write_plot(lambda path: _plot(models, results, cfg, path),
+                       plot_path)
   if args.json:
     _common.write_json(args.json, benchmark='max_length', config=cfg,
-                       models=models, results=results, skipped=skipped,
+                       models=models, results=results,
                        plot=plot_path)
   # An error (not over memory / timeout) at the very first length is a bug.
-  broken = [m for m in ran if results[m]['longest'] is None
+  broken = [m for m in models if results[m]['longest'] is None
             and results[m]['failure_info']['status'] == 'error']
-  return 1 if broken or not ran else 0
+  return 1 if broken else 0
 
 
 def main(argv=None):

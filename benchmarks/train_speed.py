@@ -1,83 +1,38 @@
 """Training throughput (tokens/s) of Hourglass vs. the original and Transformers.
 
-Measures how many tokens per second a real `trax.supervised.training.Loop`
-trains on (forward + backward + Adam update, dropout on, mode='train') for:
+Tokens per second of a real `trax.supervised.training.Loop` (forward, backward
+and Adam update, dropout on) for the models of `_common.make_model`: ours, the
+original (trax 1.4.1's), TransformerLM with 6 and 12 layers of the same width.
 
-  ours           trax_hourglass.HourglassLM (this repository)
-  original       trax.models.research.hourglass.HourglassLM (trax 1.4.1)
-  transformer6   trax.models.TransformerLM, same d_model/d_ff/n_heads, 6 layers
-  transformer12  trax.models.TransformerLM, same d_model/d_ff/n_heads, 12 layers
+Reference configuration (the defaults): vocab 256, vanilla_layers (2, 2),
+hierarchy '8@3', d_model 256, d_ff 1024, 4 heads, dropout 0.1, sequence
+length 768, batch 8, Adam at a constant 1e-4, random tokens from memory.
+`--seq_lens 768,1536,...` sweeps lengths at a fixed `--tokens_per_step`
+(batch = max(1, tokens_per_step // length) unless `--batch` fixes it); lengths
+must be divisible by the hierarchy's shortening (3). A model that goes over
+`--max_rss_gib` of resident memory (killed at once), times out or fails at one
+length skips the longer ones.
 
-at one or several sequence lengths (`--seq_lens`).
+Each (model, length, round) runs in a fresh worker process: `--warmup` untimed
+steps (the first compiles), then `loop.run(--steps)` timed until the weights
+are computed. Rounds rotate the models' order; the table has medians, min/max,
+ratios to `original` and `transformer6`, and each worker's peak RSS. GFLOP/s:
+XLA's cost analysis of one lowered forward + backward step
+(`_common.train_step_flops`) x steps / seconds; "% of matmul peak" divides it
+by a float32 `--matmul_size`^2 matmul timed in its own worker before and after
+the models (the larger of the two).
 
-Reference configuration (the defaults): vocab 256, vanilla_layers=(2, 2),
-hierarchy='8@3' (i.e. 2@1 8@3 2@1), d_model 256, d_ff 1024, n_heads 4,
-dropout 0.1, sequence length 768, batch 8 (`--tokens_per_step` 6144), Adam
-with constant lr 1e-4, `tl.WeightedCategoryCrossEntropy`, random tokens from
-an in-memory stream.
+Reproduce (from the repository root; ~1 hour on a 2-core CPU, most of each
+worker compiling):
 
-Length sweep: `--seq_lens 768,1536,3072,6144,12288` measures every model at
-every length with a fixed number of tokens per step, `--tokens_per_step`
-(default 6144 = the reference 8 x 768): batch = max(1, tokens_per_step //
-length), unless `--batch` fixes it. Per-token cost then shows how each model
-scales with length: the Transformers' attention is quadratic in the length,
-the Hourglass runs most of its layers on a 3x shorter sequence. Lengths are
-768 * 2^n rather than 512 * 2^n because every length must be divisible by the
-hierarchy's shortening factor 3 (the original model requires it). A length at
-which a model goes over `--max_rss_gib` of resident memory (default 20; the
-worker is killed, see `_common.run_worker`), times out or fails is reported as
-such, and that model's longer lengths are skipped.
-
-Every (model, length, round) runs in a fresh Python process, so no two trax
-training loops ever share a process (JIT caches, allocator and trax globals
-would skew the numbers). Each worker imports trax the same way (through
-`trax_hourglass`'s `compat`), builds the Loop (n_devices=1, no eval, no
-checkpoints), runs `--warmup` untimed steps (the first compiles the training step),
-then times `loop.run(--steps)`
-until the new weights are actually computed. Rounds alternate the models
-(rotating their order) so that slow drifts of a shared machine hit all of them
-alike; the table reports, per (length, model), the median over rounds,
-min/max, ratios of medians to `original` and `transformer6` at that length, and
-each worker process's peak RSS.
-
-Achieved FLOP/s: after timing, each worker asks XLA for the FLOPs of one
-training step (`_common.train_step_flops`: XLA's cost analysis of the lowered,
-not compiled, `jax.value_and_grad` of the model plus a cross-entropy loss on
-the same shapes; forward + backward, not the optimizer update; dense attention
-counted in full, masked half included). GFLOP/s = that count x steps / timed
-seconds. The "% of peak" column divides it by this machine's measured matmul
-peak: a separate worker times a jitted float32 `--matmul_size`^2 (2048)
-matmul (3 warmups, median of 10) with the models' XLA flags, once before and
-once after the models; the table uses the larger of the two. For TransformerLM
-the count agrees with 6 x params x tokens + attention within a few percent
-(tests/test_benchmarks.py).
-
-Reproduce (from the repository root):
-
-  /work/venv/bin/python benchmarks/train_speed.py --rounds 3 --steps 10 \
+  python benchmarks/train_speed.py --rounds 3 --steps 10 \
       --json /tmp/train_speed.json
+  python benchmarks/train_speed.py --seq_lens 768,1536,3072,6144,12288 \
+      --rounds 2 --steps 3 --json /tmp/train_speed_sweep.json
 
-On a 2-core CPU that takes about an hour: each worker spends 1-4 minutes
-compiling and a reference step takes 10-15 s. The length sweep:
+Quick smoke run (tiny sizes, XLA optimization off; numbers mean nothing):
 
-  /work/venv/bin/python benchmarks/train_speed.py \
-      --seq_lens 768,1536,3072,6144,12288 --rounds 2 --steps 3 \
-      --json /tmp/train_speed_sweep.json --plot /tmp/train_speed_sweep.png
-
-writes, besides the table, a log-log plot of milliseconds per 1,000 tokens
-and of peak RSS against the length (`--plot`, default: next to `--json`).
-Time on a 2-core CPU: 1-4 minutes per worker, most of it compiling (which
-depends little on the length); longer lengths make steps slower (the
-Transformers' attention most), and workers killed by the memory limit end
-early.
-
-Progress goes to stderr, the table to stdout.
-
-Quick smoke run (tiny sizes, 1 round, 2 steps, XLA optimization off so it
-compiles fast; its numbers mean nothing; used by tests/test_benchmarks.py):
-
-  /work/venv/bin/python benchmarks/train_speed.py --quick \
-      --models original,transformer6
+  python benchmarks/train_speed.py --quick --models original,transformer6
 """
 
 import functools
@@ -177,21 +132,16 @@ def batch_for(cfg, seq_len):
   return cfg['batch'] or max(1, cfg['tokens_per_step'] // seq_len)
 
 
-def max_rss_mib(cfg):
-  """The memory guard in MiB, or None (no guard) for --max_rss_gib 0."""
-  return cfg['max_rss_gib'] * 1024. if cfg['max_rss_gib'] else None
-
-
 def measure(model_name, cfg, seq_len, batch, timeout_s):
   """Trains `model_name` at (batch, seq_len) in a fresh worker; returns its record.
 
-  Also used by max_length.py. The record's status is 'ok', 'unavailable',
-  'over memory' (killed by the `cfg['max_rss_gib']` guard), 'timeout' or
-  'error'; it carries the worker's peak RSS (at the kill, if killed).
+  Also used by max_length.py. The record's status is 'ok', 'over memory'
+  (killed by the `cfg['max_rss_gib']` guard), 'timeout' or 'error'; it
+  carries the worker's peak RSS (at the kill, if killed).
   """
   record = _common.measure(__file__, model_name,
                            dict(cfg, seq_len=seq_len, batch=batch), timeout_s,
-                           max_rss_mib=max_rss_mib(cfg))
+                           max_rss_mib=cfg['max_rss_gib'] * 1024. or None)
   record.update(seq_len=seq_len, batch=batch)
   return record
 
@@ -283,11 +233,6 @@ def check_lengths(lengths, hierarchy, flag='--seq_lens'):
           f'(e.g. {factor * 256}, {factor * 512}).')
 
 
-def _status_of(runs):
-  """'ok' if every run of a (length, model) is ok, else the first other status."""
-  return next((r['status'] for r in runs if r['status'] != 'ok'), 'ok')
-
-
 def _summarize(models, seq_lens, runs, peak_gflops):
   """{str(length): {model: row}}: medians over ok rounds, ratios at that length.
 
@@ -309,7 +254,7 @@ def _summarize(models, seq_lens, runs, peak_gflops):
       rows[m] = dict(
           seq_len=length, model=m,
           batch=mine[0]['batch'] if mine else None,
-          status=_status_of(mine) if mine else (
+          status=failed[0]['status'] if failed else 'ok' if mine else (
               f'skipped ({stop["status"]} at {stop["seq_len"]})' if stop
               else 'skipped'),
           reason=failed[0].get('reason') if failed else None,
@@ -447,14 +392,12 @@ def _parent(args):
         lambda m: measure(m, cfg, length, batch, timeout_s),  # pylint: disable=cell-var-from-loop
         _describe, stopped, label=f'{length} x {batch}, ')
   peaks.append(_matmul_peak(cfg, 'after'))
-  skipped, stopped = _common.split_stopped(stopped)
   stopped = {m: dict(seq_len=r['seq_len'], status=r['status'],
                      reason=r['reason']) for m, r in stopped.items()}
 
   ok_peaks = [p['gflops_per_s'] for p in peaks if p and p['status'] == 'ok']
   peak_gflops = max(ok_peaks, default=None)
   summary = _summarize(models, seq_lens, runs, peak_gflops)
-  ran = [m for m in models if m not in skipped]
   shapes = ', '.join(f'{batch_for(cfg, n)} x {n}' for n in seq_lens)
   device = next((f', on {r["backend"]} ({r["device_kind"]})' for r in runs
                  if 'backend' in r), '')
@@ -477,9 +420,7 @@ def _parent(args):
           'is killed ("over memory"); a model that stops at one length skips '
           'the longer ones.')
   print()
-  print(_table(ran, seq_lens, summary))
-  for m, reason in skipped.items():
-    print(f'\n{m}: skipped, {reason}')
+  print(_table(models, seq_lens, summary))
   for m, stop in stopped.items():
     print(f'\n{m}: {stop["status"]} at length {stop["seq_len"]}, '
           f'{stop["reason"]}')
@@ -487,13 +428,13 @@ def _parent(args):
   plot_path = _common.plot_path(args)
   if plot_path:
     _common.write_plot(
-        lambda path: _plot(ran, seq_lens, summary, cfg, path), plot_path)
+        lambda path: _plot(models, seq_lens, summary, cfg, path), plot_path)
   if args.json:
     _common.write_json(
         args.json, benchmark='train_speed', config=cfg, models=models,
         seq_lens=list(seq_lens), matmul_peak=dict(
             before=peaks[0], after=peaks[1], gflops_per_s=peak_gflops),
-        summary=summary, runs=runs, skipped=skipped, stopped=stopped,
+        summary=summary, runs=runs, stopped=stopped,
         plot=plot_path)
   # Over memory / timeouts at long lengths are results; crashes are not.
   errors = [r for r in runs if r['status'] == 'error']

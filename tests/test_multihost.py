@@ -23,31 +23,9 @@ from trax_hourglass.cli import trainer
 from trax_hourglass.data import streams
 from trax.data import inputs as trax_inputs
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from configurations import TINY_GIN  # pylint: disable=g-bad-import-order
 
-# A tiny byte-level LM: compiling it is most of each process's time.
-TINY_GIN = """
-train.model = @trax.models.TransformerLM
-train.inputs = @trax_hourglass.byte_file_inputs
-train.optimizer = @trax.optimizers.Adam
-train.steps = {steps}
-train.eval_frequency = {eval_frequency}
-train.eval_steps = 1
-train.random_seed = 0
-train.save_graphs = False
-byte_file_inputs.batch_size = {batch}
-byte_file_inputs.sequence_length = 16
-multifactor.constant = 0.01
-multifactor.factors = 'constant'
-TransformerLM.vocab_size = 256
-TransformerLM.d_model = 16
-TransformerLM.d_ff = 32
-TransformerLM.n_heads = 2
-TransformerLM.n_layers = 1
-TransformerLM.max_len = 16
-TransformerLM.dropout = 0.0
-ProgressReporter.every_secs = 0
-"""
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port():

@@ -31,6 +31,8 @@ from trax.supervised import trainer_lib
 from trax.supervised import training
 import trax_hourglass as th
 
+from configurations import Payload  # pylint: disable=g-bad-import-order
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -99,18 +101,8 @@ def _copy_of(saved_dir, tmp_path, name='run'):
 # --- 1. Nothing read from disk runs code. ---------------------------------
 
 
-class _Payload:
-  """Unpickling it creates the folder `marker` (it "runs code")."""
-
-  def __init__(self, marker):
-    self.marker = marker
-
-  def __reduce__(self):
-    return (os.makedirs, (self.marker,))
-
-
 def _evil_pickle(path, marker, compressed=True):
-  data = pickle.dumps({'step': 1, 'flat_weights': [_Payload(marker)],
+  data = pickle.dumps({'step': 1, 'flat_weights': [Payload(marker)],
                        'input_signature': None, 'slots': []})
   with open(path, 'wb') as f:
     f.write(gzip.compress(data) if compressed else data)
@@ -123,7 +115,7 @@ def test_no_entry_point_unpickles_with_the_plain_unpickler(tmp_path):
   _evil_pickle(str(plain / 'model.pkl.gz'), marker)
   _evil_pickle(str(plain / 'data_counters0.pkl'), marker, compressed=False)
   committed = str(tmp_path / 'committed')  # A committed checkpoint, crafted.
-  evil = pickle.dumps({'step': 1, 'x': _Payload(marker)})
+  evil = pickle.dumps({'step': 1, 'x': Payload(marker)})
   checkpoints.commit(
       committed, 'model',
       {'model.pkl.gz': lambda f: f.write(gzip.compress(evil))}, 1)

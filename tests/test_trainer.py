@@ -11,32 +11,10 @@ from trax_hourglass import data  # pylint: disable=unused-import (registers)
 from trax_hourglass.cli import trainer
 from trax.data import inputs as trax_inputs
 
-# A tiny byte-level LM run with trax's own bindings (train.*, multifactor.*,
-# Adam.*) and this project's data; TransformerLM keeps compilation short.
-TINY_GIN = """
-train.model = @trax.models.TransformerLM
-train.inputs = @trax_hourglass.byte_file_inputs
-train.optimizer = @trax.optimizers.Adam
-train.steps = {steps}
-train.eval_frequency = 3
-train.eval_steps = 1
-train.random_seed = 0
-train.save_graphs = False
-byte_file_inputs.batch_size = {batch}
-byte_file_inputs.sequence_length = 16
-multifactor.constant = 0.01
-multifactor.factors = 'constant'
-Adam.b2 = 0.98
-TransformerLM.vocab_size = 256
-TransformerLM.d_model = 16
-TransformerLM.d_ff = 32
-TransformerLM.n_heads = 2
-TransformerLM.n_layers = 1
-TransformerLM.max_len = 16
-TransformerLM.dropout = 0.0
-ProgressReporter.every_secs = 0
-ProgressReporter.unit = 'byte'
-"""
+from configurations import TINY_GIN  # pylint: disable=g-bad-import-order
+
+# With a binding of trax's own Adam, and the unit the progress lines check.
+TRAINER_GIN = TINY_GIN + "Adam.b2 = 0.98\nProgressReporter.unit = 'byte'\n"
 
 
 @pytest.fixture
@@ -48,7 +26,8 @@ def corpus(tmp_path):
 
 def _gin_file(tmp_path, steps=4, batch=4):
   path = tmp_path / 'tiny.gin'
-  path.write_text(TINY_GIN.format(steps=steps, batch=batch))
+  path.write_text(TRAINER_GIN.format(steps=steps, batch=batch,
+                                     eval_frequency=3))
   return str(path)
 
 

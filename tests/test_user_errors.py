@@ -89,18 +89,10 @@ def _snapshot(directory):
   return found
 
 
-class _Payload:
-
-  def __init__(self, marker):
-    self.marker = marker
-
-  def __reduce__(self):
-    return (os.makedirs, (self.marker,))
-
-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """A trained tiny run, a diverged copy of it and a crafted (evil) one."""
+  from configurations import Payload  # pylint: disable=g-import-not-at-top
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   tmp = tmp_path_factory.mktemp('user_errors')
   rng = np.random.default_rng(0)
@@ -133,7 +125,7 @@ def runs(tmp_path_factory):
   shutil.copy(os.path.join(base, 'config.gin'), evil / 'config.gin')
   marker = str(tmp / 'CODE_RAN')
   with open(evil / 'model.pkl.gz', 'wb') as f:
-    f.write(gzip.compress(pickle.dumps({'step': 1, 'x': _Payload(marker)})))
+    f.write(gzip.compress(pickle.dumps({'step': 1, 'x': Payload(marker)})))
   return dict(tmp=str(tmp), low=str(low), text=str(text), base=base, nan=nan,
               evil=str(evil), marker=marker, gin=QUICKSTART)
 
@@ -238,7 +230,7 @@ CASES = [
      r'--json=\S+ is a directory; pass a file path', False),
     ('eval ids past the vocabulary', 'evaluate',
      ['--output_dir', '{base}', '--byte_file={text}'],
-     r"text.txt \[test: bytes [\d,]+\.\.[\d,]+\) holds token id \d+, outside "
+     r"text.txt \[test: bytes [\d,]+\.\.[\d,]+\): holds token id \d+, outside "
      r"the model's vocabulary \[0, 64\)", True),
     ('eval non-finite weights', 'evaluate', ['--output_dir', '{nan}'],
      r'model.weights.npy.gz \(step 4\): weight array 0 \([\d, ]+\) holds '

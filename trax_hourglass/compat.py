@@ -79,6 +79,15 @@ def _fix_assert_shape_stack():
     sys.meta_path.insert(0, _AfterImport(_ASSERT_SHAPE, patch))
 
 
+class _Markers(tuple):
+  """A `copy_from_tree` whose `in` never compares an array with a marker."""
+
+  def __contains__(self, tree):
+    if tree is not None and not isinstance(tree, (list, tuple, dict)):
+      return False  # A leaf (array): never a marker.
+    return any(type(tree) is type(m) and tree == m for m in self)  # pylint: disable=unidiomatic-typecheck
+
+
 def _fix_tree_unflatten():
   # Loop restores optimizer slots with tree_unflatten(..., copy_from_tree=[None, ()])
   # and trax tests `tree in copy_from_tree`, which compares a jax array with a tuple
@@ -86,34 +95,16 @@ def _fix_tree_unflatten():
   from trax import fastmath  # pylint: disable=g-import-not-at-top
   # `trax.fastmath.numpy` the attribute is a backend object; patch the module.
   trax_np = sys.modules['trax.fastmath.numpy']
+  trax_unflatten = trax_np.tree_unflatten
 
   def tree_unflatten(flat, tree, copy_from_tree=None):
-    if copy_from_tree is not None and _is_marker(tree, copy_from_tree):
-      return tree, flat
-    if isinstance(tree, (list, tuple)):
-      new_tree, rest = [], flat
-      for t in tree:
-        new_t, rest = tree_unflatten(rest, t, copy_from_tree=copy_from_tree)
-        new_tree.append(new_t)
-      return (tuple(new_tree) if isinstance(tree, tuple) else new_tree), rest
-    if isinstance(tree, dict):
-      new_tree, rest = {}, flat
-      for k in tree:
-        new_v, rest = tree_unflatten(rest, tree[k], copy_from_tree=copy_from_tree)
-        new_tree[k] = new_v
-      return new_tree, rest
-    return flat[0], flat[1:]
+    if copy_from_tree is not None:
+      copy_from_tree = _Markers(copy_from_tree)
+    return trax_unflatten(flat, tree, copy_from_tree=copy_from_tree)
 
-  tree_unflatten.__doc__ = trax_np.tree_unflatten.__doc__
-  trax_np.tree_unflatten = tree_unflatten  # Callers look it up at call time.
-  fastmath.tree_unflatten = tree_unflatten
-
-
-def _is_marker(tree, markers):
-  """`tree in markers` that never compares an array with a marker."""
-  if tree is not None and not isinstance(tree, (list, tuple, dict)):
-    return False  # A leaf (array): never a marker.
-  return any(type(tree) is type(m) and tree == m for m in markers)  # pylint: disable=unidiomatic-typecheck
+  tree_unflatten.__doc__ = trax_unflatten.__doc__
+  # Callers, and trax's own recursion, look it up at call time.
+  trax_np.tree_unflatten = fastmath.tree_unflatten = tree_unflatten
 
 
 def _fix_first_step_recompile():
@@ -160,8 +151,6 @@ def _fix_on_cpu_multihost():
   import jax  # pylint: disable=g-import-not-at-top
   from trax import layers as tl  # pylint: disable=g-import-not-at-top
   from trax.layers import acceleration  # pylint: disable=g-import-not-at-top
-  if not hasattr(acceleration, 'on_cpu'):
-    return
   trax_on_cpu = acceleration.on_cpu
 
   def on_cpu(x):
@@ -183,8 +172,6 @@ def _fix_same_weights_across_hosts():
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from trax.supervised import training  # pylint: disable=g-import-not-at-top
-  if not hasattr(training, '_make_weights_and_state_same_across_hosts'):
-    return  # A trax that syncs some other way.
 
   def same_across_hosts(weights_and_state):
     """Process 0's weights and state, on every process (numpy arrays)."""
@@ -204,8 +191,6 @@ def _fix_eval_metrics_across_hosts():
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from trax.supervised import training  # pylint: disable=g-import-not-at-top
-  if not hasattr(training, '_accelerate_model_with_metrics'):
-    return  # A trax that evaluates some other way.
   trax_accelerate = training._accelerate_model_with_metrics  # pylint: disable=protected-access
 
   def accelerate_all_hosts(model_with_metrics, n_devices, accelerate=True,
@@ -233,8 +218,6 @@ def _fix_one_device_per_process():
   import jax  # pylint: disable=g-import-not-at-top
   from jax import numpy as jnp  # pylint: disable=g-import-not-at-top
   from trax.optimizers import trainer  # pylint: disable=g-import-not-at-top
-  if not hasattr(trainer, '_average_multidevice_gradients'):
-    return  # A trax that accelerates its step some other way.
   accelerate_update_fn = trainer._accelerate_update_fn  # pylint: disable=protected-access
   average = trainer._average_multidevice_gradients  # pylint: disable=protected-access
 
@@ -285,8 +268,7 @@ def _fix_same_rng_on_every_process():
     return one_step_with_own_key
 
   for cls in (trainer.Trainer, trainer.ReversibleSerialTrainer):
-    if hasattr(cls, 'one_step'):
-      cls.one_step = per_process_key(cls.one_step)
+    cls.one_step = per_process_key(cls.one_step)
 
 
 def _replicate(x, devices):

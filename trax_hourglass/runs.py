@@ -88,7 +88,6 @@ class ProgressReporter(callbacks.TrainingStepCallback):
         total_steps = 1000  # trainer_lib.train's default.
     self._total = total_steps
     batch = loop.tasks[0].sample_batch
-    import jax  # pylint: disable=g-import-not-at-top
     n_processes = jax.process_count()
     self._tokens_per_step = int(np.prod(batch[0].shape)) * n_processes
     batch_size = batch[0].shape[0]
@@ -171,7 +170,6 @@ class ProgressReporter(callbacks.TrainingStepCallback):
     self._losses = []
     self._last_time = now
     self._last_step = step
-
 
 
 @gin.configurable(module='trax_hourglass')

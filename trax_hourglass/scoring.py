@@ -56,57 +56,50 @@ def score_bytes(scorer, data, sequence_length, stride, batch_size,
   Window k covers data[end - L, end) with end = min(n, L + k*stride), and
   scores its last `stride` bytes (all of them for the first window).
 
-  Windows go through `scorer.log2_probs` `batch_size` at a time (the last
-  batch padded); `progress`, if given, is called after each batch with
-  (batches done, of total, bits so far, bytes scored so far).
-
   Returns:
-    (total_bits, n_bytes_scored).
+    (total_bits, n_bytes_scored); `progress` as in `_score_rows`.
   """
   n, length = len(data), sequence_length
   if n < 2:
     raise ValueError(f'need at least 2 bytes to score, got {n}')
   length = min(length, n)
-  windows = []  # (start, first scored offset within window)
+  windows = [(0, 0)]  # (start, first scored offset within window)
   end = length
-  windows.append((0, 0))
   while end < n:
     new_end = min(n, end + stride)
     windows.append((new_end - length, length - (new_end - end)))
     end = new_end
-  total, scored = 0.0, 0
-  n_batches = -(-len(windows) // batch_size)
-  for b in range(0, len(windows), batch_size):
-    chunk = windows[b:b + batch_size]
-    x = np.stack([np.asarray(data[s:s + length]) for s, _ in chunk]).astype(
-        np.int32)
-    pad = batch_size - len(chunk)  # Fixed batch shape: one compilation.
-    if pad:
-      x = np.concatenate([x, np.zeros((pad, length), np.int32)])
-    lp = scorer.log2_probs(x)
-    for j, (_, first) in enumerate(chunk):
-      total -= float(lp[j, first:].sum())
-      scored += length - first
-    if progress:
-      progress(b // batch_size + 1, n_batches, total, scored)
-  return total, n
+  starts, firsts = zip(*windows)
+  bits, _ = _score_rows(scorer, lambda i: data[starts[i]:starts[i] + length],
+                        firsts, batch_size, progress)
+  return bits, n
 
 
 def score_images(scorer, tokens, batch_size, progress=None):
   """Total bits of every subpixel of `tokens` (int [N, D]); returns (bits, N*D).
 
-  Each image is scored on its own; `progress` as in `score_bytes`.
+  Each image is scored on its own; `progress` as in `_score_rows`.
   """
-  total = 0.0
-  n_batches = -(-len(tokens) // batch_size)
-  for b in range(0, len(tokens), batch_size):
-    x = tokens[b:b + batch_size].astype(np.int32)
-    real = len(x)
-    if real < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - real, x.shape[1]),
-                                      np.int32)])
-    total -= float(scorer.log2_probs(x)[:real].sum())
+  return _score_rows(scorer, lambda i: tokens[i], [0] * len(tokens),
+                     batch_size, progress)
+
+
+def _score_rows(scorer, row, firsts, batch_size, progress):
+  """(Total bits, tokens) of `row(i)[firsts[i]:]` for every i, all rows of one
+  length, through `scorer.log2_probs` `batch_size` rows at a time (the last
+  batch padded: one compilation); `progress`, if given, is called after each
+  batch with (batches done, of total, bits so far, tokens scored so far)."""
+  total, scored = 0.0, 0
+  n_batches = -(-len(firsts) // batch_size)
+  for b in range(0, len(firsts), batch_size):
+    x = np.stack([np.asarray(row(i)) for i in range(
+        b, min(b + batch_size, len(firsts)))]).astype(np.int32)
+    real, length = x.shape
+    x = np.concatenate([x, np.zeros((batch_size - real, length), np.int32)])
+    lp = scorer.log2_probs(x)
+    for j, first in enumerate(firsts[b:b + real]):
+      total -= float(lp[j, first:].sum())
+      scored += length - first
     if progress:
-      progress(b // batch_size + 1, n_batches, total,
-               (b + real) * tokens.shape[1])
-  return total, tokens.size
+      progress(b // batch_size + 1, n_batches, total, scored)
+  return total, scored

@@ -5,14 +5,11 @@ state, history and input signature), `model.weights.npy.gz` and
 `model.opt_slotsN.npy.gz` (arrays written one after another by `np.save` into
 one gzip stream; bfloat16 ones as uint16 bits) and `data_counters0.pkl`.
 
-Loading never executes code from a file: pickles are read by `SafeUnpickler`
-(also trax's own `training.unpickle_from_file` once installed),
-which admits only what trax writes (numpy arrays, dtypes and scalars, jax
-arrays, which are read back as numpy arrays, `trax.shapes.ShapeDtype`,
-`collections.defaultdict`/`OrderedDict`, and builtin containers and numbers);
-`.npy.gz` files are read with `allow_pickle=False`, array by array, and a file
-that is truncated, fails its gzip CRC or holds anything else raises
-`CheckpointError` naming the file.
+Loading never executes code from a file: `SafeUnpickler` admits only what
+trax writes (numpy arrays, dtypes and scalars, jax arrays read back as numpy,
+`ShapeDtype`, builtin and `collections` containers, numbers); `.npy.gz` files
+are read with `allow_pickle=False`; a truncated or corrupt file or anything
+else raises `CheckpointError` naming the file.
 """
 
 import collections
@@ -33,11 +30,6 @@ class CheckpointError(ValueError):
 
 class NonFiniteWeightsError(ValueError):
   """Weights hold NaN or infinity: the run diverged."""
-
-
-# ---------------------------------------------------------------------------
-# Safe reading.
-# ---------------------------------------------------------------------------
 
 
 def _numpy_from_jax_pickle(fun, args, arr_state, aval_state):
@@ -107,18 +99,10 @@ class SafeUnpickler(pickle.Unpickler):
 
 
 def safe_unpickle(path, compressed=True):
-  """Reads a (gzipped) pickle written by trax without executing code from it.
+  """Reads a pickle written by trax (gzipped: `*.pkl.gz`) without running code.
 
-  Args:
-    path: the file.
-    compressed: whether it is gzipped (`*.pkl.gz`) or plain (`*.pkl`).
-
-  Returns:
-    The unpickled object: containers, numbers, strings, numpy arrays.
-
-  Raises:
-    CheckpointError naming `path` when it is truncated, corrupt or holds
-    anything but the types trax writes.
+  Returns containers, numbers, strings and numpy arrays; raises CheckpointError
+  naming `path` when it is truncated, corrupt or holds anything else.
   """
   try:
     with open(path, 'rb') as f:
@@ -167,13 +151,8 @@ def unpickle_from_file(file_path, gzip=False):  # pylint: disable=redefined-oute
 
 
 def check_finite(arrays, what):
-  """Raises NonFiniteWeightsError naming `what` if a float array is not finite.
-
-  Args:
-    arrays: weight arrays (numpy or jax; bfloat16 ones may be uint16 bits,
-      which are integers here and pass).
-    what: what they are, for the message (a path, 'step 12', ...).
-  """
+  """Raises NonFiniteWeightsError naming `what` (a path, 'step 12') if a float
+  array of `arrays` (numpy or jax; bfloat16 as uint16 bits pass) is not finite."""
   for i, a in enumerate(arrays):
     if not jax.numpy.issubdtype(getattr(a, 'dtype', np.float32),
                                 jax.numpy.inexact):
@@ -186,18 +165,11 @@ def check_finite(arrays, what):
           'or infinite values (the run diverged)')
 
 
-def read_arrays(path, n_arrays=None):
-  """Reads the arrays of a trax `.npy.gz` file, strictly.
+def read_arrays(path):
+  """The list of numpy arrays of a trax `.npy.gz` file, read strictly.
 
   Unlike `tl.np_from_file`, which stops silently at the first error (so a
   truncated file loads as fewer weights), any damage is an error here.
-
-  Args:
-    path: a file written by `tl.np_to_file` or by this module.
-    n_arrays: how many arrays it must hold, or None when unknown.
-
-  Returns:
-    A list of numpy arrays.
   """
   arrays = []
   try:
@@ -210,22 +182,13 @@ def read_arrays(path, n_arrays=None):
     raise CheckpointError(
         f'{path}: truncated or corrupt checkpoint array file after '
         f'{len(arrays)} arrays ({type(e).__name__}: {e})') from e
-  if n_arrays is not None and len(arrays) != n_arrays:
-    raise CheckpointError(f'{path}: holds {len(arrays)} arrays, its manifest '
-                          f'says {n_arrays}')
   return arrays
 
 
 def check_shapes(where, model_arrays, saved_arrays, what, fix):
-  """Raises CheckpointError unless saved arrays fit the model's one to one.
-
-  Args:
-    where: the file (or weights) read, for the message.
-    model_arrays: the model's flat arrays (None entries are not checked).
-    saved_arrays: the saved flat arrays, in the same order.
-    what: 'weight', 'optimizer slot', ...
-    fix: what the user can do about a mismatch.
-  """
+  """Raises CheckpointError unless `saved_arrays` fit `model_arrays` (flat, None
+  not checked) one to one; the message names `where` (the file), `what`
+  ('weight', 'optimizer slot') and `fix` (what the user can do)."""
   if len(model_arrays) != len(saved_arrays):
     raise CheckpointError(
         f'{where} holds {len(saved_arrays)} {what} arrays but the model has '
@@ -235,11 +198,6 @@ def check_shapes(where, model_arrays, saved_arrays, what, fix):
       raise CheckpointError(
           f'{what.capitalize()} array {i} of {where} has shape '
           f'{tuple(s.shape)}, the model expects {tuple(m.shape)}; {fix}')
-
-
-# ---------------------------------------------------------------------------
-# Writing.
-# ---------------------------------------------------------------------------
 
 
 def _gzip_writer(write_fn, compresslevel):

@@ -1,14 +1,10 @@
 """trax's `training.Loop` saving and loading through `store`, and its loaders.
 
 `save_loop_checkpoint`/`load_loop_checkpoint` stand in for the Loop's own
-methods (about fifty lines here touch `loop._*`; nowhere else does). Besides
-what trax saves, the pickle holds the Loop's random key (`'rng'`), and the
-data position (trax's `inputs.data_counters`, which the streams of
-`trax_hourglass.data` use to resume exactly where they stopped) is part of the
-same commit. A resumed Loop continues at the saved step with the saved
-weights, state, optimizer slots, history, key and data position. Loading is
-strict: a checkpoint of another model or optimizer config is refused, not
-half-loaded.
+methods (the only code that touches `loop._*`). Besides what trax saves, the
+pickle holds the Loop's random key and the commit the data position (trax's
+`inputs.data_counters`), so a resumed Loop continues exactly. Loading is
+strict: a checkpoint of another model or optimizer config is refused.
 """
 
 import collections
@@ -72,13 +68,8 @@ def _rng_to_numpy(rng):
 
 
 def save_loop_checkpoint(loop, basename, keep=2):
-  """`Loop.save_checkpoint`, crash-safe (see the module docstring).
-
-  Args:
-    loop: a `trax.supervised.training.Loop`.
-    basename: checkpoint name, e.g. 'model' (resumed from) or 'model_1000'.
-    keep: committed checkpoints of this name to keep, at least 2.
-  """
+  """`Loop.save_checkpoint`, crash-safe: `basename` 'model' (resumed from) or
+  e.g. 'model_1000', of which `keep` (>= 2) committed ones are kept."""
   # pylint: disable=protected-access
   output_dir = loop._output_dir
   if output_dir is None:
@@ -159,13 +150,8 @@ _ANOTHER_CONFIG = ('this checkpoint is from a different model or optimizer '
 
 
 def load_loop_checkpoint(loop, directory=None, filename=None):
-  """`Loop.load_checkpoint`, reading safely and strictly (module docstring).
-
-  Args:
-    loop: a `trax.supervised.training.Loop`.
-    directory: directory with the checkpoint (the Loop's output_dir default).
-    filename: checkpoint name ('model' by default; '.pkl.gz' may be appended).
-  """
+  """`Loop.load_checkpoint`, reading safely and strictly: `filename` (default
+  'model', '.pkl.gz' optional) in `directory` (default the output dir)."""
   # pylint: disable=protected-access
   directory = directory or loop._output_dir
   if directory is None:
@@ -280,16 +266,9 @@ def load_data_counters(output_dir, host_id=None):
 def init_from_file(layer, file_name, weights_only=False, input_signature=None):
   """`Layer.init_from_file` (trax's model loader), reading safely.
 
-  Args:
-    layer: the trax layer (model) to initialize.
-    file_name: a `*.pkl.gz` checkpoint (top-level or inside a committed
-      folder), or an output dir, which means its committed `model` checkpoint
-      (`store.checkpoint_location`); or a `Checkpoint` already read.
-    weights_only: restore only weights, not state.
-    input_signature: used instead of the one saved.
-
-  Returns:
-    A `(weights, state)` tuple, as trax's.
+  `file_name`: a `*.pkl.gz` checkpoint, an output dir (its committed `model`
+  checkpoint, `store.checkpoint_location`), or a `Checkpoint` already read.
+  Returns `(weights, state)`, as trax's.
   """
   ckpt = (file_name if isinstance(file_name, Checkpoint) else
           read_checkpoint_at(file_name))
@@ -316,25 +295,17 @@ def _flat_weights(weights):
 def load_trax_hourglass_weights(model, weights_or_checkpoint_path):
   """Loads the weights of a trax `HourglassLM` into `model` and returns it.
 
-  Our `HourglassLM` lays its weights out leaf for leaf as trax's does (same
-  layers in the same order, the two shared relative-attention biases stored
-  once), so a flat list of the original's weights fills ours directly; every
-  shape is checked.
+  Ours lays its weights out leaf for leaf as trax's (the same layers in the
+  same order, the shared relative-attention biases once), so the original's
+  flat weights fill ours; every shape is checked (CheckpointError names the
+  first mismatch).
 
   Args:
-    model: our `HourglassLM`, built with the same arguments as the original
-      (any mode). Initialised here if it is not yet.
-    weights_or_checkpoint_path: the original's weights (`model.weights`, a
-      nested tuple, or a flat list of arrays), or a checkpoint written by
-      trax's training loop or Trainer (its `model.pkl.gz`, e.g. the released
-      ImageNet checkpoints, or its output dir).
-
-  Returns:
-    `model`, with the original's weights.
-
-  Raises:
-    ValueError (CheckpointError) if the weights do not fit `model`, naming
-    the first mismatch.
+    model: our `HourglassLM`, built with the original's arguments (any mode);
+      initialised here if it is not yet.
+    weights_or_checkpoint_path: the original's weights (nested or flat), or a
+      checkpoint of trax's Loop or Trainer (its `model.pkl.gz`, e.g. the
+      released ImageNet checkpoints, or its output dir).
   """
   source = weights_or_checkpoint_path
   if isinstance(source, (str, os.PathLike)):

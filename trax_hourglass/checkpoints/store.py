@@ -1,51 +1,35 @@
 """A checkpoint as one unit: written durably, committed atomically, found again.
 
-trax 1.4.1 writes a checkpoint as separate files (`model.pkl.gz` with the step,
-`model.weights.npy.gz`, `model.opt_slots0.npy.gz`, and `data_counters0.pkl`
-written without even a temporary name). A crash between them leaves a torn set:
-weights of step n with the step number, slots or data position of step n-k, or
-a half-written pickle that makes the next run die on start. Here a checkpoint is
-one unit:
+trax 1.4.1 writes a checkpoint's files one by one (`data_counters0.pkl` not even
+under a temporary name): a crash between them leaves weights, slots and data
+position of different steps, or a half-written pickle. Here:
 
   output_dir/
-    model.pkl.gz            -> checkpoints/model/CURRENT/model.pkl.gz
-    model.weights.npy.gz    -> checkpoints/model/CURRENT/model.weights.npy.gz
-    model.opt_slots0.npy.gz -> checkpoints/model/CURRENT/model.opt_slots0.npy.gz
-    data_counters0.pkl      -> checkpoints/model/CURRENT/data_counters0.pkl
+    model.pkl.gz, model.weights.npy.gz, ... -> checkpoints/model/CURRENT/<same>
     checkpoints/model/
       CURRENT -> step_000001000.5f3a9c1e   (the commit pointer, a symlink)
-      step_000001000.5f3a9c1e/   (committed: the files above + MANIFEST.json)
+      step_000001000.5f3a9c1e/   (committed: the files + MANIFEST.json)
       step_000000500.0b7d2e44/   (the previous one, kept)
 
-Saving writes every file into a fresh hidden folder, fsyncs the files, writes
-MANIFEST.json (size and sha256 of each file), fsyncs, renames the folder to its
-final name and then commits by replacing the `CURRENT` symlink with rename(2),
-which is atomic: after `kill -9` at any instant `CURRENT` names either the whole
-new checkpoint or the whole previous one. The top-level names are relative
-symlinks that go through `CURRENT`, so the same single rename switches all of
-them at once and trax's own readers (`pickle`, `tl.np_from_file`,
-`Layer.init_from_file`, an unpatched `Loop.load_checkpoint`) keep working on
-`output_dir`. (Copy an output_dir with `cp -a`/`rsync -a`, which keep the
-relative links; copies that follow links, `cp -rL`, or drop them, like
-`gsutil cp -r`, load and keep saving too: the pointer is recovered as below.)
-Older folders than the previous one are deleted after the commit, never one
-of a step at or after the new one; folders left by a crash are deleted on the
-next save. A failed save (a full disk) leaves no partial folder and keeps the
-previous checkpoint.
+A save writes and fsyncs every file and MANIFEST.json (size and sha256 of each)
+in a hidden folder, renames it, then commits by renaming a new `CURRENT` link
+over the old one: after `kill -9` at any instant `CURRENT` names a whole
+checkpoint, and the relative top-level links (which trax's own readers use)
+switch with it. A failed save (a full disk) leaves no partial folder. Older
+folders are pruned after a commit, never one of a later step.
 
-When `CURRENT` is missing, dangling, or not a link, or names a folder that
-fails its manifest, the newest folder whose MANIFEST.json verifies is used,
-with a warning that names what was wrong and what is used; when there are
-folders but none verifies, loading refuses (CheckpointError) rather than
-restart from step 0 over them. A checkpoint whose weights are not finite (a
-diverged run) is refused by `save_loop_checkpoint`, so it never replaces the
-last finite one. `lock_output_dir` keeps a second trainer off an output dir.
+When `CURRENT` is missing, dangling, not a link (a copy made with `cp -rL` or
+`gsutil cp -r`) or names a folder that fails its manifest, the newest folder
+that verifies is used, with a warning; when none verifies, loading refuses
+rather than restart from step 0 over them. `lock_output_dir` keeps a second
+trainer off an output dir.
 """
 
 import dataclasses
 import errno
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -76,11 +60,6 @@ def sha256_of(path):
   """Hex sha256 of a file."""
   with open(path, 'rb') as f:
     return hashlib.file_digest(f, 'sha256').hexdigest()
-
-
-# ---------------------------------------------------------------------------
-# Durable writing.
-# ---------------------------------------------------------------------------
 
 
 class _HashingWriter:
@@ -132,11 +111,6 @@ def write_file_atomically(path, write_fn):
   _fsync_dir(os.path.dirname(path) or '.')
 
 
-# ---------------------------------------------------------------------------
-# The checkpoint unit.
-# ---------------------------------------------------------------------------
-
-
 def is_local(path):
   """Whether `path` is on the local filesystem (has no `scheme://`)."""
   return '://' not in str(path)
@@ -152,24 +126,13 @@ def data_counters_name(host_id=None):
 
 
 def commit(directory, basename, files, step, keep=2):
-  """Writes `files` as one checkpoint unit and commits it atomically.
+  """Writes `files` as one checkpoint of `step` and commits it; its folder.
 
-  Args:
-    directory: the output dir.
-    basename: checkpoint name, e.g. 'model'; files are named `basename.*`.
-    files: dict from file name (no directory) to a function writing it to a
-      file object. Top-level names in `directory` are linked to each.
-    step: the training step, for the folder name and manifest.
-    keep: how many committed checkpoints of this basename to keep (>= 2 keeps
-      the previous one besides the new one).
-
-  Returns:
-    The committed folder's path.
-
-  Raises:
-    CheckpointError saying what failed when the filesystem refuses a write
-    (a full disk, no permission); the previous checkpoint stays committed and
-    no partial folder is left.
+  `files` maps file names (`basename.*`, linked from the top of `directory`)
+  to functions writing them to a file object; `keep` committed checkpoints of
+  `basename` are kept (2: the previous one too). A write the filesystem
+  refuses (a full disk) raises CheckpointError saying so; the previous
+  checkpoint stays committed and no partial folder is left.
   """
   root = _checkpoint_root(directory, basename)
   try:
@@ -266,7 +229,7 @@ def _link_top_level(directory, basename, file_names):
 def _remove_leftovers(root):
   """Deletes what a crashed save left: temp folders and temp symlinks."""
   for entry in os.listdir(root):
-    if entry.startswith(_TMP_PREFIX) or _TMP_PREFIX in entry:
+    if _TMP_PREFIX in entry:
       path = os.path.join(root, entry)
       if os.path.islink(path) or not os.path.isdir(path):
         os.unlink(path)
@@ -283,12 +246,10 @@ def step_of(name):
 
 
 def _remove_old(root, keep_names, keep, step):
-  folders = sorted(e for e in os.listdir(root) if step_of(e) is not None)
-  keep_names = {n for n in keep_names if n}
-  # Newest first by step, then keep `keep` of them (always the ones named).
-  by_step = sorted(folders, key=lambda e: e.split('.')[0], reverse=True)
-  kept = set(keep_names)
-  for e in by_step:
+  folders = sorted(sorted(e for e in os.listdir(root) if step_of(e)
+                          is not None), key=step_of, reverse=True)
+  kept = {n for n in keep_names if n}  # The named ones, then the newest.
+  for e in folders:
     if len(kept) >= keep:
       break
     kept.add(e)
@@ -323,11 +284,7 @@ class Checkpoint:
 
 
 def committed_folder(directory, basename='model'):
-  """The committed folder of `basename` in `directory`, or None if none.
-
-  When the `CURRENT` pointer is missing or damaged, the newest folder whose
-  manifest verifies, with a warning (see the module docstring).
-  """
+  """The committed folder of `basename` in `directory` (`_locate`), or None."""
   return _locate(directory, basename, verify=False)[0]
 
 
@@ -457,18 +414,11 @@ def _verify_manifest(folder):
 
 
 def read_checkpoint(directory, basename='model', n_tasks=None):
-  """Reads a checkpoint safely; None when there is none.
+  """Reads checkpoint `basename` of `directory` safely: a `Checkpoint` or None.
 
-  Reads the committed folder when `directory` has one (verifying its
-  manifest), else plain trax files `directory/basename.*`.
-
-  Args:
-    directory: an output dir.
-    basename: the checkpoint's name ('model', 'model_1000', ...).
-    n_tasks: how many optimizer slot files to read; None reads all there are.
-
-  Returns:
-    A `Checkpoint` or None.
+  Reads the committed folder when there is one (verifying its manifest), else
+  plain trax files `directory/basename.*`; `n_tasks` optimizer slot files
+  (None: all there are).
   """
   folder, manifest = _locate(directory, basename, verify=True)
   if folder is not None and _top_level_is_ours(directory, basename, manifest):
@@ -494,12 +444,11 @@ def read_checkpoint(directory, basename='model', n_tasks=None):
   if 'slots' in data:  # trax's oldest format: one task's slots in the pickle.
     slots_per_task = [data['slots']]
   elif isinstance(data.get('slots_per_task'), int):
-    slots_per_task = []
-    i = 0
-    while (n_tasks is None and os.path.exists(f'{prefix}.opt_slots{i}.npy.gz')
-           or n_tasks is not None and i < n_tasks):
-      slots_per_task.append(read_arrays(f'{prefix}.opt_slots{i}.npy.gz'))
-      i += 1
+    slots = f'{prefix}.opt_slots{{}}.npy.gz'
+    if n_tasks is None:  # As many as there are.
+      n_tasks = next(i for i in itertools.count()
+                     if not os.path.exists(slots.format(i)))
+    slots_per_task = [read_arrays(slots.format(i)) for i in range(n_tasks)]
   else:
     slots_per_task = list(data.get('slots_per_task') or [])
   # Every process resumes at process 0's data position: this project's
@@ -530,11 +479,8 @@ def checkpoint_location(path):
 
 
 def read_checkpoint_at(path, n_tasks=0):
-  """`read_checkpoint` of what `path` means (`checkpoint_location`).
-
-  Raises:
-    FileNotFoundError when there is no checkpoint there.
-  """
+  """`read_checkpoint` of what `path` means (`checkpoint_location`), or
+  FileNotFoundError."""
   directory, basename = checkpoint_location(path)
   ckpt = read_checkpoint(directory, basename, n_tasks=n_tasks)
   if ckpt is None:
@@ -543,25 +489,16 @@ def read_checkpoint_at(path, n_tasks=0):
   return ckpt
 
 
-# ---------------------------------------------------------------------------
-# One trainer per output dir.
-# ---------------------------------------------------------------------------
-
 LOCK = 'LOCK'
 _LOCKS = {}  # realpath of an output dir -> fd of this process's flock on it
 
 
 def lock_output_dir(directory):
-  """Makes this process the only trainer of `directory` until it exits.
+  """Makes this process the only trainer of `directory` (created) until it exits.
 
   An exclusive `flock` on `directory/checkpoints/LOCK`, which the OS drops
-  when the process dies (even by `kill -9`), so a stale lock never blocks a
-  restart; the file names the holder for the message. Taking it again in the
-  same process is a no-op. Creates `directory` if needed.
-
-  Raises:
-    OutputDirInUseError naming the holder's pid and host; ValueError when
-    `directory` is a file.
+  when the process dies (even by `kill -9`): a stale lock never blocks a
+  restart. Else OutputDirInUseError naming the holder's pid and host.
   """
   if os.path.exists(directory) and not os.path.isdir(directory):
     raise ValueError(f'output dir {directory} is a file, not a directory; '

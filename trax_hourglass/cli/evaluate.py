@@ -3,20 +3,13 @@
     hourglass-eval --output_dir=~/runs/hg_enwik8 --split=test
     hourglass-eval --output_dir=RUN --byte_file=../shared/data/enwik8-head.xml
 
-Reads the run's gin config (`output_dir/config.gin`, which trax writes, or
---config_file), builds its `train.model` in 'eval' mode, loads the committed
-checkpoint safely (`trax_hourglass.checkpoints`), and scores a whole split:
-
-* byte data (enwik8, a byte file, the stdlib corpus): every byte of the split
-  is scored once, in windows of the model's sequence length whose first
-  `sequence_length - stride` bytes are context only, so each scored byte has
-  at least that much preceding context (the first window scores all its
-  bytes). Prints and writes bits per byte.
-* images (CIFAR-10, downsampled ImageNet, .npz): every subpixel of every
-  evaluation image, each image on its own. Prints and writes bits per dim.
-
-The result goes to stdout and, as JSON, to --json (default
-output_dir/eval_<split>.json).
+Builds the run's `train.model` (gin config: `output_dir/config.gin`, or
+--config_file) in 'eval' mode, loads its committed checkpoint safely and scores
+a whole split: byte data (enwik8, a byte file, the stdlib corpus) in windows
+of the model's length whose first `sequence_length - stride` bytes are context
+only, every byte once (bits per byte); images (CIFAR-10, ImageNet, .npz) every
+subpixel, each image on its own (bits per dim). The result goes to stdout and,
+as JSON, to --json (default output_dir/eval_<split>.json).
 """
 
 import argparse
@@ -179,16 +172,6 @@ def _check_writable(path):
   os.remove(probe)
 
 
-def _check_ids(tokens, vocab, source):
-  """Refuses data with ids the model cannot score (outside [0, vocab))."""
-  low, high = int(np.min(tokens)), int(np.max(tokens))
-  if low < 0 or high >= vocab:
-    raise ValueError(
-        f'{source} holds token id {low if low < 0 else high}, outside the '
-        f"model's vocabulary [0, {vocab}); evaluate this model on data whose "
-        f'ids are below {vocab}.')
-
-
 def run(args):
   """Evaluates; returns the result dict."""
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
@@ -221,7 +204,7 @@ def run(args):
   byte_data = None if args.npz else _byte_data(args)
   if byte_data is not None:
     data, source = byte_data
-    _check_ids(data, vocab, source)
+    hg_data.streams.check_token_range(data, source, vocab)
     seq_len = args.sequence_length or trained_len
     stride = args.stride if args.stride is not None else max(1, seq_len // 2)
     if stride > seq_len:
@@ -240,7 +223,7 @@ def run(args):
       raise ValueError("the run's train.inputs is neither byte data nor "
                        'images; pass --byte_file or --npz')
     tokens, source = image_data
-    _check_ids(tokens, vocab, source)
+    hg_data.streams.check_token_range(tokens, source, vocab)
     bits, n = score_images(scorer, tokens, args.batch_size, _Progress('dim'))
     result.update(metric='bits_per_dim', value=bits / n, n_dims=n,
                   n_images=len(tokens), data=source)

@@ -7,18 +7,14 @@
     hourglass-sample --checkpoint=released/model_200000.pkl.gz --original \
         --config_file=gin/imagenet32_hourglass.gin --images=imagenet32.npz
 
-Builds the run's model in 'predict' mode from its gin config (default
-config.gin in --output_dir, or beside --checkpoint, which the trainer writes)
-and loads the committed checkpoint (`trax_hourglass.checkpoints`); --original
-reads a checkpoint of trax's own HourglassLM into ours (then --config_file is
-one of our gin configs with the same architecture).
-
-Text mode (byte-level models, vocab 256: a token is a byte): the UTF-8 bytes
-of --prompt start each sequence; the prompt and its continuation go to stdout,
-one block per sequence. Image mode: the first --n_images `test_images` of an
-.npz (uint8 [N, H, W, 3], as `trax_hourglass.data.images`) keep their top
-half, the bottom half is sampled, and a PNG grid (originals above,
-completions below) goes to --out. Progress with tokens/s goes to stderr.
+Builds the run's model in 'predict' mode from its gin config (config.gin in
+--output_dir or beside --checkpoint) and loads its committed checkpoint;
+--original reads a checkpoint of trax's HourglassLM into ours (--config_file
+then names our gin config of the same architecture). Text mode (vocab 256):
+--prompt's UTF-8 bytes start each sequence; prompt and continuation go to
+stdout. Image mode: the first --n_images `test_images` of an .npz keep their
+top half, the bottom half is sampled, and a PNG grid (originals above) goes
+to --out. Progress with tokens/s goes to stderr.
 """
 
 import argparse
@@ -89,7 +85,7 @@ def _free_memory():
   """(bytes free for the caches, where): the accelerator's, else the host's."""
   import jax  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
-  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  stats = device.memory_stats()  # None on CPU.
   if stats and 'bytes_limit' in stats:
     return (stats['bytes_limit'] - stats.get('bytes_in_use', 0),
             f'{device.platform} device memory')

@@ -4,27 +4,15 @@
     trainer --config_file=gin/enwik8_hourglass.gin --data_dir=~/data \
         --config='train.steps=1000' --output_dir=~/runs/enwik8
 
-Flags are trax's trainer's: `--config_file` (repeatable), `--config`
-(repeatable gin bindings, applied after the files), `--output_dir`,
-`--data_dir` (also `--dataset`, `--model` as in trax). Gin files use trax's own
-bindings (`train.*`, `multifactor.*`, `Adam.*`) plus this project's
-configurables (`trax_hourglass.HourglassLM`, `trax_hourglass.enwik8_inputs`,
-...), all registered because this script imports `trax_hourglass` first.
-
-Checkpoints are crash-safe (`trax_hourglass.checkpoints`): rerunning the same
-command after a crash or `kill -9` resumes at the last saved step, with the
-same weights, optimizer slots and data position. Data parallelism uses trax's
-n_devices (`num_devices.value = N` in gin; all local devices by default); the
-batch size must be a multiple of the device count.
-
-Multi-host: one process per host, started with `--coordinator_address`,
-`--num_processes`, `--process_id` (or $JAX_COORDINATOR_ADDRESS,
-$JAX_NUM_PROCESSES, $JAX_PROCESS_ID, or nothing in a SLURM job or on a TPU pod
-slice, where jax finds them); batch sizes are then per process, and process 0
-prints and writes the checkpoints (README, "Multi-host training").
-
-Besides trax's summaries it prints the devices, the parameter count and, while
-training, a compact progress line:
+Flags are trax's trainer's (`--config_file`, `--config` bindings applied after
+the files, `--output_dir`, `--data_dir`, `--dataset`, `--model`); gin files use
+trax's bindings plus this project's configurables. Rerunning the same command
+after a crash or `kill -9` resumes at the last checkpoint (crash-safe, see
+`trax_hourglass.checkpoints`) with the same weights, slots and data position.
+Multi-host: one process per host, with `--coordinator_address`,
+`--num_processes`, `--process_id` (or their $JAX_* variables, or none in a
+SLURM job or TPU pod slice); batch sizes are then per process, and process 0
+prints and writes the checkpoints. Progress is one line:
   step 1200/5000 | loss 1.0412 | 1.502 bits/byte | 8.1k tok/s | 0.25 s/step | left 0:15:50
 """
 
@@ -149,16 +137,8 @@ def _int_setting(value, name, least):
 
 
 def distributed_settings(args, environ=None):
-  """`(coordinator_address, num_processes, process_id)` from flags or env.
-
-  Args:
-    args: the parsed flags (`coordinator_address`, `num_processes`,
-      `process_id`; None when not given).
-    environ: where the JAX_* fallbacks are read (default os.environ).
-
-  Returns:
-    The three settings, each None when given nowhere; checked.
-  """
+  """Checked `(coordinator_address, num_processes, process_id)` from the flags,
+  else the JAX_* variables of `environ` (default os.environ); None if neither."""
   environ = os.environ if environ is None else environ
   found = {}
   for name, env in _DISTRIBUTED_ENV.items():
@@ -187,12 +167,9 @@ def distributed_settings(args, environ=None):
 
 def _detected_cluster():
   """The jax cluster environment (SLURM, TPU pod, ...) this runs in, or None."""
-  try:
-    from jax._src import clusters  # pylint: disable=g-import-not-at-top
-  except ImportError:  # No detection in this jax: flags or env only.
-    return None
+  from jax._src import clusters  # pylint: disable=g-import-not-at-top
   for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
-    if getattr(env, 'opt_in_only_method', False):
+    if env.opt_in_only_method:
       continue
     try:
       if env.is_env_present() and env.get_process_count() > 1:

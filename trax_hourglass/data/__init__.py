@@ -15,7 +15,6 @@ from trax_hourglass.data import wiki40b
 from trax_hourglass.data.images import flatten_images
 from trax_hourglass.data.images import npz_image_inputs
 from trax_hourglass.data.images import tfds_image_inputs
-from trax_hourglass.data.streams import check_divisible
 from trax_hourglass.data.streams import restartable_stream
 from trax_hourglass.data.streams import ResumableInputs
 from trax_hourglass.data.streams import resumable_stream

@@ -73,17 +73,12 @@ def array_image_inputs(train_images, eval_images, name, batch_size,
     x = held_out[idx]
     return (x, x, np.ones(x.shape, np.float32))
 
-  def train_stream(n_devices):
-    streams.check_divisible(batch_size, n_devices)
-    return streams.resumable_stream(f'{key}/train/b{batch_size * count}',
-                                    train_batch)
-
-  def eval_stream(n_devices):
-    streams.check_divisible(eval_batch_size, n_devices, 'eval_batch_size')
-    return streams.resumable_stream(
-        f'{key}/eval/b{eval_batch_size * count}', eval_batch)
-
-  return streams.ResumableInputs(train_stream, eval_stream)
+  return streams.ResumableInputs(
+      lambda: streams.resumable_stream(f'{key}/train/b{batch_size * count}',
+                                       train_batch),
+      lambda: streams.resumable_stream(
+          f'{key}/eval/b{eval_batch_size * count}', eval_batch),
+      batch_size, eval_batch_size)
 
 
 @gin.configurable(module='trax_hourglass')

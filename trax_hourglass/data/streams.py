@@ -4,9 +4,7 @@ A stream here is a pure function of its position: batch i is `batch_fn(i)`. The
 position lives in trax's `trax.data.inputs.data_counters[name]`, which the Loop
 saves with each checkpoint (atomically, see `trax_hourglass.checkpoints`) and
 restores when it resumes, so a resumed run reads exactly the batches the
-uninterrupted run would have read. The counter is looked up on every batch
-(not captured), because the Loop replaces that dict when it loads a checkpoint
-after the streams were made.
+uninterrupted run would have read.
 
 Token ids must lie in [0, vocab_size) of the model: a model's embedding
 lookup does not check them (it clamps, as trax's), so an id outside would
@@ -14,6 +12,8 @@ train silently on the wrong token. Once the trainer has told `set_vocab_size`
 the model's, every batch is checked, and an id outside is a ValueError that
 names the data and the id.
 """
+
+import itertools
 
 import numpy as np
 
@@ -30,23 +30,14 @@ _VOCAB_SIZE = [None]
 
 
 def set_vocab_size(vocab_size):
-  """Makes every stream check its token ids against the model's vocabulary.
-
-  Args:
-    vocab_size: the model's vocab_size, or None to check nothing (the
-      default; the trainer sets its model's).
-  """
+  """Makes every stream check its token ids against `vocab_size` (None: not)."""
   _VOCAB_SIZE[0] = None if vocab_size is None else int(vocab_size)
 
 
-def check_token_range(tokens, source):
-  """Raises ValueError naming `source` when an id is outside [0, vocab_size).
-
-  Args:
-    tokens: an int array (a batch, or a whole file's bytes).
-    source: what the tokens come from (a path), for the message.
-  """
-  vocab = _VOCAB_SIZE[0]
+def check_token_range(tokens, source, vocab=None):
+  """Raises ValueError naming `source` if an id in `tokens` is not in [0, vocab)
+  (default: the `set_vocab_size` one)."""
+  vocab = vocab or _VOCAB_SIZE[0]
   if vocab is None or not np.size(tokens):
     return
   low, high = int(np.min(tokens)), int(np.max(tokens))
@@ -59,34 +50,21 @@ def check_token_range(tokens, source):
 
 
 def resumable_stream(name, batch_fn, source=None):
-  """Yields `batch_fn(i)` for i = 0, 1, ..., resuming at the saved position.
+  """Yields `batch_fn(i)` (deterministic) for i = 0, 1, ..., from the saved position.
 
-  Args:
-    name: the stream's key in `trax.data.inputs.data_counters`, unique per
-      stream of a run (e.g. 'enwik8/train/b8/n2048').
-    batch_fn: int -> batch (a tuple of numpy arrays), deterministic.
-    source: what the data is (a path), for the token-range error; default
-      `name`.
-
-  Yields:
-    Batches, their inputs checked by `check_token_range`.
+  `name` is the stream's key in `trax.data.inputs.data_counters`, unique per
+  stream of a run (e.g. 'enwik8/train/b8/n2048'); `source` (default `name`)
+  names the data in the token-range error.
   """
-  while True:
-    i = trax_inputs.data_counters.get(name, 0)
-    trax_inputs.data_counters[name] = i + 1
-    batch = batch_fn(i)
-    check_token_range(batch[0], source or name)
-    yield batch
+  return _stream(name, lambda i: map(batch_fn, itertools.count(i)),
+                 source or name)
 
 
 def process_shard():
   """`(index, count)`: this process's place among the training processes.
 
-  Under JAX's distributed runtime (multi-host training) every process reads
-  its own slice of each global batch: `batch_size` examples per process,
-  `batch_size * count` in all, so no example is read twice in a step and the
-  global batches are the same whatever the number of processes sharing them.
-  One process reads the whole batch.
+  Each reads its slice (`batch_size` examples) of every global batch of
+`batch_size * count`, which is the same however many processes share it.
   """
   import jax  # pylint: disable=g-import-not-at-top
   return jax.process_index(), jax.process_count()
@@ -117,49 +95,51 @@ def rng_for(seed, *index):
 
 
 def restartable_stream(name, make_iterator):
-  """Yields batches of a sequential source, resuming at the saved position.
+  """Yields the batches of `make_iterator()` (deterministic), from the saved position.
 
-  For sources without random access (TFDS text): when the position in
-  `trax.data.inputs.data_counters[name]` is not where the iterator is (a
-  checkpoint was loaded), the source is restarted and that many batches are
-  skipped, which yields the same batches as an uninterrupted run when
-  `make_iterator` is deterministic.
+  For sources without random access (TFDS text): after a checkpoint is loaded
+  the source is restarted and the batches before the position skipped.
+  """
+  return _stream(name,
+                 lambda i: itertools.islice(make_iterator(), i, None), name)
 
-  Args:
-    name: the stream's key in `data_counters`.
-    make_iterator: () -> iterator of batches, deterministic.
 
-  Yields:
-    Batches.
+def _stream(name, iterator_from, source):
+  """Batches of `iterator_from(position)`, counted in `data_counters[name]`.
+
+  The counter is read on every batch (not captured): the Loop replaces that
+  dict when it loads a checkpoint after the streams were made.
   """
   it, pos = None, None
   while True:
     i = trax_inputs.data_counters.get(name, 0)
-    if it is None or i != pos:
-      it, pos = make_iterator(), 0
-      for _ in range(i):
-        next(it)
-      pos = i
-    trax_inputs.data_counters[name] = i + 1
+    if i != pos:
+      it = iterator_from(i)
+    trax_inputs.data_counters[name] = pos = i + 1
     batch = next(it)
-    pos += 1
-    check_token_range(batch[0], name)
+    check_token_range(batch[0], source)
     yield batch
 
 
 class ResumableInputs(trax_inputs.Inputs):
-  """trax `Inputs` whose shape peek does not move the data position.
+  """trax `Inputs` of two streams whose shape peek does not move the data position.
 
-  trax's `Inputs.__init__` draws one batch to learn the shapes; here the
-  positions are put back after it, so that peek is not counted.
+  The streams are functions of nothing; trax asks for them per device count,
+  which must divide their batch sizes. trax's `Inputs.__init__` draws one batch
+  to learn the shapes; the positions are put back after it.
   """
 
-  def __init__(self, train_stream, eval_stream):  # pylint: disable=super-init-not-called
-    self._train_stream = train_stream
-    self._eval_stream = eval_stream
-    self._train_eval_stream = train_stream
+  def __init__(self, train_stream, eval_stream, batch_size, eval_batch_size):  # pylint: disable=super-init-not-called
+    def divided(stream, size, what):  # trax asks per device count.
+      def stream_fn(n_devices):
+        check_divisible(size, n_devices, what)
+        return stream()
+      return stream_fn
+    self._train_stream = divided(train_stream, batch_size, 'batch_size')
+    self._eval_stream = divided(eval_stream, eval_batch_size, 'eval_batch_size')
+    self._train_eval_stream = self._train_stream
     saved = dict(trax_inputs.data_counters)
-    example = next(train_stream(1))
+    example = next(self._train_stream(1))
     trax_inputs.data_counters = saved
     self._input_shape = tuple(example[0].shape)[1:]
     self._input_dtype = example[0].dtype

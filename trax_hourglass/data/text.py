@@ -97,19 +97,9 @@ def enwik8_path(data_dir=None, download=True):
   """Path of the unzipped 10^8-byte `enwik8` file, preparing it if needed.
 
   Looks for `enwik8`, then `enwik8.zip` (checked against its sha256 and
-  unzipped beside it), in `data_dir`; with `download`, fetches the zip from
-  its canonical address once.
-
-  Args:
-    data_dir: where the files are or go (see `default_data_dir`).
-    download: whether to download when neither file is there.
-
-  Returns:
-    The path of `enwik8`.
-
-  Raises:
-    FileNotFoundError saying what to fetch and where to put it when the data
-    is missing and cannot be downloaded; ValueError for a damaged file.
+  unzipped beside it), in `data_dir` (`default_data_dir`); with `download`,
+  fetches the zip once. Else FileNotFoundError saying what to fetch and where
+  to put it; ValueError for a damaged file.
   """
   data_dir = default_data_dir(data_dir)
   raw = os.path.join(data_dir, 'enwik8')
@@ -205,12 +195,8 @@ def eval_batches(data, batch_size, sequence_length, shard=(0, 1)):
 def byte_lm_inputs(data, bounds, name, batch_size, sequence_length,
                    eval_batch_size=None, seed=0, eval_split='valid',
                    path='<bytes>'):
-  """trax `Inputs` over `data` (uint8 array) split by `bounds`.
-
-  Returns:
-    `trax.data.inputs.Inputs` whose streams yield `(x, x, weights)` with x
-    int32 of shape [batch, sequence_length] and weights float32 ones.
-  """
+  """trax `Inputs` over `data` (uint8) split by `bounds`: `(x, x, ones)`, x int32
+  [batch, sequence_length]."""
   eval_batch_size = eval_batch_size or batch_size
   train = _split(data, bounds, 'train', sequence_length, path)
   held_out = _split(data, bounds, eval_split, sequence_length, path)
@@ -221,21 +207,16 @@ def byte_lm_inputs(data, bounds, name, batch_size, sequence_length,
 
   # Positions count global batches (b: global batch size), the same on every
   # process; each reads its slice.
-  def train_stream(n_devices):
-    streams.check_divisible(batch_size, n_devices)
-    shard = streams.process_shard()
-    return streams.resumable_stream(
-        f'{key}/train/b{batch_size * shard[1]}',
-        train_batches(train, batch_size, sequence_length, seed, shard), path)
-
-  def eval_stream(n_devices):
-    streams.check_divisible(eval_batch_size, n_devices, 'eval_batch_size')
-    shard = streams.process_shard()
-    return streams.resumable_stream(
-        f'{key}/{eval_split}/b{eval_batch_size * shard[1]}',
-        eval_batches(held_out, eval_batch_size, sequence_length, shard), path)
-
-  return streams.ResumableInputs(train_stream, eval_stream)
+  shard = streams.process_shard()
+  return streams.ResumableInputs(
+      lambda: streams.resumable_stream(
+          f'{key}/train/b{batch_size * shard[1]}',
+          train_batches(train, batch_size, sequence_length, seed, shard), path),
+      lambda: streams.resumable_stream(
+          f'{key}/{eval_split}/b{eval_batch_size * shard[1]}',
+          eval_batches(held_out, eval_batch_size, sequence_length, shard),
+          path),
+      batch_size, eval_batch_size)
 
 
 @gin.configurable(module='trax_hourglass')

@@ -106,19 +106,14 @@ def sentencepiece_lm_inputs(texts_fn, spm_path, name, batch_size=8,
                                 max_length):
       yield streams.host_slice(batch, index, size)
 
-  def train_stream(n_devices):
-    streams.check_divisible(batch_size, n_devices)
-    return streams.restartable_stream(
-        f'{name}/train/L{max_length}/b{batch_size * count}/s{seed}',
-        lambda: sliced('train', True, batch_size))
-
-  def eval_stream(n_devices):
-    streams.check_divisible(eval_batch_size, n_devices, 'eval_batch_size')
-    return streams.restartable_stream(
-        f'{name}/eval/L{max_length}/b{eval_batch_size * count}',
-        lambda: sliced('eval', False, eval_batch_size))
-
-  return streams.ResumableInputs(train_stream, eval_stream)
+  return streams.ResumableInputs(
+      lambda: streams.restartable_stream(
+          f'{name}/train/L{max_length}/b{batch_size * count}/s{seed}',
+          lambda: sliced('train', True, batch_size)),
+      lambda: streams.restartable_stream(
+          f'{name}/eval/L{max_length}/b{eval_batch_size * count}',
+          lambda: sliced('eval', False, eval_batch_size)),
+      batch_size, eval_batch_size)
 
 
 @gin.configurable(module='trax_hourglass')
