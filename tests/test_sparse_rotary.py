@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import trax_hourglass
-from trax_hourglass.layers import resampling
+from trax_hourglass.layers import feed_forward
 from trax_hourglass.layers import rotary
 from trax_hourglass.layers.rotary import RotaryCausalAttention
 from trax_hourglass.layers.sparse import FeedForwardBlock
@@ -59,7 +59,7 @@ def sparse_ff_eval():
 def test_dense_feed_forward_block_is_feed_forward_residual():
   x = _vecs()
   block = _init(_ff_block('eval', 0), x)
-  reference = resampling.FeedForwardResidual(D_MODEL, D_FF, 0.1, None, 'eval',
+  reference = feed_forward.FeedForwardResidual(D_MODEL, D_FF, 0.1, None, 'eval',
                                              tl.Relu)
   reference = _copy_weights(_init(reference, x), block)
   assert str(block) == str(reference)
@@ -97,6 +97,29 @@ def test_sparse_ff_predict_computes_chosen_units_as_eval(batch):
   predict = _copy_weights(_init(block('predict'), x[:, :1]), evaluator)
   got = np.concatenate([predict(x[:, t:t + 1]) for t in range(LENGTH)], 1)
   np.testing.assert_allclose(got, evaluator(x), atol=1e-4)
+
+
+def _sublayers(layer):
+  yield layer
+  for sublayer in layer.sublayers:
+    yield from _sublayers(sublayer)
+
+
+def test_sparse_hourglass_every_ff_is_sparse_and_decodes_as_eval():
+  # '1@1 1@2 1@1': five feed-forward blocks, one per decoder block (3) and one
+  # per attention resampling (2); predict mode gathers the chosen units in all.
+  args = dict(vocab_size=VOCAB, d_model=D_MODEL, d_ff=D_FF, n_heads=N_HEADS,
+              hierarchy='1@1 1@2 1@1', dropout=0.0, ff_sparsity=4)
+  tokens = np.random.RandomState(3).randint(1, VOCAB, size=(1, 6)).astype(
+      np.int32)
+  evaluator = _init(trax_hourglass.HourglassLM(mode='eval', **args), tokens)
+  decoder = _copy_weights(_init(trax_hourglass.HourglassLM(
+      mode='predict', max_len=6, **args), tokens[:, :1]), evaluator)
+  assert sum(type(layer).__name__ == '_ChosenUnitsFF'
+             for layer in _sublayers(decoder)) == 5
+  shifted = np.concatenate([np.zeros((1, 1), np.int32), tokens[:, :-1]], 1)
+  got = np.concatenate([decoder(shifted[:, t:t + 1]) for t in range(6)], 1)
+  np.testing.assert_allclose(got, evaluator(tokens), atol=1e-4)
 
 
 def test_vocab_projection_layouts():
