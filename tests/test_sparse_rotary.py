@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import trax_hourglass
+from trax_hourglass import decoding
 from trax_hourglass.layers import feed_forward
+from trax_hourglass.layers import sparse
 from trax_hourglass.layers import rotary
 from trax_hourglass.layers.rotary import RotaryCausalAttention
 from trax_hourglass.layers.sparse import FeedForwardBlock
@@ -117,9 +119,31 @@ def test_sparse_hourglass_every_ff_is_sparse_and_decodes_as_eval():
       mode='predict', max_len=6, **args), tokens[:, :1]), evaluator)
   assert sum(type(layer).__name__ == '_ChosenUnitsFF'
              for layer in _sublayers(decoder)) == 5
+  fresh, expected = decoder.state, evaluator(tokens)
   shifted = np.concatenate([np.zeros((1, 1), np.int32), tokens[:, :-1]], 1)
-  got = np.concatenate([decoder(shifted[:, t:t + 1]) for t in range(6)], 1)
-  np.testing.assert_allclose(got, evaluator(tokens), atol=1e-4)
+  step = jax.jit(lambda tok, weights, state: decoder.pure_fn(
+      tok, weights, state, jax.random.PRNGKey(0)))
+
+  def decode(weights):
+    state, logits = fresh, []
+    for t in range(6):
+      out, state = step(shifted[:, t:t + 1], weights, state)
+      logits.append(out)
+    return np.concatenate(logits, 1)
+
+  np.testing.assert_allclose(decode(decoder.weights), expected, atol=1e-4)
+  # decoding.sample's weights: w1 also unit by unit, made once per kernel.
+  weights = sparse.decoding_weights(decoder)
+  leaves = jax.tree_util.tree_leaves(weights)
+  assert len([w for w in leaves if w.shape == (D_FF, D_MODEL)]) == 5
+  assert len(leaves) == len(jax.tree_util.tree_leaves(decoder.weights)) + 5
+  assert all(a is b for a, b in zip(
+      jax.tree_util.tree_leaves(sparse.decoding_weights(decoder)), leaves))
+  np.testing.assert_allclose(decode(weights), expected, atol=1e-4)
+  # decoding.sample, greedy: each token is eval mode's argmax after the others.
+  sampled = decoding.sample(decoder, 4, temperature=0)
+  np.testing.assert_array_equal(
+      sampled[0], np.argmax(evaluator(sampled)[0], axis=-1))
 
 
 def test_vocab_projection_layouts():
