@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 import trax_hourglass
-from trax_hourglass.layers import resampling
+from trax_hourglass import decoding
+from trax_hourglass.layers import feed_forward
+from trax_hourglass.layers import sparse
 from trax_hourglass.layers import rotary
 from trax_hourglass.layers.rotary import RotaryCausalAttention
 from trax_hourglass.layers.sparse import FeedForwardBlock
@@ -59,7 +61,7 @@ def sparse_ff_eval():
 def test_dense_feed_forward_block_is_feed_forward_residual():
   x = _vecs()
   block = _init(_ff_block('eval', 0), x)
-  reference = resampling.FeedForwardResidual(D_MODEL, D_FF, 0.1, None, 'eval',
+  reference = feed_forward.FeedForwardResidual(D_MODEL, D_FF, 0.1, None, 'eval',
                                              tl.Relu)
   reference = _copy_weights(_init(reference, x), block)
   assert str(block) == str(reference)
@@ -97,6 +99,51 @@ def test_sparse_ff_predict_computes_chosen_units_as_eval(batch):
   predict = _copy_weights(_init(block('predict'), x[:, :1]), evaluator)
   got = np.concatenate([predict(x[:, t:t + 1]) for t in range(LENGTH)], 1)
   np.testing.assert_allclose(got, evaluator(x), atol=1e-4)
+
+
+def _sublayers(layer):
+  yield layer
+  for sublayer in layer.sublayers:
+    yield from _sublayers(sublayer)
+
+
+def test_sparse_hourglass_every_ff_is_sparse_and_decodes_as_eval():
+  # '1@1 1@2 1@1': five feed-forward blocks, one per decoder block (3) and one
+  # per attention resampling (2); predict mode gathers the chosen units in all.
+  args = dict(vocab_size=VOCAB, d_model=D_MODEL, d_ff=D_FF, n_heads=N_HEADS,
+              hierarchy='1@1 1@2 1@1', dropout=0.0, ff_sparsity=4)
+  tokens = np.random.RandomState(3).randint(1, VOCAB, size=(1, 6)).astype(
+      np.int32)
+  evaluator = _init(trax_hourglass.HourglassLM(mode='eval', **args), tokens)
+  decoder = _copy_weights(_init(trax_hourglass.HourglassLM(
+      mode='predict', max_len=6, **args), tokens[:, :1]), evaluator)
+  assert sum(type(layer).__name__ == '_ChosenUnitsFF'
+             for layer in _sublayers(decoder)) == 5
+  fresh, expected = decoder.state, evaluator(tokens)
+  shifted = np.concatenate([np.zeros((1, 1), np.int32), tokens[:, :-1]], 1)
+  step = jax.jit(lambda tok, weights, state: decoder.pure_fn(
+      tok, weights, state, jax.random.PRNGKey(0)))
+
+  def decode(weights):
+    state, logits = fresh, []
+    for t in range(6):
+      out, state = step(shifted[:, t:t + 1], weights, state)
+      logits.append(out)
+    return np.concatenate(logits, 1)
+
+  np.testing.assert_allclose(decode(decoder.weights), expected, atol=1e-4)
+  # decoding.sample's weights: w1 also unit by unit, made once per kernel.
+  weights = sparse.decoding_weights(decoder)
+  leaves = jax.tree_util.tree_leaves(weights)
+  assert len([w for w in leaves if w.shape == (D_FF, D_MODEL)]) == 5
+  assert len(leaves) == len(jax.tree_util.tree_leaves(decoder.weights)) + 5
+  assert all(a is b for a, b in zip(
+      jax.tree_util.tree_leaves(sparse.decoding_weights(decoder)), leaves))
+  np.testing.assert_allclose(decode(weights), expected, atol=1e-4)
+  # decoding.sample, greedy: each token is eval mode's argmax after the others.
+  sampled = decoding.sample(decoder, 4, temperature=0)
+  np.testing.assert_array_equal(
+      sampled[0], np.argmax(evaluator(sampled)[0], axis=-1))
 
 
 def test_vocab_projection_layouts():

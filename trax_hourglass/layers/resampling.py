@@ -21,7 +21,7 @@ from trax.fastmath import numpy as jnp
 from trax_hourglass.layers.attention import RelativeAttention
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import Dropout
-from trax_hourglass.layers.feed_forward import FeedForwardResidual
+from trax_hourglass.layers.sparse import FeedForwardBlock
 
 
 def _configurable(fn):
@@ -117,12 +117,14 @@ def LinearUpsampling(shorten_factor, d_model, *args, dropout=0.0, mode='train',
 def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
                         dropout, dropout_shared_axes, mode, ff_activation,
                         context_bias_layer, location_bias_layer, total_pooling,
-                        resampling_fn, max_inference_length=2048):
+                        resampling_fn, max_inference_length=2048,
+                        ff_sparsity=0):
   """Resampling refined by attention (the paper's attention pooling/upsampling).
 
   `resampling_fn` makes the queries at the new length; they attend to the vectors
-  at the old length, then a feed-forward block follows. When upsampling, the
-  full-length residual stream (the second input) joins the queries.
+  at the old length, then a feed-forward block follows (`FeedForwardBlock`:
+  trax's `SparseFF` when `ff_sparsity` > 0). When upsampling, the full-length
+  residual stream (the second input) joins the queries.
 
   Shortening: vecs (batch, len, d) -> (batch, len/k, d).
   Upsampling: (short (batch, len/k, d), residual (batch, len, d)) ->
@@ -145,8 +147,8 @@ def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
                             is_upsampling, keys_len),
           Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode),
       ),  # vecs
-      FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
-                          ff_activation),  # vecs
+      FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
+                       ff_activation, ff_sparsity),  # vecs
   ]
 
 

@@ -57,14 +57,16 @@ class _ChosenUnitsFF(trax_sparsity._SparseFFMain):  # pylint: disable=protected-
   which costs more than the dense block. Here: (quant_mask (..., d_ff/N),
   x (..., d_model)) -> (quant_mask, x'), gathering for each block i the
   column of w1 (d_model, d_ff/N, N) and the row of w2 (N, d_ff/N, d_model)
-  of its chosen unit.
+  of its chosen unit. Given a fourth weight, w1 laid out unit by unit
+  (d_ff, d_model) (see `decoding_weights`), it reads each chosen unit's
+  column as one contiguous row instead of one float per cache line.
   """
 
   def forward(self, inputs):
     if self._mode != 'predict' or self._multiply_by_controller_output:
       return super().forward(inputs)
     chosen, x = inputs
-    w1, w2, b2 = self.weights
+    w1, w2, b2 = self.weights[:3]
     d_model, n_blocks, block = w1.shape
     x_2d = x.reshape(-1, d_model)
     rows = x_2d.shape[0]
@@ -73,13 +75,41 @@ class _ChosenUnitsFF(trax_sparsity._SparseFFMain):  # pylint: disable=protected-
     if rows * _ROWS_PER_DENSE_READ > block:  # Reading all weights is cheaper.
       mid = jnp.dot(x_2d, w1.reshape(d_model, -1))
       mid = jnp.take_along_axis(mid, units, axis=1)
+    elif len(self.weights) == 4:  # w1 unit by unit: a row per chosen unit.
+      mid = jnp.einsum('rd,rid->ri', x_2d, self.weights[3][units])
     else:  # A flat gather: w1's chosen entries are one per cache line.
       flat = jnp.arange(d_model)[None, :, None] * (n_blocks * block) + units[
           :, None, :]  # (rows, d_model, d_ff/N)
-      mid = jnp.einsum('rd,rdi->ri', x_2d, jnp.take(w1.reshape(-1), flat))
+      # In bounds by construction; jnp.take's default mode ('fill') adds a
+      # select that XLA:CPU fuses with the gather into a loop ~10x slower.
+      mid = jnp.einsum('rd,rdi->ri', x_2d, jnp.take(
+          w1.reshape(-1), flat, mode='clip'))
     out = jnp.einsum('ri,rid->rd', jnp.maximum(mid, 0.0),
                      w2[chosen_2d, jnp.arange(n_blocks)[None, :], :]) + b2
     return chosen, out.reshape(x.shape)
+
+
+def decoding_weights(model):
+  """`model.weights` for decoding: each predict-mode sparse FF also gets w1
+  laid out unit by unit, (d_ff, d_model), as a fourth weight.
+
+  The copy is made once per kernel (kept on the layer while the kernel is the
+  same object), not per token; `model.weights`, hence what is saved, keep
+  trax's layout. Costs the memory of the sparse FFs' first kernels again.
+  """
+  def walk(layer, weights):
+    if isinstance(layer, _ChosenUnitsFF) and layer._mode == 'predict' and (  # pylint: disable=protected-access
+        not layer._multiply_by_controller_output):  # pylint: disable=protected-access
+      w1 = weights[0]
+      kept = getattr(layer, '_w1_by_unit', None)
+      if kept is None or kept[0] is not w1:
+        kept = layer._w1_by_unit = (w1, jnp.asarray(w1).reshape(  # pylint: disable=protected-access
+            w1.shape[0], -1).T)
+      return tuple(weights) + (kept[1],)
+    if not layer.sublayers or isinstance(weights, dict):  # dict: shared.
+      return weights
+    return tuple(walk(*pair) for pair in zip(layer.sublayers, weights))
+  return walk(model, model.weights)
 
 
 def _reading_chosen_units(layer):

@@ -193,10 +193,12 @@ def HourglassLM(vocab_size,
       past it raises. Train and eval take any length. Also the length of the
       absolute positions added at the embedding when `vanilla_attn_type` has
       no positions of its own (e.g. `tl.CausalAttention`, `tl.CausalFavor`).
-    ff_sparsity: 0 (dense) or N: the feed-forward block of every decoder
-      block (full-length and shortened) is trax's `SparseFF`, one unit active
-      in each block of N ("Sparse is Enough in Scaling Transformers"); see
-      `layers.FeedForwardBlock`. `AttentionResampling`'s stays dense.
+    ff_sparsity: 0 (dense) or N: every feed-forward block of the model is
+      trax's `SparseFF`, one unit active in each block of N ("Sparse is Enough
+      in Scaling Transformers"; see `layers.FeedForwardBlock`): those of the
+      decoder blocks (full-length and shortened) and those of
+      `AttentionResampling` (attention pooling and upsampling). The other
+      resampling layers have none.
     loss_sparsity: 0 (dense) or N: the vocabulary projection is the
       multiplicative sparse dense of the same paper; see
       `layers.VocabProjection`.
@@ -246,6 +248,8 @@ def HourglassLM(vocab_size,
     kwargs = {}
     if 'max_inference_length' in constructor_parameters(factory):
       kwargs['max_inference_length'] = padded_len // total_pooling
+    if 'ff_sparsity' in constructor_parameters(factory):
+      kwargs['ff_sparsity'] = ff_sparsity
     return factory(
         factor, d_model=d_model, is_upsampling=upsampling, d_ff=d_ff,
         n_heads=n_heads, dropout=dropout,
