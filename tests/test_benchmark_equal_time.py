@@ -81,11 +81,14 @@ def test_equal_time_quick(tmp_path):
     assert r['valid_bytes'] == int(0.95 * 40_000) - int(0.9 * 40_000)
     assert r['test_bytes'] == 40_000 - int(0.95 * 40_000)
     assert len(r['probe_positions']) == 4
-  # Causal models score a byte the same whether or not the future is visible;
-  # without the k-1 shift the hourglass reads bytes it is asked to predict.
-  assert abs(results['transformer6']['leak_bits_per_byte']) < 1e-4
-  assert abs(results['sfd']['leak_bits_per_byte']) < 1e-4
-  assert abs(results['no_shift']['leak_bits_per_byte']) > 1e-3, details
+  # Causal models score a byte the same whether or not the future is visible
+  # (masked keys weigh exactly 0); without the k-1 shift the hourglass reads
+  # bytes it is asked to predict. After only a few steps (a loaded machine)
+  # that leak is small, so the bound separates exact from inexact, not good
+  # from bad.
+  assert abs(results['transformer6']['leak_bits_per_byte']) < 1e-6
+  assert abs(results['sfd']['leak_bits_per_byte']) < 1e-6
+  assert abs(results['no_shift']['leak_bits_per_byte']) > 1e-5, details
   assert results['sfd']['hierarchy_at_2'] == '1@1 1@2 1@1'
   assert 'test_bits_per_byte_at_2' not in results['no_shift']
   try:
