@@ -116,6 +116,12 @@ def _buffer_len(cfg):
 
 def _build(arch, cfg):
   """The model `arch` of `cfg`, uninitialized."""
+  if arch == 'transformer12':
+    # trax's TransformerLM does not pass max_len to its attention, whose
+    # predict-mode cache would stay at 2,048 slots (and clamp writes past it).
+    import gin  # pylint: disable=g-import-not-at-top
+    gin.bind_parameter('trax.layers.CausalAttention.max_inference_length',
+                       cfg['max_len'])
   if arch in ('original', 'transformer12'):
     return _common.make_model(arch, dict(cfg, seq_len=_buffer_len(cfg)),
                               mode='eval' if arch == 'original' else 'predict')

@@ -204,3 +204,24 @@ def test_bad_arguments_say_what_works(kwargs, message):
   args.update(kwargs)
   with pytest.raises(ValueError, match=message):
     th.HourglassLM(**args)
+
+
+def test_cache_pieces_take_writes_across_their_ends_and_read_as_one(
+    monkeypatch):
+  monkeypatch.setattr(cache, 'KEY_BLOCK', 5)
+  assert cache.piece_lengths(12) == [5, 5, 2]
+  rng = np.random.default_rng(0)
+  dense = rng.normal(size=(2, 12, 3)).astype(np.float32)
+  pieces = cache.zeros(dense.shape, np.float32)
+  for start in (0, 3, 8, 11):  # Rows 3..7 and 8..10 straddle two pieces.
+    pieces = cache.append(pieces, dense[:, start:start + 5], start)
+  np.testing.assert_array_equal(np.concatenate(pieces, axis=1), dense)
+  q = rng.normal(size=(2, 1, 3)).astype(np.float32)
+  for n_visible in (1, 5, 7, 12):
+    logits = np.einsum('bid,bjd->bij', q, dense[:, :n_visible])
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum('bij,bjd->bid', probs / probs.sum(-1, keepdims=True),
+                     dense[:, :n_visible])
+    got = cache.attend(lambda keys: jax.numpy.einsum('bid,bjd->bij', q, keys),
+                       pieces, pieces, jax.numpy.array([n_visible]))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

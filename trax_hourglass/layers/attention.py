@@ -209,19 +209,8 @@ class RelativeDotProductAttention(base.Layer):
       q = input_signature[3]
       batch, n_heads, d_model = q.shape[0], self._n_heads, q.shape[-1]
       keys = (batch, n_heads, self._max_keys, d_model // n_heads)
-      residues, rows = self._position_table_shape()
-      self.state = (jnp.zeros(keys, q.dtype), jnp.zeros(keys, q.dtype),
-                    jnp.zeros((residues, n_heads, rows, d_model // n_heads),
-                              q.dtype),
+      self.state = (cache.zeros(keys, q.dtype), cache.zeros(keys, q.dtype),
                     jnp.zeros((), jnp.int32))  # Distinct buffers: donatable.
-
-  def _position_table_shape(self):
-    """(residues, rows) of the projected-position table of predict mode."""
-    n_keys, factor = self._max_keys, self._factor
-    block = min(cache.KEY_BLOCK, n_keys)  # A block past the last row fits.
-    if self._is_upsampling:
-      return factor, n_keys + block
-    return 1, n_keys + factor - 1 + block
 
   def forward(self, inputs):
     if self._mode == 'predict':
@@ -250,13 +239,12 @@ class RelativeDotProductAttention(base.Layer):
   def _decode_step(self, location_bias, context_bias, pos_proj, q, k, v):
     """One query against the key/value cache, over the keys it can see.
 
-    The state holds the keys and values, (batch, heads, max_keys, d_head),
-    and the projected position embeddings of the offsets seen so far (rows of
-    the `relative_positions` table: each step projects only its new offsets).
+    The state holds the keys and values, (batch, heads, max_keys, d_head).
     Same level: query n's key goes to slot n, key j sits at offset j - n.
     Shortening: the query brings `factor` keys, written from slot f*n (query
     i sits at key f*i). Upsampling: query n = f*a + s rewrites slot a (key j
     summarises queries up to f*j) and sees key j at offset f*(j - a) - s.
+    Key j's offset is then first - step * j, first traced.
 
     pos_proj: (d_model + 1, d_model), the position projection's kernel over
     its bias (`PositionProjection` in predict mode).
@@ -265,47 +253,51 @@ class RelativeDotProductAttention(base.Layer):
       raise ValueError(
           f'Predict mode takes one query per call, got {q.shape[1]}; '
           'HourglassLM feeds longer inputs (prompts) one token at a time.')
-    k_cache, v_cache, table, n_done = self.state
+    k_cache, v_cache, n_done = self.state
     factor, n_keys, n_heads = self._factor, self._max_keys, self._n_heads
     batch, d_model = q.shape[0], q.shape[-1]
     d_head = d_model // n_heads
     if self._is_upsampling:
-      slot = n_done // factor
-      residue, base, n_visible = n_done % factor, n_keys - 1 - slot, slot + 1
-      offsets = -n_done[None]  # The new one: key 0's.
-      low, high, scale = -(factor * n_keys - 1), 0, 1
+      slot, n_visible = n_done // factor, n_done // factor + 1
+      first, step, low = -n_done, -factor, -(factor * n_keys - 1)
     else:
-      slot = n_done * factor
-      residue, base, n_visible = 0, n_keys - 1 - slot, slot + factor
-      offsets = jnp.arange(factor) - slot  # New: key 0's, from each residue.
-      low, high, scale = -(n_keys - 1), factor - 1, self._kv_pooling
+      slot, n_visible = n_done * factor, n_done * factor + factor
+      first, step = -slot * self._kv_pooling, -self._kv_pooling
+      low = -(n_keys - 1) * self._kv_pooling
     past = cache.check_room(slot, k.shape[1], n_keys, _raise_past_max_len)
-    k_cache = cache.append(k_cache, _split_heads(k, n_heads), slot, axis=2)
-    v_cache = cache.append(v_cache, _split_heads(v, n_heads), slot, axis=2)
-    sinusoids = sinusoids_at(scale * offsets, d_model, scale * low,
-                             scale * high)
-    new_rows = (jnp.dot(sinusoids, pos_proj[:-1]) + pos_proj[-1]).reshape(
-        1, -1, n_heads, d_head).transpose(0, 2, 1, 3)  # (1, heads, f, d_head)
-    table = jax.lax.dynamic_update_slice(
-        table, new_rows.astype(table.dtype), (residue, 0, base, 0))
-    self.state = (k_cache, v_cache, table, n_done + 1)
+    k_cache = cache.append(k_cache, _split_heads(k, n_heads), slot)
+    v_cache = cache.append(v_cache, _split_heads(v, n_heads), slot)
+    self.state = (k_cache, v_cache, n_done + 1)
 
     scale = 1.0 / np.sqrt(d_head)
     q = _split_heads(q, n_heads)  # (batch, heads, 1, d_head)
     q_content, q_location = (q + context_bias) * scale, (q + location_bias) * scale
-    block = min(cache.KEY_BLOCK, n_keys)
+    # q . (W s + b) = (W^T q) . s + q . b: the query goes to the sinusoids'
+    # space, so no position is projected and none is kept in the state (q . b
+    # is the same for every key: softmax ignores it).
+    u = jnp.einsum('bnid,knd->bnik', q_location,
+                   pos_proj[:-1].reshape(d_model, n_heads, d_head))
+    # Key j = grid * a + c sits at offset first - step * c - step * grid * a:
+    # the sinusoid of a sum of a traced fine angle and a static coarse one.
+    grid = 64
+    fine = sinusoids_at(first - step * jnp.arange(grid), d_model, low,
+                        -step * (grid - 1) + (factor - 1) * self._kv_pooling)
+    sin_f, cos_f = jnp.split(fine, 2, axis=-1)  # (grid, d_model / 2)
+    u_sin, u_cos = jnp.split(u[..., None, :], 2, axis=-1)  # (b, n, 1, 1, d/2)
+    # u . s(A + c) = [sin A, cos A] . g[c], as sin(A + c) = sin A cos c +
+    # cos A sin c and cos(A + c) = cos A cos c - sin A sin c.
+    g = jnp.concatenate([u_sin * cos_f - u_cos * sin_f,
+                         u_sin * sin_f + u_cos * cos_f], axis=-1)
+    coarse = sinusoidal_embeddings(-step * grid * np.arange(-(-n_keys // grid)),
+                                   d_model)
 
-    def logits(start):
-      keys = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=2)
-      rows = jax.lax.dynamic_slice(table, (residue, 0, base + start, 0),
-                                   (1, n_heads, block, d_head))[0]
-      return (jnp.einsum('bnid,bnkd->bnik', q_content, keys) +
-              jnp.einsum('bnid,nkd->bnik', q_location, rows))
+    def location_logits(size):
+      return jnp.einsum('ak,bnick->bniac', coarse[:-(-size // grid)],
+                        g).reshape(batch, n_heads, 1, -1)[..., :size]
 
-    def values(start):
-      return jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=2)
-
-    out = cache.attend(logits, values, n_visible[None], n_keys, block)
+    out = cache.attend(
+        lambda keys: jnp.einsum('bnid,bnkd->bnik', q_content, keys), k_cache,
+        v_cache, n_visible[None], location_logits)
     return jnp.where(past, jnp.nan, _merge_heads(out))
 
   def attention_weights(self, logits, mask, d_head):

@@ -1,9 +1,10 @@
 """Key/value caches of predict mode, shared by every attention of ours.
 
-A cache holds one level's keys (and values) along an axis of `max_len` slots;
-`append` writes new ones at a traced position, `attend` reads back only the
-slots written so far, in blocks, so that a decoding step costs what the
-position reached costs, not what the cache's size does.
+A cache holds one level's keys (and values) along an axis of `max_len` slots,
+in pieces (see KEY_BLOCK); `append` writes new ones at a traced position,
+`attend` reads back only the pieces that hold the slots written so far, so
+that a decoding step costs what the position reached costs, not what the
+cache's size does.
 
 Overflow policy (relative and rotary attention alike): a step that would write
 past the cache calls the host through `jax.debug.callback`, which raises
@@ -14,10 +15,13 @@ before any of its caches overflows, so its callers see the plain error.
 """
 
 import jax
+import numpy as np
 from trax.fastmath import numpy as jnp
 
-# Keys read per iteration of `attend`: the cost of a step grows by one block
-# of keys at a time.
+# A cache is kept in pieces whose ends are KEY_BLOCK, twice that, four
+# times, ... and its size; a step reads the fewest pieces that hold the keys
+# it sees, each whole (XLA:CPU copies any slice of an array before a product),
+# so it costs at most about twice what the position reached costs.
 KEY_BLOCK = 256
 _MASK_VALUE = -1e9
 
@@ -50,54 +54,94 @@ def check_room(n_done, length, max_len, on_overflow):
   return past
 
 
-def append(cache, new, start, axis):
-  """`cache` with `new` written from slot `start` (traced) along `axis`."""
-  return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype),
-                                             start, axis=axis)
+def piece_lengths(n_keys):
+  """Lengths of the pieces of a cache of `n_keys` slots (see KEY_BLOCK)."""
+  ends = [KEY_BLOCK]
+  while ends[-1] < n_keys:
+    ends.append(2 * ends[-1])
+  ends = sorted({min(end, n_keys) for end in ends})
+  return [end - start for start, end in zip([0] + ends, ends)]
 
 
-def attend(logits_fn, values_fn, n_visible, n_keys, block=KEY_BLOCK):
+def zeros(shape, dtype):
+  """An empty cache: shape (..., n_keys, d) as a tuple of pieces."""
+  *lead, n_keys, d = shape
+  return tuple(jnp.zeros((*lead, n, d), dtype) for n in piece_lengths(n_keys))
+
+
+def append(cache, new, start):
+  """`cache` with `new` (..., m, d) written from slot `start` (traced).
+
+  `cache`: an array (..., n_keys, d) or a tuple of pieces (see `zeros`).
+  """
+  if not isinstance(cache, tuple):
+    return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype),
+                                               start, axis=-2)
+  slots = start + jnp.arange(new.shape[-2])
+  out, offset = [], 0
+  for piece in cache:
+    n = piece.shape[-2]
+    # Rows outside this piece go to slot n, which is dropped.
+    local = jnp.where((slots >= offset) & (slots < offset + n),
+                      slots - offset, n)
+    out.append(piece.at[..., local, :].set(new.astype(piece.dtype),
+                                           mode='drop'))
+    offset += n
+  return tuple(out)
+
+
+def _n_slots(cache):
+  """The number of slots of `cache`, an array or a tuple of pieces."""
+  if isinstance(cache, tuple):
+    return sum(piece.shape[-2] for piece in cache)
+  return cache.shape[-2]
+
+
+def _first_pieces(cache, n_pieces):
+  """The first `n_pieces` pieces of `cache`; an array is sliced into them."""
+  if isinstance(cache, tuple):
+    return cache[:n_pieces]
+  ends = np.cumsum(piece_lengths(cache.shape[-2]))[:n_pieces]
+  return tuple(cache[..., start:end, :]
+               for start, end in zip([0, *ends[:-1]], ends))
+
+
+def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
   """Softmax attention of C queries over the first keys of a cache.
 
-  Online softmax over blocks of `block` keys, in a loop that runs only over
-  the blocks some query can see.
+  Reads the fewest pieces that hold the keys some query sees, one branch of a
+  `lax.switch` each: a product per piece and no loop.
 
   Args:
-    logits_fn: start -> scaled logits (..., C, block) of keys start..start+
-      block-1 (start traced, a multiple of `block` or n_keys - block).
-    values_fn: start -> values (..., block, d) of the same keys.
+    logits_fn: piece of keys (..., n, d) -> scaled logits (..., C, n).
+    keys: a cache, (..., n_keys, d) or its pieces (see `zeros`); an array
+      is read in the same pieces, sliced (XLA:CPU copies each slice).
+    values: a cache likewise, (..., n_keys, d_v).
     n_visible: (C,) int, how many keys (from the first) each query sees, at
       least 1 and increasing.
-    n_keys: the cache's number of slots (static).
-    block: keys per block (static); at most n_keys is used.
+    extra_logits_fn: None or size (static) -> logits (..., C, size) added to
+      those of keys 0..size-1.
 
   Returns:
-    (..., C, d) attended values.
+    (..., C, d_v) attended values.
   """
-  block = min(block, n_keys)
-  n_blocks = (n_visible[-1] + block - 1) // block
+  def read(n_pieces):
+    def branch():
+      logits = jnp.concatenate(
+          [logits_fn(k) for k in _first_pieces(keys, n_pieces)], axis=-1)
+      size = logits.shape[-1]
+      if extra_logits_fn is not None:
+        logits = logits + extra_logits_fn(size)
+      mask = jnp.arange(size)[None, :] < n_visible[:, None]
+      probs = jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1)
+      values_read = _first_pieces(values, n_pieces)
+      ends = np.cumsum([v.shape[-2] for v in values_read])
+      return sum(jnp.einsum('...ik,...kd->...id', p, v) for p, v in zip(
+          jnp.split(probs, ends[:-1], axis=-1), values_read))
+    return branch
 
-  def step(i, carry):
-    top, total, acc = carry
-    # The last block may be shifted back to fit the cache; the keys it
-    # shares with the block before are masked out.
-    start = jnp.minimum(i * block, n_keys - block)
-    keys = start + jnp.arange(block)
-    mask = (keys[None, :] < n_visible[:, None]) & (keys >= i * block)[None, :]
-    logits = jnp.where(mask, logits_fn(start), _MASK_VALUE)
-    new_top = jnp.maximum(top, logits.max(axis=-1))
-    probs = jnp.exp(logits - new_top[..., None])
-    rescale = jnp.exp(top - new_top)
-    total = total * rescale + probs.sum(axis=-1)
-    acc = acc * rescale[..., None] + jnp.einsum(
-        '...ik,...kd->...id', probs, values_fn(start))
-    return new_top, total, acc
-
-  first = jax.eval_shape(logits_fn, 0)
-  values = jax.eval_shape(values_fn, 0)
-  lead = first.shape[:-1]
-  init = (jnp.full(lead, 2 * _MASK_VALUE, first.dtype),
-          jnp.zeros(lead, first.dtype),
-          jnp.zeros(lead + values.shape[-1:], values.dtype))
-  _, total, acc = jax.lax.fori_loop(0, n_blocks, step, init)
-  return acc / total[..., None]
+  ends = np.cumsum(piece_lengths(_n_slots(keys)))
+  if len(ends) == 1:
+    return read(1)()
+  which = jnp.searchsorted(jnp.asarray(ends), n_visible[-1])
+  return jax.lax.switch(which, [read(i + 1) for i in range(len(ends))])

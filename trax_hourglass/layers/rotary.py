@@ -108,21 +108,13 @@ class RotaryDotProductCausalAttention(base.Layer):
     sin, cos = (jax.lax.dynamic_slice_in_dim(jnp.asarray(table), n_done, length)
                 for table in self._tables(self._max_len, q.shape[-1]))
     q, k = rotate_pairs(q, sin, cos), rotate_pairs(k, sin, cos)
-    k_cache = cache.append(k_cache, k, n_done, axis=1)
-    v_cache = cache.append(v_cache, v, n_done, axis=1)
+    k_cache = cache.append(k_cache, k, n_done)
+    v_cache = cache.append(v_cache, v, n_done)
     self.state = (k_cache, v_cache, n_done + length)
     q = q * (1.0 / np.sqrt(q.shape[-1]))
-    block = min(cache.KEY_BLOCK, self._max_len)
 
-    def logits(start):
-      keys = jax.lax.dynamic_slice_in_dim(k_cache, start, block, axis=1)
-      return jnp.einsum('bid,bjd->bij', q, keys)
-
-    def values(start):
-      return jax.lax.dynamic_slice_in_dim(v_cache, start, block, axis=1)
-
-    out = cache.attend(logits, values, n_done + 1 + jnp.arange(length),
-                       self._max_len, block)
+    out = cache.attend(lambda keys: jnp.einsum('bid,bjd->bij', q, keys),
+                       k_cache, v_cache, n_done + 1 + jnp.arange(length))
     return jnp.where(past, jnp.nan, out)
 
   def _attend(self, q, k, v, mask):
