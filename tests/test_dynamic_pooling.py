@@ -271,3 +271,31 @@ def test_trainer_trains_learned_boundaries_with_their_loss(tmp_path, capsys):
                    r'\| boundary loss [\d.]+', printed), printed
   saved = (tmp_path / 'run' / 'config.gin').read_text()
   assert 'train.loss_fn = @trax_hourglass.LossWithBoundaries()' in saved
+
+
+def test_segment_boundaries_reads_the_ends_the_model_uses():
+  rng = np.random.RandomState(4)
+  tokens = np.stack([_tokens(rng) for _ in range(3)])
+  ends = th.segment_boundaries(_model('whitespace'), tokens)
+  shifted = np.pad(tokens, ((0, 0), (1, 0)))[:, :-1]  # Position t: token t-1.
+  np.testing.assert_array_equal(ends, np.isin(shifted, SPACES))
+  model = _model('entropy')
+  found = th.segment_boundaries(model, tokens)
+  assert found.shape == tokens.shape and 0 < found.mean() < 1
+  level = next(i for i, layer in enumerate(model.sublayers)
+               if isinstance(layer, th.models.hourglass.DynamicLevel))
+  weights = model.weights
+  last_bias = weights[level][0][3][1]  # Dense(d_ff), activation, Dense(1)
+  try:  # The predictor's last bias decides alone.
+    for bias, expected in ((1e6, True), (-1e6, False)):
+      model.weights = jax.tree_util.tree_map(
+          lambda x, b=bias: np.full_like(x, b) if x is last_bias else x,
+          weights)
+      assert (th.segment_boundaries(model, tokens) == expected).all()
+  finally:
+    model.weights = weights
+  with pytest.raises(ValueError, match='pools every k tokens'):
+    th.segment_boundaries(th.HourglassLM(VOCAB, hierarchy='1@2', mode='eval'),
+                          tokens)
+  with pytest.raises(ValueError, match='needs an eval-mode model'):
+    th.segment_boundaries(_model('whitespace', mode='train'), tokens)

@@ -15,6 +15,7 @@ from trax_hourglass.hierarchy import parse_hierarchy
 from trax_hourglass import layers
 from trax_hourglass.models.hourglass import HourglassLM
 from trax_hourglass.attention_maps import attention_maps
+from trax_hourglass.segments import segment_boundaries
 from trax_hourglass.checkpoints import load_trax_hourglass_weights
 from trax_hourglass import data
 from trax_hourglass import runs

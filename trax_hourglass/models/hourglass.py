@@ -138,6 +138,7 @@ class DynamicLevel(tl.Serial):
     self._bound = bound
 
   kind = property(lambda self: self._kind)
+  mode = property(lambda self: self._mode)
   shorten_factor = property(lambda self: self._factor)  # The target.
   bound = property(lambda self: self._bound)
   boundaries = property(lambda self: self._boundaries)
