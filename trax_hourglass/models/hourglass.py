@@ -21,6 +21,7 @@ from trax_hourglass.layers.attention import RelativeAttentionWrapper
 from trax_hourglass.layers.attention_types import SelfAttention
 from trax_hourglass.layers.attention_types import constructor_parameters
 from trax_hourglass.layers.attention_types import has_positions
+from trax_hourglass.layers import boundaries as dynamic
 from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
@@ -97,6 +98,54 @@ class ShortenedLevel(tl.Serial):
                                    for level in self._factor_dropout], xs)
 
 
+class DynamicLevel(tl.Serial):
+  """(vecs, toks) -> vecs + upsample(middle(pool(vecs, ends))), at boundaries.
+
+  Dynamic pooling (see `layers.boundaries`): vecs (batch, len, d_model), toks
+  (batch, len) the level's input tokens (shifted: position t holds token
+  t-1). Learned boundaries also leave aux (batch, len) on the stack for the
+  model's `BoundaryLoss`: (vecs, toks) -> (vecs, aux). A `tl.Serial` of four
+  named parts, in the order of its weights:
+    * `boundaries`: (vecs, toks) -> (vecs, ends (batch, len) 0/1[, aux]):
+      `WhitespaceBoundaries` or a `BoundaryPredictor`;
+    * `pooling`: (vecs, ends) -> (short (batch, S, d_model), vecs, ends): the
+      null vector and the segment means, LayerNorm;
+    * `middle`: the shortened layers, short -> out (batch, S, d_model);
+    * `upsampling`: (out, vecs, ends) -> vecs + LayerNorm(out[min(closed,
+      S-1)]).
+  S = `boundaries.shortened_length(len, k, bound)`: a static shape.
+  """
+
+  def __init__(self, kind, target_segment_length, boundaries, middle,
+               mode='train', bound=dynamic.SHORTENED_BOUND):
+    self._boundaries = boundaries
+    self._pooling = (
+        tl.Select([0, 1, 0, 1]),  # vecs, ends, vecs, ends
+        dynamic.SegmentPooling(target_segment_length, bound),  # short, vecs, ends
+        tl.LayerNorm())  # short: (batch, S, d_model), vecs, ends
+    self._middle = tl.Serial(middle)  # out: (batch, S, d_model), vecs, ends
+    self._upsampling = (
+        tl.Select([0, 2, 1]),  # out, ends, vecs
+        dynamic.SegmentUpsampling(),  # up: (batch, len, d_model), vecs
+        tl.LayerNorm(),  # up, vecs
+        tl.Add())  # vecs: up + vecs
+    super().__init__(self._boundaries, self._pooling, self._middle,
+                     self._upsampling,
+                     name=f'DynamicLevel({kind}, {target_segment_length})')
+    self._kind = kind
+    self._factor = target_segment_length
+    self._mode = mode
+    self._bound = bound
+
+  kind = property(lambda self: self._kind)
+  shorten_factor = property(lambda self: self._factor)  # The target.
+  bound = property(lambda self: self._bound)
+  boundaries = property(lambda self: self._boundaries)
+  pooling = property(lambda self: self._pooling)
+  middle = property(lambda self: self._middle)
+  upsampling = property(lambda self: self._upsampling)
+
+
 def PadToMultiple(multiple, mode='train'):
   """toks: (batch, len) -> (batch, len') with len' the next multiple, zeros after.
 
@@ -145,7 +194,11 @@ def HourglassLM(vocab_size,
                 max_len=2048,
                 ff_sparsity=0,
                 loss_sparsity=0,
-                shorten_factor_dropout=()):
+                shorten_factor_dropout=(),
+                boundaries='fixed',
+                boundary_tokens=dynamic.WHITESPACE_TOKENS,
+                sentencepiece_model=None,
+                shortened_bound=dynamic.SHORTENED_BOUND):
   """Returns a hierarchical Transformer language model.
 
   Input: tokens (batch, len) of ints in [0, vocab_size), any len: the model pads
@@ -207,9 +260,29 @@ def HourglassLM(vocab_size,
       them (one compiled step holds all), so the weights work at each; eval
       and predict use the factor in `hierarchy`. Needs resampling whose
       weights do not depend on the factor (not linear pooling/upsampling).
+    boundaries: where the shortened level pools (dynamic pooling, Nawrot et
+      al. 2023; needs exactly one shortened level, whose factor k is then the
+      target average segment length, and ignores the resampling arguments:
+      segments are averaged, see `DynamicLevel`): 'fixed' (every k tokens,
+      the hourglass), 'whitespace' (a segment ends after each token of
+      `boundary_tokens`), or a learned predictor: 'entropy' (trained toward
+      spikes of the model's prediction entropy), 'unigram' (toward the
+      SentencePiece pieces of `sentencepiece_model`), 'gumbel' (end to end,
+      a hard Gumbel-sigmoid with a Binomial(len, 1/k) prior). Learned
+      boundaries make the train and eval models return (logits,
+      boundary_loss): train them with `LossWithBoundaries` (the trainer
+      binds it).
+    boundary_tokens: the token ids 'whitespace' ends segments after; by
+      default the bytes of ASCII space, tab, CR and LF.
+    sentencepiece_model: path of a SentencePiece unigram model ('unigram').
+    shortened_bound: dynamic levels shorten to a static length S = 1 +
+      ceil(shortened_bound * len / k) (the null vector and the first S-1
+      segments); positions after more segments than that keep reading the
+      last shortened vector (stale, never from the future).
 
   Returns:
-    A trax layer: tokens -> logits.
+    A trax layer: tokens -> logits (learned boundaries, train and eval:
+    tokens -> (logits, boundary_loss)).
   """
   if mode not in ('train', 'eval', 'predict'):
     raise ValueError(f"mode={mode!r}; use 'train', 'eval' or 'predict'.")
@@ -227,18 +300,23 @@ def HourglassLM(vocab_size,
       else None,
       attention_upsampling_fn if upsampling_fn is AttentionResampling
       else None])
-  # Caches hold whole shortened positions: round up to the total factor.
-  padded_len = -(-max_len // spec.total_factor) * spec.total_factor
-  pad_multiple = math.lcm(spec.total_factor, *factor_dropout)
+  kind = _check_boundaries(boundaries, spec, factor_dropout,
+                           sentencepiece_model, shortened_bound, mode)
+  if kind != 'fixed':  # Segments have no fixed length: nothing to pad.
+    padded_len, pad_multiple = max_len, 1
+  else:
+    # Caches hold whole shortened positions: round up to the total factor.
+    padded_len = -(-max_len // spec.total_factor) * spec.total_factor
+    pad_multiple = math.lcm(spec.total_factor, *factor_dropout)
   context_bias, location_bias = RelativeAttentionBiases(d_model, n_heads)
 
-  def _Blocks(n_layers, total_pooling, attention_type):
+  def _Blocks(n_layers, total_pooling, attention_type, max_level_len=None):
     """n_layers blocks at a level shortened by total_pooling, then LayerNorm."""
     return [
         DecoderBlock(  # pylint: disable=g-complex-comprehension
             SelfAttention(attention_type, d_model, n_heads, dropout, mode,
                           context_bias, location_bias, total_pooling,
-                          padded_len // total_pooling),
+                          max_level_len or padded_len // total_pooling),
             d_model, d_ff, dropout, dropout_shared_axes, mode, ff_activation,
             ff_sparsity)
         for _ in range(n_layers)
@@ -281,23 +359,75 @@ def HourglassLM(vocab_size,
                     total_pooling, upsampling=True),  # (b, len/p, d)
         mode=mode, factor_dropout=factor_dropout)
 
+  def _DynamicValley(level):
+    """(vecs (batch, len, d), toks (batch, len)) -> vecs[, aux]."""
+    k = level.shorten_factor
+    if kind == 'whitespace':
+      ends = dynamic.WhitespaceBoundaries(boundary_tokens)
+    else:
+      ends = dynamic.BoundaryPredictor(kind, d_ff, ff_activation, mode)
+    return DynamicLevel(
+        kind, k, ends,
+        _Blocks(level.n_layers, k, middle_attn_type, dynamic.shortened_length(
+            padded_len, k, shortened_bound)),  # (batch, S, d_model)
+        mode=mode, bound=shortened_bound)
+
   n_pre, n_post = spec.vanilla_layers
   model = (functools.partial(Autoregressive, max_len=max_len)
            if mode == 'predict' else tl.Serial)
+  if kind == 'fixed':
+    level = _Valley(spec.levels, 1, factor_dropout) if spec.levels else []
+  else:
+    level = _DynamicValley(spec.levels[0])
   return model(  # toks: (batch, len)
       tl.Dup(),  # toks, toks
       PadToMultiple(pad_multiple, mode),  # toks: (batch, len'), toks
       TokenShift(mode),  # toks: shifted right (train, eval), counted (predict)
+      [] if kind == 'fixed' else tl.Dup(),  # dynamic: the level's tokens too
       tl.Embedding(vocab_size, d_model),  # vecs: (batch, len', d_model)
       Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode),
       [] if has_positions(vanilla_attn_type) else tl.PositionalEncoding(
           max_len=padded_len, mode=mode),  # vecs: tokens + absolute positions
       _Blocks(n_pre, 1, vanilla_attn_type),  # vecs
-      _Valley(spec.levels, 1, factor_dropout) if spec.levels else [],  # vecs
+      level,  # vecs (learned boundaries: vecs, aux: (batch, len'))
       _Blocks(n_post, 1, vanilla_attn_type) if spec.levels else [],  # vecs
       VocabProjection(vocab_size, d_model, loss_sparsity, mode),  # logits
+      dynamic.BoundaryLoss(kind, spec.total_factor, sentencepiece_model)
+      if kind in dynamic.LEARNED else  # logits, boundary_loss
       CropToInputLength(),  # logits: (batch, len, vocab_size)
   )
+
+
+def _check_boundaries(boundaries, spec, factor_dropout, sentencepiece_model,
+                      bound, mode):
+  """Returns `boundaries` if HourglassLM can build it, or raises saying what works."""
+  kinds = ', '.join(repr(kind) for kind in dynamic.KINDS)
+  if boundaries not in dynamic.KINDS:
+    raise ValueError(f'boundaries={boundaries!r}; use one of {kinds}.')
+  if boundaries == 'fixed':
+    return boundaries
+  if len(spec.levels) != 1:
+    raise ValueError(
+        f'boundaries={boundaries!r} needs exactly one shortened level, got '
+        f"{len(spec.levels)}; e.g. hierarchy='2@1 8@3 2@1' (k=3: the target "
+        'average segment length).')
+  if factor_dropout:
+    raise ValueError(
+        f'boundaries={boundaries!r} takes no shorten_factor_dropout (got '
+        f"{factor_dropout}); use it with boundaries='fixed'.")
+  if not (isinstance(bound, (int, float)) and bound > 0):
+    raise ValueError(f'shortened_bound={bound!r} must be a positive number '
+                     f'(the shortened length over len/k), e.g. '
+                     f'{dynamic.SHORTENED_BOUND}.')
+  if boundaries == 'unigram':
+    raise NotImplementedError(
+        "boundaries='unigram' needs trax_hourglass.layers.segmentation, which "
+        "is not there yet; use 'whitespace', 'entropy' or 'gumbel'.")
+  if mode == 'predict':
+    raise NotImplementedError(
+        f"HourglassLM(mode='predict') with boundaries={boundaries!r} is not "
+        "implemented yet; use boundaries='fixed' to decode.")
+  return boundaries
 
 
 def _check_factor_dropout(factors, spec, resampling_fns):

@@ -1,0 +1,140 @@
+"""Dynamic pooling: boundaries, segment means, the bound, causality, losses."""
+
+import functools
+
+import hypothesis
+from hypothesis import strategies as st
+import numpy as np
+import pytest
+from trax import shapes
+
+import trax_hourglass as th
+from trax_hourglass.layers import boundaries as dynamic
+
+VOCAB, LENGTH, D_MODEL = 16, 24, 16
+SPACES = (3, 7)  # The test vocabulary's boundary tokens.
+KINDS = ('whitespace', 'entropy', 'gumbel')
+
+
+@functools.lru_cache(maxsize=None)
+def _model(kind, k=3, vanilla=(1, 1), bound=dynamic.SHORTENED_BOUND,
+           mode='eval'):
+  model = th.HourglassLM(
+      VOCAB, d_model=D_MODEL, d_ff=32, n_heads=2, vanilla_layers=vanilla,
+      hierarchy=f'1@{k}', mode=mode, boundaries=kind, boundary_tokens=SPACES,
+      shortened_bound=bound)
+  model.init(shapes.ShapeDtype((3, LENGTH), np.int32))
+  return model
+
+
+def _logits(model, tokens):
+  out = model(np.asarray(tokens, np.int32))
+  return np.asarray(out[0] if isinstance(out, tuple) else out)
+
+
+def _tokens(rng, n=LENGTH):
+  """Random tokens, about a third of them boundary tokens."""
+  tokens = rng.randint(VOCAB, size=n)
+  spaces = rng.rand(n) < 0.3
+  tokens[spaces] = rng.choice(SPACES, size=spaces.sum())
+  return tokens.astype(np.int32)
+
+
+def _changed_at(tokens, t, rng):
+  """Rows: tokens; token t toggled between a boundary and not; t.. redrawn."""
+  batch = np.stack([tokens] * 3)
+  if tokens[t] in SPACES:
+    batch[1, t] = next(x for x in range(VOCAB) if x not in SPACES)
+  else:
+    batch[1, t] = SPACES[0]
+  batch[2, t:] = _tokens(rng, LENGTH - t)
+  return batch
+
+
+def _leak(model, tokens, t, rng):
+  """Largest change of an output at positions <= t when token t changes."""
+  out = _logits(model, _changed_at(tokens, t, rng))
+  return max(np.abs(out[row, :t + 1] - out[0, :t + 1]).max() for row in (1, 2))
+
+
+def _assert_causal(model, tokens, t, rng):
+  out = _logits(model, _changed_at(tokens, t, rng))
+  for row in (1, 2):
+    np.testing.assert_allclose(out[row, :t + 1], out[0, :t + 1], atol=1e-5,
+                               err_msg=f'output <= {t} changed with token {t}')
+  if t + 1 < LENGTH:  # The test can fail: a later output does change.
+    assert np.abs(out[1, t + 1:] - out[0, t + 1:]).max() > 1e-4
+
+
+@hypothesis.settings(max_examples=10, deadline=None, derandomize=True)
+@hypothesis.given(
+    kind=st.sampled_from(KINDS),
+    k=st.sampled_from([2, 3, 4]),
+    vanilla=st.tuples(st.integers(0, 1), st.integers(0, 1)),
+    bound=st.sampled_from([0.5, dynamic.SHORTENED_BOUND]),
+    t=st.integers(0, LENGTH - 1),
+    seed=st.integers(0, 2**16),
+)
+def test_changing_token_t_leaves_outputs_up_to_t_unchanged(kind, k, vanilla,
+                                                           bound, t, seed):
+  """Through the boundaries, the segment means and the bound (0.5: most
+  sequences have more segments than the shortened length holds)."""
+  rng = np.random.RandomState(seed)
+  _assert_causal(_model(kind, k, vanilla, bound), _tokens(rng), t, rng)
+
+
+def test_every_kind_is_causal_at_boundary_tokens():
+  """Each kind at once, whatever hypothesis drew; t on and off a boundary."""
+  rng = np.random.RandomState(0)
+  tokens = _tokens(rng)
+  for kind in KINDS:
+    for t in (0, 5, 11, 23):
+      _assert_causal(_model(kind), tokens, t, rng)
+
+
+def test_upsampling_from_the_open_segment_fails_the_causality_test(
+    monkeypatch):
+  """The broken variant (position t reads its own, incomplete, segment)
+  leaks the future: the same check catches it."""
+  rng = np.random.RandomState(0)
+  tokens = _tokens(rng)
+  model = _model('whitespace')
+  assert max(_leak(model, tokens, t, rng) for t in range(LENGTH)) < 1e-5
+  monkeypatch.setattr(dynamic, 'upsampled_segment',
+                      lambda closed, n: np.minimum(closed + 1, n - 1))
+  leaks = [_leak(model, tokens, t, rng) for t in range(LENGTH)]
+  assert max(leaks) > 1e-3, leaks
+  with pytest.raises(AssertionError, match='changed with token'):
+    for t in range(LENGTH):
+      _assert_causal(model, tokens, t, rng)
+
+
+def test_segments_past_the_bound_keep_the_last_shortened_vector():
+  """Every token a boundary, bound 0.5 at k=3: S = 5 holds 4 segments of 24.
+  No error; until the 4th closes the outputs are those of a model with room
+  for all (same weights), afterwards they differ (stale, not future)."""
+  tokens = np.full((3, LENGTH), SPACES[0], np.int32)
+  tokens[1] = _tokens(np.random.RandomState(1))
+  tokens[1, :6] = SPACES[1]
+  small, large = _model('whitespace', bound=0.5), _model('whitespace', bound=4.0)
+  assert dynamic.shortened_length(LENGTH, 3, 0.5) == 5
+  large.weights = small.weights
+  a, b = _logits(small, tokens), _logits(large, tokens)
+  assert np.isfinite(a).all()
+  # Position t holds token t-1: 4 segments closed after position 4.
+  np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-5)
+  assert np.abs(a[0, 5:] - b[0, 5:]).max() > 1e-4
+  rng = np.random.RandomState(2)
+  for t in (2, 4, 5, 12):
+    _assert_causal(small, tokens[0], t, rng)
+
+
+def test_segment_means_and_null_vector():
+  vecs = np.arange(2 * 6 * 1, dtype=np.float32).reshape(2, 6, 1)
+  ends = np.array([[0, 1, 0, 0, 1, 0], [1, 1, 1, 1, 1, 1]], np.float32)
+  means = np.asarray(dynamic.segment_means(vecs, ends, 3))[..., 0]
+  np.testing.assert_allclose(means[0], [0.5, 3.0, 5.0])  # The last: open.
+  np.testing.assert_allclose(means[1], [6.0, 7.0, 8.0])  # Past 3: dropped.
+  closed = np.cumsum(ends, axis=1).astype(np.int32)
+  np.testing.assert_array_equal(dynamic.upsampled_segment(closed, 4),
+                                [[0, 1, 1, 1, 2, 2], [1, 2, 3, 3, 3, 3]])

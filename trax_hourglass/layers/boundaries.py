@@ -1,0 +1,238 @@
+"""Dynamic pooling ("Efficient Transformers with Dynamic Token Pooling", Nawrot
+et al. 2023): segment boundaries, segment-mean shortening and upsampling.
+
+Positions are a level's input positions: position t holds the previous token
+(the model's TokenShift) and predicts token t. ends[t] = 1 means "a segment
+ends after position t". With closed[t] = cumsum(ends)[t], the segments closed
+by t:
+  * shortening: z[0] is a learned null vector; z[j] is the mean of the
+    vectors of segment j-1 (its positions: those with closed[t] - ends[t] =
+    j-1), for j = 1 .. S-1; segments from S-1 on are not pooled;
+  * upsampling: position t takes out[min(closed[t], S-1)], the shortened
+    layers' output at the latest segment closed at t or before: out[j]
+    depends on z[0..j], i.e. on positions <= t. Past the static bound S a
+    position keeps out[S-1] (stale, never from the future).
+S = 1 + ceil(shortened_bound * len / k) for a level of target segment length
+k: a static shape under jit.
+"""
+
+import math
+
+import jax
+import numpy as np
+import trax.layers as tl
+from trax.fastmath import numpy as jnp
+from trax.layers import base
+from trax.layers import initializers as init
+
+from trax_hourglass.layers.dense import Dense
+
+KINDS = ('fixed', 'whitespace', 'entropy', 'gumbel', 'unigram')
+LEARNED = ('entropy', 'gumbel', 'unigram')
+# ASCII space, tab, CR, LF: the byte ids that end a word.
+WHITESPACE_TOKENS = (32, 9, 13, 10)
+# The shortened length holds up to twice the target number of segments.
+SHORTENED_BOUND = 2.0
+# Gumbel-sigmoid temperature, and how many earlier positions an entropy spike
+# must exceed: the authors' values.
+GUMBEL_TEMPERATURE = 0.5
+ENTROPY_SPIKES = 2
+
+
+def shortened_length(length, target_segment_length, bound=SHORTENED_BOUND):
+  """S: the null vector and up to ceil(bound * length / k) segments."""
+  return 1 + math.ceil(bound * length / target_segment_length)
+
+
+def upsampled_segment(closed, n_shortened):
+  """The shortened position each position reads: its latest closed segment.
+
+  closed: (batch, len) ints, segments closed at or before each position ->
+  (batch, len) indices into the shortened outputs (batch, n_shortened, d).
+  """
+  return jnp.minimum(closed, n_shortened - 1)
+
+
+def segment_means(vecs, ends, n_segments):
+  """Mean vector of each of the first n_segments segments.
+
+  vecs (batch, len, d), ends (batch, len) 0/1 floats -> (batch, n_segments, d);
+  a segment without positions (past the last boundary) is 0. Later segments
+  are dropped. Each position's weight is 1 whose gradient is that of its
+  segment index in `ends`, as the authors' membership matrix: a straight-
+  through `ends` (Gumbel) is trained through the means.
+  """
+  opened = jnp.cumsum(ends, axis=1) - ends  # Segment index, differentiably.
+  segment = jax.lax.stop_gradient(opened).astype(jnp.int32)
+  weight = 1.0 + opened - jax.lax.stop_gradient(opened)
+
+  def sums(x):  # Per example; indices >= n_segments are dropped.
+    return jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, n_segments))(
+        x, segment)
+
+  totals = sums(vecs * weight[..., None].astype(vecs.dtype))
+  counts = sums(weight)
+  return totals / (counts[..., None].astype(vecs.dtype) + 1e-9)
+
+
+class SegmentPooling(base.Layer):
+  """(vecs (batch, len, d), ends (batch, len)) -> short (batch, S, d).
+
+  short[:, 0] is the learned null vector (a weight of shape (d,)), short[:,
+  j] the mean of segment j-1 (`segment_means`); S = `shortened_length(len,
+  k, bound)` for the level's target segment length k.
+  """
+
+  def __init__(self, target_segment_length, bound=SHORTENED_BOUND):
+    super().__init__(n_in=2, n_out=1, name='SegmentPooling')
+    self._k = target_segment_length
+    self._bound = bound
+
+  def init_weights_and_state(self, input_signature):
+    d = input_signature[0].shape[-1]
+    self.weights = init.RandomNormalInitializer(1.0)((d,), self.rng)
+
+  def forward(self, inputs):
+    vecs, ends = inputs
+    batch, length, d = vecs.shape
+    n_short = shortened_length(length, self._k, self._bound)
+    null = jnp.broadcast_to(self.weights.astype(vecs.dtype), (batch, 1, d))
+    return jnp.concatenate([null, segment_means(vecs, ends, n_short - 1)],
+                           axis=1)
+
+
+def SegmentUpsampling():
+  """(short (batch, S, d), ends (batch, len)) -> (batch, len, d).
+
+  Position t takes short[min(closed[t], S-1)] (`upsampled_segment`). No
+  gradient reaches `ends` here: in the authors' normalised membership it
+  vanishes too (one member per row).
+  """
+  def upsample(short, ends):
+    closed = jnp.cumsum(jax.lax.stop_gradient(ends), axis=1).astype(jnp.int32)
+    index = upsampled_segment(closed, short.shape[1])
+    return jnp.take_along_axis(short, index[..., None], axis=1)
+  return tl.Fn('SegmentUpsampling', upsample)
+
+
+def WhitespaceBoundaries(boundary_tokens=WHITESPACE_TOKENS):
+  """(vecs, toks (batch, len)) -> (vecs, ends): ends[t] = toks[t] is one of them.
+
+  toks are the level's input tokens (the shifted ones: position t holds
+  token t-1), so a segment ends after each boundary token.
+  """
+  tokens = np.asarray(boundary_tokens, np.int32)
+
+  def ends(vecs, toks):
+    return vecs, jnp.isin(toks, tokens).astype(jnp.float32)
+  return tl.Fn('WhitespaceBoundaries', ends, n_out=2)
+
+
+class HardBoundaries(base.Layer):
+  """Boundary logits (batch, len) -> (ends, aux): 0/1 ends and the loss's input.
+
+  entropy, unigram: ends = sigmoid(logits) > 0.5; aux = the logits (the loss
+  is a binary cross-entropy on them). gumbel: in training, ends = hard
+  Gumbel-sigmoid with a straight-through gradient (logistic noise,
+  `temperature`); in eval and predict, sigmoid(logits) > 0.5; aux = ends
+  (the loss is a Binomial prior on their sum).
+  """
+
+  def __init__(self, kind, mode='train', temperature=GUMBEL_TEMPERATURE):
+    super().__init__(n_in=1, n_out=2, name=f'HardBoundaries({kind})')
+    self._kind = kind
+    self._mode = mode
+    self._temperature = temperature
+
+  def forward(self, logits):
+    hard = (logits > 0).astype(jnp.float32)  # sigmoid(logits) > 0.5
+    if self._kind != 'gumbel':
+      return hard, logits
+    if self._mode == 'train':
+      uniform = jax.random.uniform(self.rng, logits.shape, minval=1e-6,
+                                   maxval=1 - 1e-6)
+      noise = jnp.log(uniform) - jnp.log1p(-uniform)  # Logistic.
+      soft = jax.nn.sigmoid((logits + noise) / self._temperature)
+      hard = (soft > 0.5).astype(soft.dtype)
+      hard = hard - jax.lax.stop_gradient(soft) + soft
+    return hard, hard
+
+
+def BoundaryPredictor(kind, d_ff, ff_activation=tl.FastGelu, mode='train'):
+  """(vecs (batch, len, d), toks) -> (vecs, ends (batch, len), aux).
+
+  An MLP on each position's vector: Dense(d_ff), activation, Dense(1), then
+  `HardBoundaries`. Causal: ends[t] reads position t only.
+  """
+  return tl.Serial(
+      tl.Select([0, 0], n_in=2),  # vecs, vecs (the tokens are not needed)
+      Dense(d_ff), ff_activation(), Dense(1),  # logits: (batch, len, 1), vecs
+      tl.Fn('Squeeze', lambda x: x[..., 0]),  # logits: (batch, len), vecs
+      HardBoundaries(kind, mode),  # ends, aux, vecs
+      tl.Select([2, 0, 1]),  # vecs, ends, aux
+      name=f'BoundaryPredictor({kind})')
+
+
+def _entropy_spikes(logits, spikes=ENTROPY_SPIKES):
+  """(batch, len, vocab) -> (batch, len) 0/1: entropy above the previous `spikes`.
+
+  Positions with fewer predecessors compare with those they have (the
+  authors' rule).
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  spike = jnp.ones(entropy.shape, bool)
+  for i in range(1, spikes + 1):
+    higher = entropy[:, i:] > entropy[:, :-i]
+    spike = spike.at[:, i:].set(spike[:, i:] & higher)
+  return spike.astype(jnp.float32)
+
+
+def _unigram_targets(toks, model_path):
+  """ends[t] = a SentencePiece piece ends at token t-1 (position t holds it)."""
+  from trax_hourglass.layers import segmentation  # pylint: disable=g-import-not-at-top
+  pieces = jax.pure_callback(
+      lambda t: np.asarray(segmentation.unigram_boundaries(
+          np.asarray(t), model_path), bool),
+      jax.ShapeDtypeStruct(toks.shape, jnp.bool_), toks)
+  return jnp.pad(pieces, ((0, 0), (1, 0)))[:, :-1].astype(jnp.float32)
+
+
+def _binary_cross_entropy(logits, targets):
+  """Mean binary cross-entropy of sigmoid(logits) against 0/1 targets."""
+  return jnp.mean(jnp.maximum(logits, 0) - logits * targets +
+                  jnp.log1p(jnp.exp(-jnp.abs(logits))))
+
+
+def _binomial_prior(ends, rate):
+  """-log Binomial(sum ends; n=len, p=rate) / len, averaged over the batch."""
+  n = ends.shape[1]
+  count = jnp.sum(ends, axis=1)
+  log_prob = (jax.scipy.special.gammaln(n + 1.0) -
+              jax.scipy.special.gammaln(count + 1) -
+              jax.scipy.special.gammaln(n - count + 1) +
+              count * math.log(rate) + (n - count) * math.log1p(-rate))
+  return -jnp.mean(log_prob) / n
+
+
+def BoundaryLoss(kind, target_segment_length, sentencepiece_model=None):
+  """(logits (batch, len', V), aux (batch, len'), toks (batch, len)) ->
+  (logits (batch, len, V), boundary_loss ()).
+
+  Crops to the input length and computes the boundary predictor's loss over
+  it: entropy: binary cross-entropy toward the spikes of the logits' entropy;
+  unigram: toward the SentencePiece pieces of the tokens; gumbel: the
+  Binomial prior with rate 1/k on the number of boundaries. Targets carry no
+  gradient.
+  """
+  def loss(logits, aux, toks):
+    length = toks.shape[1]
+    logits, aux = logits[:, :length], aux[:, :length]
+    if kind == 'gumbel':
+      return logits, _binomial_prior(aux, 1.0 / target_segment_length)
+    if kind == 'entropy':
+      targets = _entropy_spikes(logits)
+    else:
+      targets = _unigram_targets(toks, sentencepiece_model)
+    return logits, _binary_cross_entropy(aux, jax.lax.stop_gradient(targets))
+  return tl.Fn(f'BoundaryLoss({kind})', loss, n_out=2)
