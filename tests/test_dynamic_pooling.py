@@ -1,11 +1,17 @@
 """Dynamic pooling: boundaries, segment means, the bound, causality, losses."""
 
 import functools
+import math
+import re
 
+import gin
 import hypothesis
 from hypothesis import strategies as st
+import jax
+from jax import numpy as jnp
 import numpy as np
 import pytest
+import trax.layers as tl
 from trax import shapes
 
 import trax_hourglass as th
@@ -138,3 +144,130 @@ def test_segment_means_and_null_vector():
   closed = np.cumsum(ends, axis=1).astype(np.int32)
   np.testing.assert_array_equal(dynamic.upsampled_segment(closed, 4),
                                 [[0, 1, 1, 1, 2, 2], [1, 2, 3, 3, 3, 3]])
+
+
+def _outputs_and_grads(model, tokens, *loss_fns):
+  """Model outputs, and the gradient of each loss_fn(outputs) with respect to
+  the model's weights: one compiled function."""
+  def run(weights):
+    def outputs(weights):
+      return model.pure_fn(tokens, weights, model.state, model.rng)[0]
+    return outputs(weights), [jax.grad(lambda w, f=f: f(*outputs(w)))(weights)
+                              for f in loss_fns]
+  return jax.jit(run)(model.weights)
+
+
+def _predictor(model, tree):
+  """The part of a weights-shaped tree that is the boundary predictor's."""
+  i = next(i for i, layer in enumerate(model.sublayers)
+           if isinstance(layer, th.models.hourglass.DynamicLevel))
+  return tree[i][0]
+
+
+@pytest.mark.parametrize('kind', ['entropy', 'gumbel'])
+def test_learned_boundaries_train_with_their_loss(kind):
+  """Train mode returns (logits, boundary_loss); LossWithBoundaries adds the
+  term; the predictor gets gradient: entropy from its own loss only (hard
+  boundaries), gumbel also from the LM loss (straight-through, through the
+  segment means)."""
+  model = _model(kind, mode='train')
+  rng = np.random.RandomState(3)
+  tokens = np.stack([_tokens(rng) for _ in range(3)])
+  targets, weights = tokens, np.ones(tokens.shape, np.float32)
+  cross_entropy = tl.WeightedCategoryCrossEntropy()
+  total = th.layers.LossWithBoundaries()
+  def lm_loss(logits, unused_boundary_loss):
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.take_along_axis(logp, targets[..., None], -1).mean()
+
+  (logits, boundary_loss), (with_term, lm_only) = _outputs_and_grads(
+      model, tokens, lambda l, b: lm_loss(l, b) + b, lm_loss)
+  assert logits.shape == (3, LENGTH, VOCAB) and boundary_loss.shape == ()
+  assert float(boundary_loss) > 0
+  np.testing.assert_allclose(
+      total((logits, boundary_loss, targets, weights)),
+      lm_loss(logits, None) + boundary_loss, rtol=1e-5)
+  np.testing.assert_allclose(cross_entropy((logits, targets, weights)),
+                             lm_loss(logits, None), rtol=1e-5)
+  metrics = th.layers.boundary_metrics()
+  assert float(metrics['boundary_loss'](
+      (logits, boundary_loss, targets, weights))) == float(boundary_loss)
+
+  def norm(tree):
+    return sum(float(np.abs(x).sum()) for x in jax.tree_util.tree_leaves(tree))
+
+  assert norm(_predictor(model, with_term)) > 0
+  if kind == 'gumbel':
+    assert norm(_predictor(model, lm_only)) > 0
+  else:
+    assert norm(_predictor(model, lm_only)) == 0
+
+
+def test_entropy_targets_are_spikes_and_gumbel_prior_is_binomial():
+  # Entropies 1, 3, 2, 2.5, 4 (two-way logits): a spike exceeds the two before.
+  p = np.array([0.5, 0.99, 0.9, 0.95, 0.999, 0.6])
+  entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p))
+  logits = np.log(np.stack([p, 1 - p], -1))[None].astype(np.float32)
+  spikes = np.asarray(dynamic._entropy_spikes(logits))[0]  # pylint: disable=protected-access
+  expected = [entropy[t] > entropy[max(t - 1, 0):t].max(initial=-1) and
+              entropy[t] > entropy[max(t - 2, 0):t].max(initial=-1)
+              for t in range(len(p))]
+  np.testing.assert_array_equal(spikes, expected)
+  assert spikes.tolist() == [1, 0, 0, 0, 0, 1]
+  ends = np.array([[1, 0, 0, 1, 0, 0, 0, 0, 0, 0]], np.float32)
+  n, k = 10, 2  # -log Binomial(2; 10, 1/5) / 10
+  expected = -(math.log(math.comb(n, k)) + k * math.log(0.2) +
+               (n - k) * math.log(0.8)) / n
+  np.testing.assert_allclose(dynamic._binomial_prior(ends, 0.2), expected,  # pylint: disable=protected-access
+                             rtol=1e-5)
+
+
+TRAINER_GIN = """
+import trax_hourglass
+train.model = @trax_hourglass.HourglassLM
+train.inputs = @trax_hourglass.byte_file_inputs
+train.optimizer = @trax.optimizers.Adam
+train.steps = 2
+train.eval_frequency = 2
+train.eval_steps = 1
+train.random_seed = 0
+train.save_graphs = False
+byte_file_inputs.batch_size = 2
+byte_file_inputs.sequence_length = 16
+multifactor.constant = 0.01
+multifactor.factors = 'constant'
+trax_hourglass.HourglassLM.vocab_size = 256
+trax_hourglass.HourglassLM.d_model = 16
+trax_hourglass.HourglassLM.d_ff = 32
+trax_hourglass.HourglassLM.n_heads = 2
+trax_hourglass.HourglassLM.hierarchy = '1@1 1@3 1@1'
+trax_hourglass.HourglassLM.dropout = 0.0
+trax_hourglass.HourglassLM.boundaries = 'entropy'
+ProgressReporter.every_secs = 0
+ProgressReporter.unit = 'byte'
+"""
+
+
+def test_trainer_trains_learned_boundaries_with_their_loss(tmp_path, capsys):
+  """One gin line (boundaries) is enough: the trainer binds the loss and
+  metrics, trains on cross-entropy + boundary loss, and reports the boundary
+  loss beside the eval bits (which are cross-entropy alone)."""
+  from trax.data import inputs as trax_inputs  # pylint: disable=g-import-not-at-top
+  from trax_hourglass.cli import trainer  # pylint: disable=g-import-not-at-top
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_bytes(b'the quick brown fox jumps over the lazy dog. ' * 50)
+  config = tmp_path / 'dynamic.gin'
+  config.write_text(TRAINER_GIN)
+  gin.clear_config()
+  trax_inputs.data_counters = {}
+  try:
+    assert trainer.main([
+        '--config_file', str(config), '--output_dir', str(tmp_path / 'run'),
+        f"--config=byte_file_inputs.path='{corpus}'"]) == 0
+  finally:
+    gin.clear_config()
+  printed = capsys.readouterr().out
+  assert re.search(r'step 2/2 \| loss [\d.]+ .*\| eval [\d.]+ bits/byte @\d '
+                   r'\| boundary loss [\d.]+', printed), printed
+  saved = (tmp_path / 'run' / 'config.gin').read_text()
+  assert 'train.loss_fn = @trax_hourglass.LossWithBoundaries()' in saved

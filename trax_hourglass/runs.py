@@ -166,6 +166,9 @@ class ProgressReporter(callbacks.TrainingStepCallback):
       self._last_eval_step, value = evals[-1]
       parts.append(f'eval {float(value) / math.log(2):.3f} bits/{self._unit} '
                    f'@{self._last_eval_step}')
+      boundary = self._loop.history.get('eval', 'metrics/boundary_loss')
+      if boundary:  # Learned boundaries: the training loss includes it.
+        parts.append(f'boundary loss {float(boundary[-1][1]):.4f}')
     print(' | '.join(parts), flush=True)
     self._losses = []
     self._last_time = now

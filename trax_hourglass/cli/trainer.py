@@ -121,6 +121,26 @@ def _check_config():
   streams.set_vocab_size(vocab_size if isinstance(vocab_size, int) else None)
 
 
+def _bind_boundary_loss():
+  """Learned boundaries: the model returns (logits, boundary_loss); unless the
+  config says otherwise, train on their sum and report the term separately."""
+  from trax_hourglass.layers import boundaries  # pylint: disable=g-import-not-at-top
+  try:
+    model = gin.query_parameter('train.model')
+    kind = gin.query_parameter(f'{model.selector}.boundaries')
+  except (ValueError, AttributeError):
+    return
+  if kind not in boundaries.LEARNED:
+    return
+  for name, value in (('train.loss_fn', '@trax_hourglass.LossWithBoundaries()'),
+                      ('train.metrics', '@trax_hourglass.boundary_metrics()')):
+    try:
+      gin.query_parameter(name)
+    except ValueError:  # Not bound.
+      with gin.unlock_config():
+        gin.parse_config(f'{name} = {value}')
+
+
 _DISTRIBUTED_ENV = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
                     'num_processes': 'JAX_NUM_PROCESSES',
                     'process_id': 'JAX_PROCESS_ID'}
@@ -299,6 +319,7 @@ def _train(args):
   cli.check_gin_files(args.config_file)
   gin.parse_config_files_and_bindings(args.config_file, bindings)
   _check_config()
+  _bind_boundary_loss()
   output_dir = _output_dir_or_default(args.output_dir)
   n_devices = trainer_lib.num_devices() or fastmath.local_device_count()
   _print_devices(n_devices)

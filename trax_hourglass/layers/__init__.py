@@ -6,6 +6,8 @@ from trax_hourglass.layers.attention import RelativeAttentionBiases
 from trax_hourglass.layers.attention import RelativeAttentionWrapper
 from trax_hourglass.layers.attention import RelativeDotProductAttention
 from trax_hourglass.layers.attention_types import SelfAttention
+from trax_hourglass.layers.boundaries import boundary_metrics
+from trax_hourglass.layers.boundaries import LossWithBoundaries
 from trax_hourglass.layers.cache import PastMaxLenError
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling

@@ -18,6 +18,7 @@ k: a static shape under jit.
 
 import math
 
+import gin
 import jax
 import numpy as np
 import trax.layers as tl
@@ -236,3 +237,35 @@ def BoundaryLoss(kind, target_segment_length, sentencepiece_model=None):
       targets = _unigram_targets(toks, sentencepiece_model)
     return logits, _binary_cross_entropy(aux, jax.lax.stop_gradient(targets))
   return tl.Fn(f'BoundaryLoss({kind})', loss, n_out=2)
+
+
+@gin.configurable(module='trax_hourglass')
+def LossWithBoundaries():
+  """The training loss of a model with learned boundaries.
+
+  (logits (batch, len, V), boundary_loss (), targets (batch, len), weights)
+  -> cross-entropy + boundary_loss. `trainer` binds it as `train.loss_fn`
+  (and `boundary_metrics()` as `train.metrics`) when the model's boundaries
+  are learned.
+  """
+  return tl.Serial(
+      tl.Select([0, 2, 3, 1]),  # logits, targets, weights, boundary_loss
+      tl.WeightedCategoryCrossEntropy(),  # cross-entropy, boundary_loss
+      tl.Add(), name='LossWithBoundaries')
+
+
+@gin.configurable(module='trax_hourglass')
+def boundary_metrics():
+  """Eval metrics of a model with learned boundaries, by name.
+
+  Each takes (logits, boundary_loss, targets, weights): 'loss' is the
+  cross-entropy alone (comparable with other models), 'boundary_loss' the
+  predictor's term reported separately.
+  """
+  def of_logits(metric):
+    return tl.Serial(tl.Select([0, 2, 3], n_in=4), metric)
+  return {
+      'loss': of_logits(tl.WeightedCategoryCrossEntropy()),
+      'accuracy': of_logits(tl.WeightedCategoryAccuracy()),
+      'boundary_loss': tl.Select([1], n_in=4),
+  }
