@@ -119,6 +119,24 @@ def work(measure_fn, import_as, **record):
   return 0
 
 
+def one_xla_thread():
+  """Makes XLA:CPU in this process compute on one thread; call before jax starts.
+
+  For a CPU-seconds clock (`time.process_time`) that counts work, not waiting:
+  a pool of threads also burns CPU spinning while they wait for each other.
+  XLA sizes its CPU thread pool by the CPUs the process may run on
+  (--xla_cpu_multi_thread_eigen=false alone leaves two threads busy), so the
+  backend starts while the process is pinned to one CPU; then every thread may
+  run anywhere again, and the OS puts the one compute thread on a free core.
+  """
+  cpus = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, {min(cpus)})
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()  # Creates the CPU client and its thread pool.
+  for tid in os.listdir('/proc/self/task'):
+    os.sched_setaffinity(int(tid), cpus)
+
+
 def never(step):
   """For `training.Loop`'s checkpoint_at / eval_at: benchmarks save nothing."""
   del step

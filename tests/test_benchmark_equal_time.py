@@ -3,7 +3,8 @@
 The end-to-end test runs, as a user would,
 
   python benchmarks/equal_time.py --quick --data TEXT \
-      --variants no_shift,transformer6,sfd --seconds 1 --eval_points 1 --out DIR
+      --variants no_shift,transformer6,sfd --seconds 1 --eval_points 1 \
+      --clock cpu --out DIR
 
 on a small text file it writes itself, and checks the exit status, the
 markdown table, the JSON report and the plot. About 20-30 s per variant on a
@@ -47,7 +48,7 @@ def test_equal_time_quick(tmp_path):
   result = subprocess.run(
       [sys.executable, EQUAL_TIME, '--quick', '--data', str(data),
        '--variants', ','.join(variants), '--seconds', '1', '--eval_points', '1',
-       '--out', str(out)],
+       '--clock', 'cpu', '--out', str(out)],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
   details = f'stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}'
   assert result.returncode == 0, details
@@ -66,12 +67,17 @@ def test_equal_time_quick(tmp_path):
 
   report = json.loads((out / 'equal_time.json').read_text())
   assert report['failed'] == {}
+  assert report['clock'] == report['config']['clock'] == 'cpu'
   results = report['results']
   for v in variants:
     r = results[v]
     assert r['status'] == 'ok' and r['variant'] == v
     assert r['n_params'] > 0 and r['peak_rss_mib'] > 0
     assert r['train_s'] >= 0.5  # Trained about --seconds, not just compiled.
+    # The clock is the worker's CPU seconds; XLA computes on one thread, so
+    # they come no faster than wall seconds (two threads: up to 2x on 2 cores).
+    assert r['clock'] == 'cpu' and r['train_s'] == r['train_cpu_s']
+    assert r['train_cpu_s'] < 1.25 * r['train_wall_s'], details
     curve = r['curve']  # Before the timed training, and at its end.
     assert [p['timed_steps'] > 0 for p in curve] == [False, True]
     assert curve[-1]['step'] == r['steps']
