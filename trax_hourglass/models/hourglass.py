@@ -35,6 +35,8 @@ from trax_hourglass.models.predict import CausalShift
 from trax_hourglass.models.predict import LatestShortened
 from trax_hourglass.models.predict import PastMaxLenError  # pylint: disable=unused-import  # Its old place.
 from trax_hourglass.models.predict import TokenShift
+from trax_hourglass.models.predict import dynamic_level_step
+from trax_hourglass.models.predict import init_dynamic_level
 from trax_hourglass.models.predict import shortened_level_step
 
 
@@ -117,7 +119,7 @@ class DynamicLevel(tl.Serial):
   """
 
   def __init__(self, kind, target_segment_length, boundaries, middle,
-               mode='train', bound=dynamic.SHORTENED_BOUND):
+               mode='train', bound=dynamic.SHORTENED_BOUND, max_len=2048):
     self._boundaries = boundaries
     self._pooling = (
         tl.Select([0, 1, 0, 1]),  # vecs, ends, vecs, ends
@@ -136,15 +138,29 @@ class DynamicLevel(tl.Serial):
     self._factor = target_segment_length
     self._mode = mode
     self._bound = bound
+    # Predict mode's S: that of eval mode at max_len tokens.
+    self._max_shortened = dynamic.shortened_length(max_len,
+                                                   target_segment_length, bound)
 
   kind = property(lambda self: self._kind)
   mode = property(lambda self: self._mode)
+  max_shortened = property(lambda self: self._max_shortened)
   shorten_factor = property(lambda self: self._factor)  # The target.
   bound = property(lambda self: self._bound)
   boundaries = property(lambda self: self._boundaries)
   pooling = property(lambda self: self._pooling)
   middle = property(lambda self: self._middle)
   upsampling = property(lambda self: self._upsampling)
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      return init_dynamic_level(self, input_signature)
+    return super().init_weights_and_state(input_signature)
+
+  def forward(self, xs):
+    if self._mode == 'predict':
+      return dynamic_level_step(self, xs)
+    return super().forward(xs)
 
 
 def PadToMultiple(multiple, mode='train'):
@@ -371,7 +387,7 @@ def HourglassLM(vocab_size,
         kind, k, ends,
         _Blocks(level.n_layers, k, middle_attn_type, dynamic.shortened_length(
             padded_len, k, shortened_bound)),  # (batch, S, d_model)
-        mode=mode, bound=shortened_bound)
+        mode=mode, bound=shortened_bound, max_len=padded_len)
 
   n_pre, n_post = spec.vanilla_layers
   model = (functools.partial(Autoregressive, max_len=max_len)
@@ -394,7 +410,7 @@ def HourglassLM(vocab_size,
       _Blocks(n_post, 1, vanilla_attn_type) if spec.levels else [],  # vecs
       VocabProjection(vocab_size, d_model, loss_sparsity, mode),  # logits
       dynamic.BoundaryLoss(kind, spec.total_factor, sentencepiece_model)
-      if kind in dynamic.LEARNED else  # logits, boundary_loss
+      if kind in dynamic.LEARNED and mode != 'predict' else  # logits, loss
       CropToInputLength(),  # logits: (batch, len, vocab_size)
   )
 
@@ -424,10 +440,6 @@ def _check_boundaries(boundaries, spec, factor_dropout, sentencepiece_model,
     raise NotImplementedError(
         "boundaries='unigram' needs trax_hourglass.layers.segmentation, which "
         "is not there yet; use 'whitespace', 'entropy' or 'gumbel'.")
-  if mode == 'predict':
-    raise NotImplementedError(
-        f"HourglassLM(mode='predict') with boundaries={boundaries!r} is not "
-        "implemented yet; use boundaries='fixed' to decode.")
   return boundaries
 
 

@@ -1,0 +1,292 @@
+"""Predict mode of dynamic pooling: incremental decoding equals eval mode.
+
+Feeding 0, x0, x1, ... to HourglassLM(mode='predict', boundaries=...) must give
+the eval-mode logits of x at every position, for every boundary kind, with a
+batch whose sequences close segments at different tokens (at the first
+position, at consecutive positions, past the bound S), token by token and
+through prompts; the shortened layers step once per closed segment (plus the
+null vector), not every token; `decoding.sample` and `hourglass-sample` work on
+a dynamic model's checkpoint.
+"""
+
+import functools
+import os
+import re
+
+import gin
+import jax
+import numpy as np
+import pytest
+import trax
+import trax.layers as tl
+from trax import shapes
+from trax.data import inputs as trax_inputs
+from trax.supervised import training
+
+import trax_hourglass as th
+from trax_hourglass import checkpoints
+from trax_hourglass import decoding
+from trax_hourglass.cli import sample as sample_cli
+from trax_hourglass.layers import boundaries as dynamic
+from configurations import ATTENTION  # pylint: disable=g-bad-import-order
+
+VOCAB, LENGTH, BATCH = 12, 16, 3
+# 0 is the start token: with it a boundary, every sequence closes a segment
+# at its first position (null vector and first mean in one step).
+SPACES = (0, 3)
+KINDS = ('whitespace', 'entropy', 'gumbel')
+# S = 1 + ceil(BOUND * LENGTH / 3) = 7: six segments pooled, later ones not.
+BOUND = 1.0
+# Random weights whose predictor closes 2, 4 and 11 segments of _tokens()'s
+# rows (as asserted where used); the seed is test data.
+SEEDS = {'whitespace': 0, 'entropy': 7, 'gumbel': 7}
+
+
+@functools.lru_cache(maxsize=None)
+def _pair(kind, hierarchy='1@3', vanilla=(1, 1), bound=BOUND, seed=0,
+          middle_attn='relative'):
+  """(eval model, predict model) with the same random weights at scale 0.5.
+
+  Scale 0.5 (not trax's init) makes the learned predictors fire often and
+  every position term count.
+  """
+  args = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_heads=2, dropout=0.0,
+              hierarchy=hierarchy, vanilla_layers=vanilla, boundaries=kind,
+              boundary_tokens=SPACES, shortened_bound=bound,
+              middle_attn_type=ATTENTION[middle_attn])
+  evaluator = th.HourglassLM(mode='eval', **args)
+  evaluator.init(shapes.ShapeDtype((BATCH, LENGTH), np.int32))
+  flat, tree = jax.tree_util.tree_flatten(evaluator.weights)
+  rng = np.random.RandomState(seed)
+  evaluator.weights = jax.tree_util.tree_unflatten(
+      tree, [np.asarray(rng.normal(0, 0.5, w.shape), w.dtype) for w in flat])
+  decoder = th.HourglassLM(mode='predict', max_len=LENGTH, **args)
+  decoder.init(shapes.ShapeDtype((BATCH, 1), np.int32))
+  decoder.weights = evaluator.weights  # Same tree, loads unchanged.
+  _FRESH[decoder] = decoder.state
+  return evaluator, decoder
+
+
+_FRESH = {}  # Decoders' states before any token: each test starts there.
+
+
+def _tokens():
+  """Row 0: mostly boundaries, runs of them (past the bound); row 1: few."""
+  rng = np.random.RandomState(1)
+  tokens = rng.randint(4, VOCAB, size=(BATCH, LENGTH)).astype(np.int32)
+  tokens[0, [0, 1, 2, 4, 5, 7, 8, 9, 11, 13]] = 3
+  tokens[1, [6, 7]] = 3
+  tokens[2] = rng.randint(1, VOCAB, size=LENGTH)
+  return tokens
+
+
+def _eval_logits(evaluator, tokens):
+  out = evaluator(tokens)  # Learned boundaries: (logits, boundary_loss).
+  return np.asarray(out[0] if isinstance(out, tuple) else out)
+
+
+def _decode(decoder, tokens, chunks):
+  """Logits of decoding `tokens` (0 first) in calls of the given lengths."""
+  inputs = np.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
+  decoder.state = _FRESH.setdefault(decoder, decoder.state)
+  fast, outputs, start = tl.Accelerate(decoder), [], 0
+  for size in chunks:
+    outputs.append(np.asarray(fast(inputs[:, start:start + size])))
+    start += size
+  assert start == tokens.shape[1]
+  return np.concatenate(outputs, axis=1)
+
+
+def _level(model):
+  return next(layer for layer in model.sublayers
+              if isinstance(layer, th.models.hourglass.DynamicLevel))
+
+
+def _ends(evaluator, tokens):
+  """(batch, len) bool: the segment ends the eval model uses."""
+  return th.segment_boundaries(evaluator, tokens)
+
+
+def _assert_exercises_every_case(ends, n_shortened):
+  """The test data closes segments where predict mode has separate paths."""
+  closed = ends.sum(axis=1)
+  assert len(set(closed)) > 1, 'all sequences close the same number'
+  assert (ends[:, 1:] & ends[:, :-1]).any(), 'no consecutive closes'
+  assert (closed > n_shortened - 1).any(), 'no sequence past the bound'
+  assert (closed < n_shortened - 1).any(), 'every sequence past the bound'
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_each_kind_decodes_exactly_in_prompts_and_single_tokens(kind):
+  evaluator, decoder = _pair(kind, seed=SEEDS[kind])
+  tokens = _tokens()
+  ends = _ends(evaluator, tokens)
+  _assert_exercises_every_case(ends, _level(decoder).max_shortened)
+  # A prompt (lax.scan), one token, the rest (lax.scan again).
+  got = _decode(decoder, tokens, [6, 1, LENGTH - 7])
+  np.testing.assert_allclose(got, _eval_logits(evaluator, tokens), atol=1e-4)
+
+
+def test_the_first_position_closing_or_not_decodes_exactly():
+  """Whitespace with 0 a boundary closes at position 0; without, it does not."""
+  evaluator, decoder = _pair('whitespace')
+  tokens = _tokens()
+  assert _ends(evaluator, tokens)[:, 0].all()
+  # Without 0 among the boundaries (same weights: the tokens are no weight).
+  args = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_heads=2, dropout=0.0,
+              hierarchy='1@3', boundaries='whitespace', boundary_tokens=(3,),
+              shortened_bound=BOUND)
+  other_eval = th.HourglassLM(mode='eval', **args)
+  other_eval.init(shapes.ShapeDtype((BATCH, LENGTH), np.int32))
+  other_eval.weights = evaluator.weights
+  other = th.HourglassLM(mode='predict', max_len=LENGTH, **args)
+  other.init(shapes.ShapeDtype((BATCH, 1), np.int32))
+  other.weights = evaluator.weights
+  assert not _ends(other_eval, tokens)[:, 0].any()
+  np.testing.assert_allclose(_decode(other, tokens, [LENGTH]),
+                             _eval_logits(other_eval, tokens), atol=1e-4)
+
+
+def test_shortened_layers_step_once_per_closed_segment_per_sequence():
+  """Each sequence's shortened caches hold 1 + min(closed, S-1) positions:
+  the null vector and one per segment closed, up to the bound."""
+  evaluator, decoder = _pair('whitespace')
+  tokens = _tokens()
+  _decode(decoder, tokens, [LENGTH])
+  level = _level(decoder)
+  closed = _ends(evaluator, tokens).sum(axis=1)
+  steps = 1 + np.minimum(closed, level.max_shortened - 1)
+  middle_state = level.state[level.sublayers.index(level.middle)]
+  counters = [np.asarray(x) for x in jax.tree_util.tree_leaves(middle_state)
+              if x.dtype == np.int32 and x.shape == (BATCH,)]
+  assert counters  # One per attention layer of the shortened level.
+  for counter in counters:
+    np.testing.assert_array_equal(counter, steps)
+
+
+def test_past_max_len_raises():
+  _, decoder = _pair('whitespace')
+  _decode(decoder, _tokens(), [LENGTH])
+  with pytest.raises(ValueError, match=rf'token number {LENGTH + 1}, past its '
+                     rf'max_len={LENGTH}'):
+    decoder(np.zeros((BATCH, 1), np.int32))
+
+
+@pytest.mark.slow  # ~1-2 min: a model per configuration.
+@pytest.mark.parametrize('kind, hierarchy, vanilla, middle_attn, seed', [
+    ('whitespace', '2@2', (0, 1), 'rotary', 3),
+    ('entropy', '1@4', (1, 0), 'softmax', 4),
+    ('gumbel', '1@1 1@2 1@1', (1, 1), 'performer', 5),
+    ('entropy', '1@3', (2, 1), 'sparse_qkv', 6),
+])
+def test_other_configurations_decode_exactly(kind, hierarchy, vanilla,
+                                             middle_attn, seed):
+  evaluator, decoder = _pair(kind, hierarchy, vanilla, seed=seed,
+                             middle_attn=middle_attn)
+  tokens = _tokens()
+  assert _ends(evaluator, tokens).any()
+  got = _decode(decoder, tokens, [5, 1, 1, LENGTH - 7])
+  np.testing.assert_allclose(got, _eval_logits(evaluator, tokens), atol=1e-4)
+
+
+# Sampling: a whitespace model's trax checkpoint and config.gin, as
+# test_sampling.py makes them for a fixed one.
+TINY_GIN = """
+train.model = @trax_hourglass.HourglassLM
+trax_hourglass.HourglassLM.vocab_size = 256
+trax_hourglass.HourglassLM.d_model = 16
+trax_hourglass.HourglassLM.d_ff = 32
+trax_hourglass.HourglassLM.n_heads = 2
+trax_hourglass.HourglassLM.vanilla_layers = (1, 1)
+trax_hourglass.HourglassLM.hierarchy = '1@3'
+trax_hourglass.HourglassLM.dropout = 0.0
+trax_hourglass.HourglassLM.boundaries = 'whitespace'
+"""
+MAX_LEN, BUFFER = 32, 32
+PROMPT = np.array([[116, 104, 101, 32], [97, 32, 32, 98]])  # 'the ', 'a  b'
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp('dynamic_sampling') / 'run')
+  checkpoints.install()
+  gin.clear_config()
+  try:
+    gin.parse_config(TINY_GIN)
+    x = np.frombuffer(b'the quick brown fox jumps over t', np.uint8).astype(
+        np.int32).reshape(2, 16)
+    batches = iter(lambda: (x, x, np.ones(x.shape, np.float32)), None)
+    task = training.TrainTask(batches, tl.WeightedCategoryCrossEntropy(),
+                              trax.optimizers.Adam(0.01))
+    loop = training.Loop(th.HourglassLM(mode='train'), [task],
+                         output_dir=out, checkpoint_at=lambda step: False,
+                         random_seed=0)
+    # Random weights fire too seldom at whitespace to tell: larger ones.
+    flat, tree = jax.tree_util.tree_flatten(loop.model.weights)
+    rng = np.random.RandomState(0)
+    loop.model.weights = jax.tree_util.tree_unflatten(
+        tree, [np.asarray(rng.normal(0, 0.5, w.shape), w.dtype) for w in flat])
+    loop.save_checkpoint('model')
+    with open(os.path.join(out, 'config.gin'), 'w') as f:
+      f.write(gin.operative_config_str() +
+              '\ntrain.model = @trax_hourglass.HourglassLM\n')
+  finally:
+    gin.clear_config()
+  return out
+
+
+@pytest.fixture(scope='module')
+def models(run_dir):
+  try:
+    predict = decoding.load_predict_model(run_dir, max_len=MAX_LEN,
+                                          batch_size=2)
+    evaluate = gin.query_parameter('train.model').scoped_configurable_fn(
+        mode='eval')
+    evaluate.init_from_file(os.path.join(run_dir, 'model.pkl.gz'),
+                            weights_only=True)
+  finally:
+    gin.clear_config()
+  fwd = jax.jit(lambda x, w, s: evaluate.pure_fn(x, w, s,
+                                                 jax.random.PRNGKey(0))[0])
+  return predict, lambda x: np.asarray(fwd(
+      np.pad(x, ((0, 0), (0, BUFFER - x.shape[1]))), evaluate.weights,
+      evaluate.state))
+
+
+def _greedy_by_eval_model(evaluate, prompt, n_tokens):
+  seqs = np.asarray(prompt, np.int32)
+  for _ in range(n_tokens):
+    logits = evaluate(np.pad(seqs, ((0, 0), (0, 1))))
+    seqs = np.concatenate(
+        [seqs, logits[:, seqs.shape[1]].argmax(-1)[:, None]], axis=1)
+  return seqs[:, -n_tokens:]
+
+
+def test_sample_greedy_equals_eval_model_argmax(models):
+  predict, evaluate = models
+  tokens = decoding.sample(predict, 24, prompt=PROMPT, temperature=0)
+  np.testing.assert_array_equal(tokens,
+                                _greedy_by_eval_model(evaluate, PROMPT, 24))
+  sequence = np.concatenate([PROMPT, tokens], axis=1)
+  # The sequences differ in where they close segments.
+  ends = np.isin(np.pad(sequence, ((0, 0), (1, 0)))[:, :-1],
+                 dynamic.WHITESPACE_TOKENS)
+  assert ends.any(axis=1).all() and (ends[0] != ends[1]).any()
+
+
+def test_hourglass_sample_a_dynamic_run(run_dir, models, capsys):
+  _, evaluate = models
+  gin.clear_config()
+  trax_inputs.data_counters = {}
+  try:
+    assert sample_cli.main([
+        '--output_dir', run_dir, '--prompt', 'a  b', '--n_tokens', '12',
+        '--temperature', '0']) == 0
+  finally:
+    gin.clear_config()
+  captured = capsys.readouterr()
+  expected = _greedy_by_eval_model(evaluate, PROMPT[[1, 1]], 12)[0]
+  text = (b'a  b' + bytes(expected.astype(np.uint8))).decode(
+      'utf-8', errors='replace')
+  assert captured.out == f'{text}\n'
+  assert re.search(r'\[12/12 bytes\] [\d,.]+ tokens/s', captured.err)
