@@ -20,6 +20,7 @@ from trax import shapes
 
 import trax_hourglass as th
 from trax_hourglass.layers import boundaries as dynamic
+from trax_hourglass import scoring
 from trax_hourglass.layers import segmentation
 
 VOCAB, LENGTH, D_MODEL = 16, 24, 16
@@ -367,3 +368,21 @@ def test_bad_settings_are_one_line_errors(kwargs, message):
   with pytest.raises(ValueError, match=re.escape(message)) as error:
     th.HourglassLM(VOCAB, **{'hierarchy': '1@3', **kwargs})
   assert message in str(error.value).splitlines()[0]  # gin adds a line.
+
+
+def test_scoring_and_attention_maps_read_dynamic_models():
+  """hourglass-eval's Scorer takes the logits of (logits, boundary_loss);
+  attention maps name the shortened layers of a dynamic level."""
+  rng = np.random.RandomState(5)
+  tokens = np.stack([_tokens(rng) for _ in range(3)])
+  model = _model('entropy')
+  logp = jax.nn.log_softmax(model(tokens)[0])
+  expected = np.take_along_axis(np.asarray(logp), tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(scoring.Scorer(model).log2_probs(tokens),
+                             expected / math.log(2), atol=1e-4)
+  maps = th.attention_maps(_model('whitespace'), tokens)
+  assert [(m.name, m.kind, m.shorten_factor) for m in maps] == [
+      ('pre/0', 'full', 1), ('level1/shortened/0', 'shortened', 3),
+      ('post/0', 'full', 1)]
+  n_short = dynamic.shortened_length(LENGTH, 3)
+  assert maps[1].weights.shape == (3, 2, n_short, n_short)
