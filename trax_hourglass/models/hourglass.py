@@ -117,6 +117,10 @@ class DynamicLevel(tl.Serial):
     * `upsampling`: (out, vecs, ends) -> vecs + LayerNorm(out[min(closed,
       S-1)]).
   S = `boundaries.shortened_length(len, k, bound)`: a static shape.
+  In predict mode (one token per call, S that of max_len) the shortened
+  layers step only when a segment closes (and once, at the first token, on
+  the null vector), per example: see `predict.dynamic_level_step`; the
+  level returns vecs alone (no boundary loss).
   """
 
   def __init__(self, kind, target_segment_length, boundaries, middle,
@@ -228,8 +232,9 @@ def HourglassLM(vocab_size,
   per level in its state and takes the previous token, 0 first: feeding
   0, x0, x1, ... yields the eval-mode logits of x one position per call. A
   longer input (a prompt) is decoded token by token in one call. Shortened
-  layers run once every k tokens of their level. Weights are those of a train
-  or eval model with the same arguments.
+  layers run once every k tokens of their level (dynamic boundaries: once
+  per closed segment), and predict mode returns logits alone. Weights are
+  those of a train or eval model with the same arguments.
 
   Args:
     vocab_size: Number of token ids. Inputs must lie in [0, vocab_size): as
