@@ -171,7 +171,7 @@ def test_past_max_len_raises():
     ('whitespace', '2@2', (0, 1), 'rotary', 3),
     ('entropy', '1@4', (1, 0), 'softmax', 4),
     ('gumbel', '1@1 1@2 1@1', (1, 1), 'performer', 5),
-    ('entropy', '1@3', (2, 1), 'sparse_qkv', 6),
+    ('whitespace', '1@3', (2, 1), 'sparse_qkv', 6),
 ])
 def test_other_configurations_decode_exactly(kind, hierarchy, vanilla,
                                              middle_attn, seed):
