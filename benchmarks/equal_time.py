@@ -25,6 +25,11 @@ Suites (`--suite`, or any mix with `--variants`):
               performer, sparse_qkv (attention swaps), sparse_ff (sparse
               feed-forward + loss), sfd (shorten-factor dropout (2, 3); also
               scored at factor 2 with the same weights, row "sfd@2")
+  boundaries  fixed, whitespace, entropy, gumbel: dynamic pooling
+              (HourglassLM's `boundaries`) against fixed pooling every k
+              bytes, same layers; k matches the whitespace segments of the
+              training split. Also the average shortening each achieved;
+              benchmarks/boundaries.py draws their boundaries.
 
 Reference configuration (the defaults): d_model 128, d_ff 512, 4 heads,
 hierarchy '2@1 4@3 2@1', dropout 0, 16 x 384 bytes per step, Adam (b2 0.98,
@@ -76,6 +81,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import boundaries  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SHORTENING = {'avg': 'AveragePooling', 'linear': 'LinearPooling',
               'attn': 'AttentionResampling'}
@@ -92,6 +98,7 @@ SUITES = {
     'ablations': ('hourglass',) + RESAMPLING + ('factor2', 'factor4',
                                                 'no_shift'),
     'swaps': ('hourglass',) + SWAPS,
+    'boundaries': boundaries.KINDS,
 }
 ALL_VARIANTS = tuple(dict.fromkeys(v for vs in SUITES.values() for v in vs))
 # Run in place of 'lsh' when the PureLSHSelfAttentionWrapper worker fails.
@@ -162,6 +169,9 @@ def variant_hierarchy(variant, cfg):
     return f'{_n_layers(cfg["hierarchy"])}@1'
   if variant in ('factor2', 'factor4'):
     return _with_factor(cfg['hierarchy'], int(variant[-1]), variant)
+  if variant in boundaries.KINDS:
+    return _with_factor(cfg['hierarchy'], boundaries.factor(variant, cfg),
+                        variant)
   return cfg['hierarchy']
 
 
@@ -183,6 +193,13 @@ def describe(variant, cfg):
             f'upsampling_fn = @trax_hourglass.{UPSAMPLING[up]}')
   if variant in ('factor2', 'factor4'):
     return f'hierarchy {variant_hierarchy(variant, cfg)!r}'
+  if variant in boundaries.KINDS:
+    return (f'hierarchy {variant_hierarchy(variant, cfg)!r}, ' + (
+        'downsampling_fn = @trax_hourglass.AveragePooling, upsampling_fn = '
+        '@trax_hourglass.NaiveUpsampling' if variant == 'fixed' else
+        f"boundaries = '{variant}' (k: the target segment length)" + (
+            ', sentencepiece_model = a unigram model trained on the start of '
+            'the training split' if variant == 'unigram' else '')))
   if variant == 'no_shift':
     return ('CausalShift replaced by the identity (not causal: shortened '
             'vector i sees its whole block)')
@@ -267,6 +284,8 @@ def _model_fn(variant, cfg):
     shorten, up = variant.split('_')
     kwargs.update(downsampling_fn=getattr(L, SHORTENING[shorten]),
                   upsampling_fn=getattr(L, UPSAMPLING[up]))
+  if variant in boundaries.KINDS:
+    kwargs.update(boundaries.model_kwargs(variant, cfg))
   if variant == 'sparse_ff':
     kwargs.update(ff_sparsity=cfg['ff_sparsity'],
                   loss_sparsity=cfg['loss_sparsity'])
@@ -315,7 +334,7 @@ def _train(variant, cfg, trax, record):
   """Trains `variant` for `cfg['seconds']` on `cfg['clock']`, scoring it into
   `record`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax import shapes  # pylint: disable=g-import-not-at-top
   from trax.supervised import training  # pylint: disable=g-import-not-at-top
   from trax_hourglass.data import text  # pylint: disable=g-import-not-at-top
 
@@ -345,7 +364,7 @@ def _train(variant, cfg, trax, record):
   start = time.perf_counter()
   task = training.TrainTask(
       labeled_data=inputs.train_stream(1),
-      loss_layer=tl.WeightedCategoryCrossEntropy(),
+      loss_layer=boundaries.loss_layer(variant),
       optimizer=trax.optimizers.Adam(cfg['learning_rate'],
                                      weight_decay_rate=0.0, b1=0.9, b2=0.98,
                                      eps=1e-9),
@@ -430,6 +449,14 @@ def _train(variant, cfg, trax, record):
       f'{len(positions)} probe positions {forced:.4f} teacher-forced, '
       f'{hidden:.4f} with the future hidden')
 
+  if variant in boundaries.KINDS:  # Off the clock: the segments it makes.
+    model = model_fn(mode='eval')
+    model.init(shapes.ShapeDtype((cfg['batch'], cfg['seq_len']), np.int32))
+    boundaries.record_boundaries(
+        model, loop.model.weights, test_batches,
+        boundaries.factor(variant, cfg),
+        bytes(data[slice(*bounds['test'])]), bounds['test'][0], record)
+
   if variant == 'sfd':
     at_two = _with_factor(cfg['hierarchy'], 2, 'sfd')
     fn_two = functools.partial(model_fn, hierarchy=at_two,
@@ -504,6 +531,7 @@ def _resolve_config(args, variants):
   if not os.path.isfile(args.data):
     raise SystemExit(f'--data {args.data}: no such file.')
   cfg['data'] = os.path.abspath(args.data)
+  boundaries.configure(cfg, variants)
   if (cfg['seconds'] <= 0 or cfg['eval_points'] < 1 or
       cfg['eval_batches'] < 1 or cfg['test_batches'] < 0 or
       cfg['probe_positions'] < 1):
@@ -656,6 +684,16 @@ def _parent(args):
         + (_common.QUICK_NOTE if cfg['fast_compile'] else '') + ':\n')
   print(_table(variants, results, cfg))
   print()
+  if 'boundary_factor' in cfg:
+    print(f'k = {cfg["boundary_factor"]}: the divisor of --seq_len nearest '
+          f'{cfg["whitespace_segment"]:.2f}, the mean bytes per whitespace '
+          'segment of the training split. Shortening achieved on the test '
+          'split' + (f'; unigram: k = {cfg["unigram_factor"]}, nearest '
+                     f'{cfg["unigram_segment"]:.2f}, the mean bytes per '
+                     'segment of its targets on the training split'
+                     if 'unigram_factor' in cfg else '')
+          + ' (benchmarks/boundaries.py draws the segments):\n')
+    print(boundaries.table(variants, results) + '\n')
   for v in variants:
     r = results[v]
     print(f'- {_label(v, r)}: {describe(r["variant"], cfg)}'

@@ -141,7 +141,11 @@ def test_equal_time_variants():
   # The 3 x 3 resampling grid: 8 variants besides the default hourglass.
   assert len(equal_time.RESAMPLING) == 8 and 'attn_attn' not in (
       equal_time.RESAMPLING)
-  for suite in equal_time.SUITES.values():
-    assert suite[0] == 'hourglass'
+  for name, suite in equal_time.SUITES.items():  # The reference first.
+    assert suite[0] == ('fixed' if name == 'boundaries' else 'hourglass')
+  # The boundaries suite: k measured on the data (here 7) for every variant.
+  measured = dict(cfg, boundary_factor=7)
+  for v in equal_time.SUITES['boundaries']:
+    assert equal_time.variant_hierarchy(v, measured) == '2@1 4@7 2@1'
   for v in equal_time.ALL_VARIANTS:
-    assert equal_time.describe(v, cfg)
+    assert equal_time.describe(v, measured)

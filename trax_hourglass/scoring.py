@@ -30,6 +30,8 @@ class Scorer:
 
     def log_probs(inputs, targets, weights, state, rng):
       logits, _ = model.pure_fn(inputs, weights, state, rng)
+      if isinstance(logits, (tuple, list)):  # Learned boundaries: and a loss.
+        logits = logits[0]
       return token_log_probs(logits, targets)
 
     self._log_probs = jax.jit(log_probs)
