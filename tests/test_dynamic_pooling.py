@@ -1,8 +1,12 @@
 """Dynamic pooling: boundaries, segment means, the bound, causality, losses."""
 
+import atexit
 import functools
 import math
+import os
 import re
+import shutil
+import tempfile
 
 import gin
 import hypothesis
@@ -16,10 +20,30 @@ from trax import shapes
 
 import trax_hourglass as th
 from trax_hourglass.layers import boundaries as dynamic
+from trax_hourglass import scoring
+from trax_hourglass.layers import segmentation
 
 VOCAB, LENGTH, D_MODEL = 16, 24, 16
 SPACES = (3, 7)  # The test vocabulary's boundary tokens.
-KINDS = ('whitespace', 'entropy', 'gumbel')
+KINDS = ('whitespace', 'entropy', 'gumbel', 'unigram')
+
+
+@functools.lru_cache(maxsize=None)
+def _sentencepiece_model():
+  """A tiny SentencePiece unigram model of made-up words (its path)."""
+  spm = pytest.importorskip('sentencepiece')
+  folder = tempfile.mkdtemp()
+  atexit.register(shutil.rmtree, folder, True)
+  words = 'the walking talked hourglass shortened runner walks sequence'.split()
+  text = ' '.join(np.random.RandomState(0).choice(words, 600))
+  path = os.path.join(folder, 'unigram.model')
+  with open(path, 'wb') as f:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text[i:i + 100]
+                               for i in range(0, len(text), 100)),
+        model_writer=f, vocab_size=40, model_type='unigram', num_threads=1,
+        minloglevel=2)
+  return path
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,7 +52,8 @@ def _model(kind, k=3, vanilla=(1, 1), bound=dynamic.SHORTENED_BOUND,
   model = th.HourglassLM(
       VOCAB, d_model=D_MODEL, d_ff=32, n_heads=2, vanilla_layers=vanilla,
       hierarchy=f'1@{k}', mode=mode, boundaries=kind, boundary_tokens=SPACES,
-      shortened_bound=bound)
+      shortened_bound=bound, sentencepiece_model=(
+          _sentencepiece_model() if kind == 'unigram' else None))
   model.init(shapes.ShapeDtype((3, LENGTH), np.int32))
   return model
 
@@ -72,21 +97,27 @@ def _assert_causal(model, tokens, t, rng):
     assert np.abs(out[1, t + 1:] - out[0, t + 1:]).max() > 1e-4
 
 
-@hypothesis.settings(max_examples=10, deadline=None, derandomize=True)
-@hypothesis.given(
-    kind=st.sampled_from(KINDS),
-    k=st.sampled_from([2, 3, 4]),
-    vanilla=st.tuples(st.integers(0, 1), st.integers(0, 1)),
-    bound=st.sampled_from([0.5, dynamic.SHORTENED_BOUND]),
-    t=st.integers(0, LENGTH - 1),
-    seed=st.integers(0, 2**16),
-)
-def test_changing_token_t_leaves_outputs_up_to_t_unchanged(kind, k, vanilla,
-                                                           bound, t, seed):
-  """Through the boundaries, the segment means and the bound (0.5: most
-  sequences have more segments than the shortened length holds)."""
-  rng = np.random.RandomState(seed)
-  _assert_causal(_model(kind, k, vanilla, bound), _tokens(rng), t, rng)
+def _causality_property(max_examples):
+  @hypothesis.settings(max_examples=max_examples, deadline=None,
+                       derandomize=True)
+  @hypothesis.given(
+      kind=st.sampled_from(KINDS),
+      k=st.sampled_from([2, 3, 4]),
+      vanilla=st.tuples(st.integers(0, 1), st.integers(0, 1)),
+      bound=st.sampled_from([0.5, dynamic.SHORTENED_BOUND]),
+      t=st.integers(0, LENGTH - 1),
+      seed=st.integers(0, 2**16),
+  )
+  def test(kind, k, vanilla, bound, t, seed):
+    """Through the boundaries, the segment means and the bound (0.5: most
+    sequences have more segments than the shortened length holds)."""
+    rng = np.random.RandomState(seed)
+    _assert_causal(_model(kind, k, vanilla, bound), _tokens(rng), t, rng)
+  return test
+
+
+test_changing_token_t_leaves_outputs_up_to_t_unchanged = _causality_property(6)
+test_causality_more_examples = pytest.mark.slow(_causality_property(40))
 
 
 def test_every_kind_is_causal_at_boundary_tokens():
@@ -164,7 +195,8 @@ def _predictor(model, tree):
   return tree[i][0]
 
 
-@pytest.mark.parametrize('kind', ['entropy', 'gumbel'])
+@pytest.mark.parametrize(
+    'kind', ['gumbel', pytest.param('entropy', marks=pytest.mark.slow)])
 def test_learned_boundaries_train_with_their_loss(kind):
   """Train mode returns (logits, boundary_loss); LossWithBoundaries adds the
   term; the predictor gets gradient: entropy from its own loss only (hard
@@ -299,3 +331,58 @@ def test_segment_boundaries_reads_the_ends_the_model_uses():
                           tokens)
   with pytest.raises(ValueError, match='needs an eval-mode model'):
     th.segment_boundaries(_model('whitespace', mode='train'), tokens)
+
+
+def test_unigram_targets_are_the_pieces_at_the_input_positions():
+  """The predictor of 'unigram' learns SentencePiece's pieces of the text:
+  position t (token t-1) is a target end where a piece ends at token t-1."""
+  path = _sentencepiece_model()
+  text = b'the walking runner talked'
+  toks = np.frombuffer(text, np.uint8).astype(np.int32)[None]
+  targets = np.asarray(dynamic._unigram_targets(toks, path))  # pylint: disable=protected-access
+  shifted = np.pad(toks, ((0, 0), (1, 0)))[:, :-1]
+  np.testing.assert_array_equal(
+      targets, segmentation.unigram_boundaries(shifted, path))
+  assert targets[0, 4] and targets[0, 12]  # After 'the', 'walking'.
+  assert 0 < targets.sum() < len(text)
+  with pytest.raises(ValueError, match='needs sentencepiece_model'):
+    th.HourglassLM(256, hierarchy='1@3', boundaries='unigram')
+  with pytest.raises(ValueError, match='no such file'):
+    th.HourglassLM(256, hierarchy='1@3', boundaries='unigram',
+                   sentencepiece_model='/no/such.model')
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(boundaries='spaces'), "boundaries='spaces'; use one of 'fixed', "),
+    (dict(boundaries='entropy', hierarchy='1@2 1@4 1@2'),
+     'needs exactly one shortened level, got 2'),
+    (dict(boundaries='whitespace', hierarchy='4@1'),
+     'needs exactly one shortened level, got 0'),
+    (dict(boundaries='gumbel', shorten_factor_dropout=(2, 3)),
+     'takes no shorten_factor_dropout'),
+    (dict(boundaries='whitespace', shortened_bound=0), 'must be a positive'),
+    (dict(boundaries='whitespace', boundary_tokens=(' ',)),
+     "boundary_tokens=(' ',) must be token ids in [0, vocab_size=16)"),
+])
+def test_bad_settings_are_one_line_errors(kwargs, message):
+  with pytest.raises(ValueError, match=re.escape(message)) as error:
+    th.HourglassLM(VOCAB, **{'hierarchy': '1@3', **kwargs})
+  assert message in str(error.value).splitlines()[0]  # gin adds a line.
+
+
+def test_scoring_and_attention_maps_read_dynamic_models():
+  """hourglass-eval's Scorer takes the logits of (logits, boundary_loss);
+  attention maps name the shortened layers of a dynamic level."""
+  rng = np.random.RandomState(5)
+  tokens = np.stack([_tokens(rng) for _ in range(3)])
+  model = _model('entropy')
+  logp = jax.nn.log_softmax(model(tokens)[0])
+  expected = np.take_along_axis(np.asarray(logp), tokens[..., None], -1)[..., 0]
+  np.testing.assert_allclose(scoring.Scorer(model).log2_probs(tokens),
+                             expected / math.log(2), atol=1e-4)
+  maps = th.attention_maps(_model('whitespace'), tokens)
+  assert [(m.name, m.kind, m.shorten_factor) for m in maps] == [
+      ('pre/0', 'full', 1), ('level1/shortened/0', 'shortened', 3),
+      ('post/0', 'full', 1)]
+  n_short = dynamic.shortened_length(LENGTH, 3)
+  assert maps[1].weights.shape == (3, 2, n_short, n_short)

@@ -16,6 +16,7 @@ import collections
 import numpy as np
 
 from trax_hourglass.layers.attention import RelativeDotProductAttention
+from trax_hourglass.models.hourglass import DynamicLevel
 from trax_hourglass.models.hourglass import ShortenedLevel
 
 AttentionMap = collections.namedtuple(
@@ -30,7 +31,10 @@ kind: 'full', 'shortening', 'shortened' or 'upsampling'.
 shorten_factor: the total shortening of the layer's level relative to the
   tokens, the k of 'n@k' in the hierarchy (1 for 'full'). For 'shortening'
   the queries are at this factor and the keys at the level outside; for
-  'upsampling' the keys are at this factor and the queries outside.
+  'upsampling' the keys are at this factor and the queries outside. A
+  dynamic-pooling level (`boundaries` other than 'fixed') has 'shortened'
+  layers only, over its S segments (the null vector first); k is then the
+  target segment length.
 weights: float32 numpy (batch, heads, queries, keys), each row summing to 1,
   exactly 0 on the keys the query may not see.
 """
@@ -88,6 +92,10 @@ def _labels(model):
   labels, counts = {}, collections.Counter()
 
   def visit(layer, place, kind, factor, depth):
+    if isinstance(layer, DynamicLevel):  # Segment means: no attention.
+      visit(layer.middle, f'level{depth + 1}/shortened', 'shortened',
+            factor * layer.shorten_factor, depth + 1)
+      return 'post' if depth == 0 else place
     if isinstance(layer, ShortenedLevel):
       level, total = depth + 1, factor * layer.shorten_factor
       shortening, middle, _ = layer.shortening

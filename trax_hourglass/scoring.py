@@ -24,13 +24,14 @@ class Scorer:
   """Batched, jitted forward passes of an LM returning log2 p of each token."""
 
   def __init__(self, model):
-    """`model`: an initialized trax LM (mode 'eval') mapping tokens to logits."""
+    """`model`: an initialized trax LM (mode 'eval') mapping tokens to logits
+    (or to (logits, boundary_loss), as HourglassLM with learned boundaries)."""
     self._model = model
     self._rng = jax.random.PRNGKey(0)  # Unused: no dropout in 'eval' mode.
 
     def log_probs(inputs, targets, weights, state, rng):
       logits, _ = model.pure_fn(inputs, weights, state, rng)
-      if isinstance(logits, (tuple, list)):  # Learned boundaries: and a loss.
+      if isinstance(logits, (tuple, list)):  # Learned boundaries: their loss.
         logits = logits[0]
       return token_log_probs(logits, targets)
 

@@ -26,6 +26,7 @@ from trax.fastmath import numpy as jnp
 from trax.layers import base
 from trax.layers import initializers as init
 
+from trax_hourglass.layers import segmentation
 from trax_hourglass.layers.dense import Dense
 
 KINDS = ('fixed', 'whitespace', 'entropy', 'gumbel', 'unigram')
@@ -190,13 +191,16 @@ def _entropy_spikes(logits, spikes=ENTROPY_SPIKES):
 
 
 def _unigram_targets(toks, model_path):
-  """ends[t] = a SentencePiece piece ends at token t-1 (position t holds it)."""
-  from trax_hourglass.layers import segmentation  # pylint: disable=g-import-not-at-top
+  """The SentencePiece pieces of toks (batch, len), at the input positions.
+
+  Host side (`segmentation.unigram_boundaries` through jax.pure_callback):
+  position t holds token t-1, so the tokens are shifted as the model's input.
+  """
+  shifted = jnp.pad(toks, ((0, 0), (1, 0)))[:, :-1]
   pieces = jax.pure_callback(
-      lambda t: np.asarray(segmentation.unigram_boundaries(
-          np.asarray(t), model_path), bool),
-      jax.ShapeDtypeStruct(toks.shape, jnp.bool_), toks)
-  return jnp.pad(pieces, ((0, 0), (1, 0)))[:, :-1].astype(jnp.float32)
+      lambda t: np.asarray(segmentation.unigram_boundaries(t, model_path), bool),
+      jax.ShapeDtypeStruct(toks.shape, jnp.bool_), shifted)
+  return pieces.astype(jnp.float32)
 
 
 def _binary_cross_entropy(logits, targets):

@@ -22,6 +22,7 @@ from trax_hourglass.layers.attention_types import SelfAttention
 from trax_hourglass.layers.attention_types import constructor_parameters
 from trax_hourglass.layers.attention_types import has_positions
 from trax_hourglass.layers import boundaries as dynamic
+from trax_hourglass.layers import segmentation
 from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
@@ -295,14 +296,15 @@ def HourglassLM(vocab_size,
           attention_upsampling_fn))
   if max_len < 1:
     raise ValueError(f'max_len={max_len} must be positive, e.g. 2048.')
+  kind = _check_boundaries(boundaries, spec, shorten_factor_dropout,
+                           sentencepiece_model, shortened_bound, mode,
+                           vocab_size, boundary_tokens)
   factor_dropout = _check_factor_dropout(shorten_factor_dropout, spec, [
       downsampling_fn, upsampling_fn,
       attention_downsampling_fn if downsampling_fn is AttentionResampling
       else None,
       attention_upsampling_fn if upsampling_fn is AttentionResampling
       else None])
-  kind = _check_boundaries(boundaries, spec, factor_dropout,
-                           sentencepiece_model, shortened_bound, mode)
   if kind != 'fixed':  # Segments have no fixed length: nothing to pad.
     padded_len, pad_multiple = max_len, 1
   else:
@@ -400,7 +402,7 @@ def HourglassLM(vocab_size,
 
 
 def _check_boundaries(boundaries, spec, factor_dropout, sentencepiece_model,
-                      bound, mode):
+                      bound, mode, vocab_size, boundary_tokens):
   """Returns `boundaries` if HourglassLM can build it, or raises saying what works."""
   kinds = ', '.join(repr(kind) for kind in dynamic.KINDS)
   if boundaries not in dynamic.KINDS:
@@ -415,15 +417,28 @@ def _check_boundaries(boundaries, spec, factor_dropout, sentencepiece_model,
   if factor_dropout:
     raise ValueError(
         f'boundaries={boundaries!r} takes no shorten_factor_dropout (got '
-        f"{factor_dropout}); use it with boundaries='fixed'.")
+        f"{tuple(factor_dropout)}); use it with boundaries='fixed'.")
   if not (isinstance(bound, (int, float)) and bound > 0):
     raise ValueError(f'shortened_bound={bound!r} must be a positive number '
                      f'(the shortened length over len/k), e.g. '
                      f'{dynamic.SHORTENED_BOUND}.')
+  if boundaries == 'whitespace' and not (
+      isinstance(boundary_tokens, (tuple, list)) and boundary_tokens and all(
+          isinstance(t, int) and 0 <= t < vocab_size for t in boundary_tokens)):
+    raise ValueError(
+        f'boundary_tokens={boundary_tokens!r} must be token ids in [0, '
+        f'vocab_size={vocab_size}), e.g. {dynamic.WHITESPACE_TOKENS} (the '
+        'bytes of space, tab, CR, LF).')
   if boundaries == 'unigram':
-    raise NotImplementedError(
-        "boundaries='unigram' needs trax_hourglass.layers.segmentation, which "
-        "is not there yet; use 'whitespace', 'entropy' or 'gumbel'.")
+    if not sentencepiece_model:
+      raise ValueError(
+          "boundaries='unigram' needs sentencepiece_model: the path of a "
+          'SentencePiece .model file (its pieces train the predictor).')
+    if vocab_size > 256:
+      raise ValueError(
+          f"boundaries='unigram' segments bytes, but vocab_size={vocab_size}; "
+          'use it with byte-level data (vocab_size 256).')
+    segmentation.sentencepiece_model(sentencepiece_model)  # Or ValueError.
   if mode == 'predict':
     raise NotImplementedError(
         f"HourglassLM(mode='predict') with boundaries={boundaries!r} is not "
