@@ -123,6 +123,8 @@ CLOCK_LABELS = {'wall': 'training time',
 SUITE_CONFIG = {
     'length': dict(hierarchy='2@1 8@3 2@1', seq_len=2046, batch=1,
                    warmup_steps=50, seconds=600., test_batches=32),
+    # 336 = 48 x 7: k = 7 on enwik8 (6.9 bytes per whitespace segment).
+    'boundaries': dict(seq_len=336),
 }
 COMPILE_STEPS = 1  # The first step compiles the training step.
 MAX_CHUNK_S = 5.0  # Longest run of steps between two looks at the clock.
