@@ -3,23 +3,27 @@
 Draws (PNG) and prints the segment boundaries the models of the equal-time
 benchmark's `boundaries` suite learned: one row per variant, the paragraph's
 bytes with each segment shaded and its end marked, and a table of the
-average shortening each achieved (bytes per segment) over the whole test split.
+average shortening each achieved (bytes per segment) on the test split.
 
-  python benchmarks/equal_time.py --suite boundaries --clock cpu \\
+  python benchmarks/equal_time.py --suite boundaries \
       --data ../shared/data/enwik8-head.xml --out benchmarks/results/boundaries
   python benchmarks/boundaries.py benchmarks/results/boundaries/equal_time.json
 
 The suite: `fixed` (the hourglass's pooling every k bytes, segment means and
 upsampling from the previous complete segment, as the dynamic levels do),
-`whitespace`, `entropy` and `gumbel` boundaries (`HourglassLM(boundaries=...)`),
-all with the same layers, k being the divisor of --seq_len nearest the mean
-distance between whitespace bytes of the training split (the dynamic
-variants' target segment length, and gumbel's prior rate 1/k). After training,
-off the clock, each worker records `trax_hourglass.segment_boundaries` of its
-model on every test window (the average segment length, and how many positions
-fall past the static bound of the shortened length) and on the first window of
-plain prose in the test split (the picture). This script reads them from the
-benchmark's JSON: it builds no model.
+`whitespace`, `entropy`, `gumbel` and `unigram` boundaries
+(`HourglassLM(boundaries=...)`), all with the same layers. k is the divisor of
+--seq_len nearest the mean distance between whitespace bytes of the training
+split: the fixed factor, the dynamic variants' target segment length and
+gumbel's prior rate 1/k. unigram's SentencePiece model is trained on the start
+of the training split, and its k is the divisor nearest the mean segment
+length of its targets there (shorter than words: the shortened length must
+hold its segments). After training, off the clock, each worker records
+`trax_hourglass.segment_boundaries` of its model on the test windows (bytes
+per segment, and the share of positions past the static bound of the
+shortened length) and on the first window of plain prose in the test split
+(the picture). This script reads them from the benchmark's JSON (several:
+variants of runs made apart); it builds no model.
 """
 
 import argparse
