@@ -25,11 +25,12 @@ Suites (`--suite`, or any mix with `--variants`):
               performer, sparse_qkv (attention swaps), sparse_ff (sparse
               feed-forward + loss), sfd (shorten-factor dropout (2, 3); also
               scored at factor 2 with the same weights, row "sfd@2")
-  boundaries  fixed, whitespace, entropy, gumbel: dynamic pooling
+  boundaries  fixed, whitespace, entropy, gumbel, unigram: dynamic pooling
               (HourglassLM's `boundaries`) against fixed pooling every k
               bytes, same layers; k matches the whitespace segments of the
               training split. Also the average shortening each achieved;
-              benchmarks/boundaries.py draws their boundaries.
+              benchmarks/boundaries.py draws their boundaries (its
+              docstring has the details).
 
 Reference configuration (the defaults): d_model 128, d_ff 512, 4 heads,
 hierarchy '2@1 4@3 2@1', dropout 0, 16 x 384 bytes per step, Adam (b2 0.98,
@@ -64,6 +65,8 @@ Reproduce (each variant takes --seconds plus 1-2 minutes):
       --data ../shared/data/enwik8-head.xml --out benchmarks/results/ablations
   python benchmarks/equal_time.py --suite swaps --seconds 60 --batch 8 \
       --data ../shared/data/enwik8-head.xml --out benchmarks/results/swaps
+  python benchmarks/equal_time.py --suite boundaries \
+      --data ../shared/data/enwik8-head.xml --out benchmarks/results/boundaries
 
 Quick smoke run (tiny sizes, XLA optimization off; numbers mean nothing):
 
