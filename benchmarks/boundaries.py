@@ -239,7 +239,7 @@ def main(argv=None):
   parser.add_argument('--out', help='PNG to write (default: boundaries.png '
                       'beside the first JSON).')
   args = parser.parse_args(argv)
-  results, cfg = {}, None
+  results, cfg = {}, {}
   for path in args.results:
     try:
       with open(path) as f:
@@ -251,7 +251,7 @@ def main(argv=None):
       r = report['results'][v]
       if r.get('status') == 'ok' and 'paragraph' in r:
         results.setdefault(v, r)
-        cfg = cfg or report['config']
+        cfg = dict(report['config'], **cfg)  # The first file's first.
   if not results:
     parser.error(f'{" ".join(args.results)}: no trained variant of the '
                  'boundaries suite; run equal_time.py --suite boundaries.')
@@ -273,7 +273,8 @@ def main(argv=None):
        f'Segment ends (red) after {cfg["seconds"]:g} '
        f'{"CPU " if cfg.get("clock") == "cpu" else ""}s of training each, '
        f'd_model {cfg["d_model"]}, target segment length k = '
-       f'{cfg["boundary_factor"]}')
+       f'{cfg["boundary_factor"]}' + (f' (unigram: {cfg["unigram_factor"]})'
+                                      if 'unigram_factor' in cfg else ''))
   print(f'\nWrote {path}')
   return 0
 
