@@ -143,9 +143,10 @@ def test_equal_time_variants():
       equal_time.RESAMPLING)
   for name, suite in equal_time.SUITES.items():  # The reference first.
     assert suite[0] == ('fixed' if name == 'boundaries' else 'hourglass')
-  # The boundaries suite: k measured on the data (here 7) for every variant.
-  measured = dict(cfg, boundary_factor=7)
+  # The boundaries suite: k measured on the data (here 7; unigram's 4).
+  measured = dict(cfg, boundary_factor=7, unigram_factor=4)
   for v in equal_time.SUITES['boundaries']:
-    assert equal_time.variant_hierarchy(v, measured) == '2@1 4@7 2@1'
+    assert equal_time.variant_hierarchy(v, measured) == (
+        '2@1 4@4 2@1' if v == 'unigram' else '2@1 4@7 2@1')
   for v in equal_time.ALL_VARIANTS:
     assert equal_time.describe(v, measured)
