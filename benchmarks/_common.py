@@ -137,6 +137,16 @@ def one_xla_thread():
     os.sched_setaffinity(int(tid), cpus)
 
 
+def xla_threads():
+  """XLA:CPU compute threads in this process: those jaxlib names
+  `tf_XLAEigen` (0 where it names none, as jaxlib 0.4, or off Linux)."""
+  try:
+    return sum('XLAEigen' in open(f'/proc/self/task/{tid}/comm').read()
+               for tid in os.listdir('/proc/self/task'))
+  except OSError:
+    return 0
+
+
 def never(step):
   """For `training.Loop`'s checkpoint_at / eval_at: benchmarks save nothing."""
   del step
