@@ -25,6 +25,21 @@ Suites (`--suite`, or any mix with `--variants`):
               performer, sparse_qkv (attention swaps), sparse_ff (sparse
               feed-forward + loss), sfd (shorten-factor dropout (2, 3); also
               scored at factor 2 with the same weights, row "sfd@2")
+The paper's claims at its lengths, each with its own configuration
+(SUITE_CONFIG; flags still override it):
+  length      hourglass '2@1 8@3 2@1', vanilla ('12@1'), transformer12 at
+              2,046 bytes per window (2,048 rounded to a multiple of 2 and 3)
+  params      hourglass and same_params: the same blocks flat, as many as
+              give the nearest parameter count (the worker counts), at
+              equal steps (`--steps`)
+  sfd         the slides' Table 4: sfd, fixed2, fixed3 (the same model with
+              shorten factor 2 or 3 and no dropout), each also scored at the
+              other factor with the same weights, at equal steps
+  images      hourglass '1@1 8@3 1@1', vanilla ('10@1'), transformer10 on an
+              .npz of images (`--data`, e.g. the CIFAR-10 head: 3,072 tokens);
+              bits per dimension, and with --out a grid of the best model's
+              completions (completions.png: top halves given, bottoms sampled
+              with `trax_hourglass.decoding`)
 
 Reference configuration (the defaults): d_model 128, d_ff 512, 4 heads,
 hierarchy '2@1 4@3 2@1', dropout 0, 16 x 384 bytes per step, Adam (b2 0.98,
@@ -33,7 +48,9 @@ TransformerLM keeps its own choices (absolute positions, ReLU); attentions
 without positions of their own get trax's `PositionalEncoding` at the embedding.
 
 Data: any byte file (`--data`), split 90/5/5 by
-`trax_hourglass.data.text.byte_file_splits`. Training batches are random
+`trax_hourglass.data.text.byte_file_splits`; or an .npz of uint8 images
+(`train_images`, `test_images` [N, H, W, C]): the last 5% of the train images
+validate, the test images test, an image is H * W * C tokens. Training batches are random
 windows of the train split, the same for every variant. Bits per byte: on
 `--eval_batches` validation batches during training (the plot), at the end on
 every whole window of the test split (the table). Leak: at the end
@@ -49,7 +66,9 @@ wall seconds, with XLA using every core: run it on an otherwise idle machine.
 computing on one thread: the work a model does, not the time others take from
 it, so it stays fair on a shared machine (not entirely: cache and memory
 bandwidth are shared too). Each worker records which clock, both kinds of
-seconds, and the load average before and after.
+seconds, and the load average before and after. `--jobs N` trains N variants
+at once (`--clock cpu` only). `--steps N` trains each variant N steps
+instead (equal steps: the params and sfd suites).
 
 Reproduce (each variant takes --seconds plus 1-2 minutes):
 
@@ -59,6 +78,14 @@ Reproduce (each variant takes --seconds plus 1-2 minutes):
       --data ../shared/data/enwik8-head.xml --out benchmarks/results/ablations
   python benchmarks/equal_time.py --suite swaps --seconds 60 --batch 8 \
       --data ../shared/data/enwik8-head.xml --out benchmarks/results/swaps
+  python benchmarks/equal_time.py --suite length --clock cpu --jobs 3 \
+      --data ../shared/data/enwik8-head.xml --out benchmarks/results/length
+  python benchmarks/equal_time.py --suite params --clock cpu --jobs 2 \
+      --data ../shared/data/enwik8-head.xml --out benchmarks/results/params
+  python benchmarks/equal_time.py --suite sfd --clock cpu --jobs 3 \
+      --data ../shared/data/enwik8-head.xml --out benchmarks/results/sfd
+  python benchmarks/equal_time.py --suite images --clock cpu --jobs 3 \
+      --data ../shared/data/cifar10-head.npz --out benchmarks/results/images
 
 Quick smoke run (tiny sizes, XLA optimization off; numbers mean nothing):
 
@@ -122,9 +149,9 @@ SUITE_CONFIG = {
                    warmup_steps=50, seconds=600., test_batches=32),
     # Equal steps, shorter windows: steps cost what they cost.
     'params': dict(hierarchy='2@1 8@3 2@1', seq_len=768, batch=2,
-                   warmup_steps=50, steps=300, test_batches=32),
+                   warmup_steps=50, steps=200, test_batches=32),
     'sfd': dict(hierarchy='2@1 8@3 2@1', seq_len=768, batch=2,
-                warmup_steps=50, steps=300, test_batches=32),
+                warmup_steps=50, steps=200, test_batches=32),
     # --data: an .npz of images, e.g. ../shared/data/cifar10-head.npz.
     'images': dict(hierarchy='1@1 8@3 1@1', batch=1, warmup_steps=50,
                    seconds=480., test_batches=64),
