@@ -111,6 +111,7 @@ UPSAMPLING = {'repeat': 'NaiveUpsampling', 'linear': 'LinearUpsampling',
               'attn': 'AttentionResampling'}
 RESAMPLING = tuple(f'{s}_{u}' for s in SHORTENING for u in UPSAMPLING
                    if (s, u) != ('attn', 'attn'))  # attn_attn is `hourglass`.
+FIXED = ('fixed2', 'fixed3')  # sfd's model at one shorten factor, no dropout.
 SWAPS = ('rotary', 'softmax', 'lsh', 'performer', 'sparse_qkv', 'sparse_ff',
          'sfd')
 SUITES = {
@@ -118,7 +119,7 @@ SUITES = {
     # The paper's claims at its lengths, with their own configs (SUITE_CONFIG).
     'length': ('hourglass', 'vanilla', 'transformer12'),
     'params': ('hourglass', 'same_params'),
-    'sfd': ('sfd', 'fixed2', 'fixed3'),
+    'sfd': ('sfd',) + FIXED,
     'images': ('hourglass', 'vanilla', 'transformer10'),
     'ablations': ('hourglass',) + RESAMPLING + ('factor2', 'factor4',
                                                 'no_shift'),
@@ -146,15 +147,18 @@ CLOCK_LABELS = {'wall': 'training time',
 # 2,046: the paper's 2,048 rounded down to a multiple of the shortenings 2, 3.
 SUITE_CONFIG = {
     'length': dict(hierarchy='2@1 8@3 2@1', seq_len=2046, batch=1,
-                   warmup_steps=50, seconds=600., test_batches=32),
+                   warmup_steps=50, seconds=240., eval_batches=4,
+                   test_batches=16, probe_positions=8),
     # Equal steps, shorter windows: steps cost what they cost.
-    'params': dict(hierarchy='2@1 8@3 2@1', seq_len=768, batch=2,
-                   warmup_steps=50, steps=200, test_batches=32),
-    'sfd': dict(hierarchy='2@1 8@3 2@1', seq_len=768, batch=2,
-                warmup_steps=50, steps=200, test_batches=32),
-    # --data: an .npz of images, e.g. ../shared/data/cifar10-head.npz.
-    'images': dict(hierarchy='1@1 8@3 1@1', batch=1, warmup_steps=50,
-                   seconds=480., test_batches=64),
+    'params': dict(hierarchy='2@1 8@3 2@1', seq_len=768, batch=1,
+                   warmup_steps=50, steps=150, test_batches=32),
+    'sfd': dict(hierarchy='2@1 8@3 2@1', seq_len=768, batch=1,
+                warmup_steps=50, steps=150, test_batches=32),
+    # --data: an .npz of images, e.g. ../shared/data/cifar10-head.npz. Half
+    # the width and heads: 3,072-token attention weights fit beside the rest.
+    'images': dict(hierarchy='1@1 8@3 1@1', d_model=64, d_ff=256, n_heads=2,
+                   batch=1, warmup_steps=50, seconds=240., eval_batches=4,
+                   test_batches=16, probe_positions=8),
 }
 # The completion grid of the images suite's best model: the first test images
 # (the top row) and samples of their bottom halves, each pixel a square.
@@ -193,7 +197,7 @@ def _factors(variant, cfg):
   """(factor scored at, other factors also scored at) of the shorten-factor
   dropout family (sfd, fixedK): the dropout's factors 2 and the hierarchy's;
   (None, ()) for other variants."""
-  if variant != 'sfd' and not variant.startswith('fixed'):
+  if variant not in ('sfd',) + FIXED:
     return None, ()
   own = _hierarchy(variant_hierarchy(variant, cfg)).total_factor
   both = {2, _single_level(cfg['hierarchy'], variant).total_factor}
@@ -232,7 +236,7 @@ def variant_hierarchy(variant, cfg):
     return f'{_n_layers(cfg["hierarchy"])}@1'
   if variant == 'same_params':  # Its depth is chosen in the worker.
     return cfg.get('flat_layers') and f'{cfg["flat_layers"]}@1'
-  if variant in ('factor2', 'factor4') or variant.startswith('fixed'):
+  if variant in ('factor2', 'factor4') + FIXED:
     return _with_factor(cfg['hierarchy'], int(variant[-1]), variant)
   return cfg['hierarchy']
 
@@ -259,7 +263,7 @@ def describe(variant, cfg):
     return ('the same relative-attention blocks, no shortening, as many as '
             "make its parameter count nearest the hourglass's: hierarchy "
             f'{variant_hierarchy(variant, cfg) or "N@1"!r}')
-  if variant.startswith('fixed'):
+  if variant in FIXED:
     factor, others = _factors(variant, cfg)
     return (f'hierarchy {variant_hierarchy(variant, cfg)!r}, '
             'attention_upsampling_fn = @trax_hourglass.NaiveUpsampling (sfd '
@@ -353,7 +357,7 @@ def _model_fn(variant, cfg):
   if variant == 'sparse_ff':
     kwargs.update(ff_sparsity=cfg['ff_sparsity'],
                   loss_sparsity=cfg['loss_sparsity'])
-  if variant == 'sfd' or variant.startswith('fixed'):
+  if variant in ('sfd',) + FIXED:
     kwargs.update(attention_upsampling_fn=L.NaiveUpsampling)
   if variant == 'sfd':
     factor = _single_level(cfg['hierarchy'], 'sfd').total_factor
@@ -648,7 +652,7 @@ def _parser():
   parser = _common.benchmark_parser(
       __doc__, quick='Smoke test: tiny sizes, ~10 s per variant, XLA '
       'optimization off; explicit flags below still override.',
-      timeout='2 * --seconds + 1200; 6 * with --clock cpu')
+      timeout='2 * --seconds + 1200; 10 * with --clock cpu; none with --steps')
   parser.add_argument('--data', metavar='PATH',
                       help='Byte file to train and score on (required), '
                       'e.g. ../shared/data/enwik8-head.xml.')
@@ -866,7 +870,8 @@ def _complete_best(results, cfg, out, timeout_s):
   best = min(ok, key=lambda v: results[v]['test_bits_per_byte'])
   png = os.path.join(os.path.abspath(out), 'completions.png')
   record = _common.measure(__file__, f'complete:{results[best]["variant"]}',
-                           dict(cfg, completion_png=png), timeout_s,
+                           dict(cfg, completion_png=png, flat_layers=results[
+                               best].get('flat_layers')), timeout_s,
                            key='variant')
   _common.log(f'completions by {best}: ' + _common.record_line(
       record, lambda r: f'{r["png"]}, sampled in {r["sample_s"]:.0f} s'))
@@ -879,10 +884,10 @@ def _parent(args):
   cfg = _resolve_config(args, variants)
   title = (f'Equal training {"steps" if cfg["steps"] else "time"}'
            + (f', suite {args.suite!r}' if args.variants is None else ''))
-  # One thread on a shared machine: CPU seconds may come at a third the rate.
+  # One thread on a crowded machine: CPU seconds may come at a tenth the rate.
   timeout_s = args.worker_timeout or (
       math.inf if cfg['steps'] else
-      (6 if cfg['clock'] == 'cpu' else 2) * cfg['seconds'] + 1200)
+      (10 if cfg['clock'] == 'cpu' else 2) * cfg['seconds'] + 1200)
   start = time.perf_counter()
   weights_dir = tempfile.TemporaryDirectory()  # Images: for the completions.
   if _is_images(cfg) and args.out:
