@@ -50,8 +50,9 @@ without positions of their own get trax's `PositionalEncoding` at the embedding.
 Data: any byte file (`--data`), split 90/5/5 by
 `trax_hourglass.data.text.byte_file_splits`; or an .npz of uint8 images
 (`train_images`, `test_images` [N, H, W, C]): the last 5% of the train images
-validate, the test images test, an image is H * W * C tokens. Training batches are random
-windows of the train split, the same for every variant. Bits per byte: on
+validate, the test images test, an image is H * W * C tokens (bits per byte
+are then bits per dimension). Training batches are random windows of the
+train split (random images), the same for every variant. Bits per byte: on
 `--eval_batches` validation batches during training (the plot), at the end on
 every whole window of the test split (the table). Leak: at the end
 `--probe_positions` positions of the first 2 test batches are scored again
