@@ -134,7 +134,10 @@ def one_xla_thread():
   import jax  # pylint: disable=g-import-not-at-top
   jax.devices()  # Creates the CPU client and its thread pool.
   for tid in os.listdir('/proc/self/task'):
-    os.sched_setaffinity(int(tid), cpus)
+    try:
+      os.sched_setaffinity(int(tid), cpus)
+    except ProcessLookupError:  # A thread that has ended since.
+      pass
 
 
 def xla_threads():
