@@ -57,17 +57,21 @@ def _nearest_divisor(mean, seq_len):
   return min(divisors, key=lambda d: (abs(d - mean), d))
 
 
-def _train_split(path):
-  """The training split of a byte file (the 90/5/5 of `trax_hourglass.data`)."""
-  return np.memmap(path, np.uint8, 'r')[:math.floor(0.9 * os.path.getsize(
-      path))]
+def _split(path, split):
+  """A split of a byte file: 'train' or 'test' of the 90/5/5 of
+  `trax_hourglass.data.text` (its file offset, its bytes)."""
+  n = os.path.getsize(path)
+  start, end = {'train': (0, math.floor(0.9 * n)),
+                'test': (math.floor(0.95 * n), n)}[split]
+  return start, np.memmap(path, np.uint8, 'r')[start:end]
 
 
 def fixed_factor(path, seq_len):
   """(mean bytes per whitespace segment of the byte file's training split,
   the divisor k of seq_len nearest it): the fixed variant's factor and the
   dynamic variants' target segment length."""
-  rate = np.isin(_train_split(path), np.frombuffer(WHITESPACE, np.uint8)).mean()
+  rate = np.isin(_split(path, 'train')[1],
+                 np.frombuffer(WHITESPACE, np.uint8)).mean()
   mean = 1 / rate if rate else float(seq_len)
   return float(mean), _nearest_divisor(mean, seq_len)
 
@@ -79,7 +83,7 @@ def unigram_factor(path, seq_len, model_path):
   nearest it): the unigram variant's target segment length."""
   import sentencepiece  # pylint: disable=g-import-not-at-top
   from trax_hourglass.layers import segmentation  # pylint: disable=g-import-not-at-top
-  sample = np.asarray(_train_split(path)[:UNIGRAM_BYTES])
+  sample = np.asarray(_split(path, 'train')[1][:UNIGRAM_BYTES])
   text = sample.tobytes()
   with open(model_path, 'wb') as f:
     sentencepiece.SentencePieceTrainer.train(
@@ -134,22 +138,25 @@ def loss_layer(variant):
   return tl.WeightedCategoryCrossEntropy()
 
 
-def record_boundaries(model, weights, batches, k, test, test_start, record):
-  """Boundary statistics of an eval-mode model into `record` (off the clock).
+def record_boundaries(model_fn, weights, batches, k, path, record):
+  """Boundary statistics of a trained variant into `record` (off the clock).
 
-  `model` is built for (batch, seq_len) tokens. segment_length: test positions per
-  boundary (the average shortening); past_bound: the share of positions after
-  more segments than the shortened length holds (they read a stale vector);
-  paragraph: the first window of prose in `test` (the test split's bytes, at
-  `test_start` of the file): its offset, text and the ends over it.
+  `model_fn(mode=...)` builds it, `batches` are the test split's windows of
+  the byte file at `path`. segment_length: test positions per boundary (the
+  average shortening); past_bound: the share of positions after more segments
+  than the shortened length holds (they read a stale vector); paragraph: the
+  first window of prose in the test split: its offset, text and the ends.
   """
   import attention_maps  # pylint: disable=g-import-not-at-top
+  from trax import shapes  # pylint: disable=g-import-not-at-top
   import trax_hourglass  # pylint: disable=g-import-not-at-top
   from trax_hourglass.layers import boundaries  # pylint: disable=g-import-not-at-top
   seq_len = batches[0].shape[1]
-  model.weights = weights
-
   fixed = record['variant'] == 'fixed'
+  if not fixed:
+    model = model_fn(mode='eval')
+    model.init(shapes.ShapeDtype(batches[0].shape, np.int32))
+    model.weights = weights
 
   def ends_of(tokens):
     if fixed:  # Blocks of k positions; the shortened length is len/k.
@@ -165,6 +172,8 @@ def record_boundaries(model, weights, batches, k, test, test_start, record):
     if not fixed:  # Past S-1 closed segments a position reads out[S-1].
       n_past += int((np.cumsum(ends, axis=1) >= limit).sum())
     n_positions += ends.size
+  test_start, test = _split(path, 'test')
+  test = test.tobytes()
   try:
     offset, text = attention_maps.prose_window(test, seq_len, 0)
   except ValueError:  # No plain prose: the test split's first bytes.
