@@ -129,7 +129,7 @@ def test_boundaries_suite_quick(tmp_path, variants):
     p = r['paragraph']
     start = p['offset'] - (len(raw) - len(test))  # In the test split.
     assert test[start:start + cfg['seq_len']] == p['text'].encode('latin-1')
-    assert set(p['ends']) <= set(range(1, cfg['seq_len']))
+    assert set(p['ends']) <= set(range(cfg['seq_len']))
   if 'fixed' in variants:  # Every k positions, whatever the text.
     assert report['results']['fixed']['segment_length'] == k
   if 'unigram' in variants:  # Its own k, from its targets on the train split.
