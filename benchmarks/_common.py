@@ -134,7 +134,20 @@ def one_xla_thread():
   import jax  # pylint: disable=g-import-not-at-top
   jax.devices()  # Creates the CPU client and its thread pool.
   for tid in os.listdir('/proc/self/task'):
-    os.sched_setaffinity(int(tid), cpus)
+    try:
+      os.sched_setaffinity(int(tid), cpus)
+    except ProcessLookupError:  # A thread that has ended since.
+      pass
+
+
+def xla_threads():
+  """XLA:CPU compute threads in this process: those jaxlib names
+  `tf_XLAEigen` (0 where it names none, as jaxlib 0.4, or off Linux)."""
+  try:
+    return sum('XLAEigen' in open(f'/proc/self/task/{tid}/comm').read()
+               for tid in os.listdir('/proc/self/task'))
+  except OSError:
+    return 0
 
 
 def never(step):

@@ -78,6 +78,7 @@ def test_equal_time_quick(tmp_path):
     # they come no faster than wall seconds (two threads: up to 2x on 2 cores).
     assert r['clock'] == 'cpu' and r['train_s'] == r['train_cpu_s']
     assert r['train_cpu_s'] < 1.25 * r['train_wall_s'], details
+    assert r['xla_threads'] <= 1  # 2 on 2 CPUs unpinned (0: jaxlib 0.4).
     curve = r['curve']  # Before the timed training, and at its end.
     assert [p['timed_steps'] > 0 for p in curve] == [False, True]
     assert curve[-1]['step'] == r['steps']
@@ -106,6 +107,80 @@ def test_equal_time_quick(tmp_path):
     assert png.startswith(b'\x89PNG')
 
 
+def _write_images(path, n_train=40, n_test=6, seed=0):
+  """Tiny 4x4 RGB images (48 tokens): a shared gradient plus noise."""
+  rng = np.random.default_rng(seed)
+  base = np.linspace(0, 200, 48).reshape(4, 4, 3)
+  images = lambda n: np.clip(base + rng.integers(0, 40, (n, 4, 4, 3)), 0,
+                             255).astype(np.uint8)
+  np.savez(path, train_images=images(n_train), test_images=images(n_test))
+
+
+def test_equal_time_quick_suites(tmp_path):
+  """The issue-15 suites' parts in one quick run: equal steps (the params
+  suite's budget), the flat model of the hourglass's parameter count, a fixed
+  shorten factor scored at the other, image data and the completion grid."""
+  data = tmp_path / 'images.npz'
+  _write_images(data)
+  out = tmp_path / 'out'
+  variants = ['same_params', 'fixed2']
+  result = subprocess.run(
+      [sys.executable, EQUAL_TIME, '--quick', '--suite', 'params', '--data',
+       str(data), '--variants', ','.join(variants), '--eval_points', '1',
+       '--clock', 'cpu', '--jobs', '2', '--out', str(out)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, check=False)
+  details = f'stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}'
+  assert result.returncode == 0, details
+  assert 'Equal training steps: each variant trained 3 steps' in (
+      result.stdout), details
+  rows = benchmark_scripts.table_rows(result.stdout, 'variant')
+  assert 0 < float(rows['fixed2@3'][2]) < 9, details  # bits/dim
+
+  report = json.loads((out / 'equal_time.json').read_text())
+  assert report['failed'] == {} and report['config']['seq_len'] == 48
+  results = report['results']
+  for v in variants:
+    r = results[v]
+    assert r['steps'] == 3 and [p['step'] for p in r['curve']] == [1, 3]
+    assert r['image_shape'] == [4, 4, 3] and r['valid_images'] == 2
+    assert r['test_images'] == 6 and r['test_scored_images'] == 4  # 2 x 2.
+    assert abs(r['leak_bits_per_byte']) < 1e-6
+  flat = results['same_params']  # '1@1 1@3 1@1' has 3 layers + resampling.
+  assert flat['flat_layers'] > 3, details
+  assert abs(flat['n_params'] / flat['hourglass_params'] - 1) < 0.1, details
+  fixed = results['fixed2']
+  assert fixed['factor'] == 2 and fixed['hierarchy_at_3'] == '1@1 1@3 1@1'
+  completion = report['completion']
+  assert completion['status'] == 'ok', details
+  assert completion['variant'] in variants and completion['images'] == 6
+  png = (out / 'completions.png').read_bytes()
+  assert png.startswith(b'\x89PNG')
+  # Rows: originals + samples, 4-pixel images with 2-pixel borders, x 4.
+  height, width = (int.from_bytes(png[i:i + 4], 'big') for i in (20, 16))
+  assert (height, width) == (4 * (3 * 6 + 2), 4 * (6 * 6 + 2))
+
+
+def test_equal_time_factor_table():
+  equal_time = benchmark_scripts.load('equal_time')
+  cfg = dict(equal_time.REFERENCE, hierarchy='2@1 8@3 2@1')
+  ok = lambda factor, own, **at: dict(status='ok', test_bits_per_byte=own,
+                                      **at)
+  results = {
+      'sfd': dict(ok(3, 1.5, test_bits_per_byte_at_2=1.6), variant='sfd'),
+      'fixed2': dict(ok(2, 1.7, test_bits_per_byte_at_3=2.5),
+                     variant='fixed2'),
+      'fixed3': dict(ok(3, 1.55, test_bits_per_byte_at_2=3.0),
+                     variant='fixed3'),
+      'hourglass': dict(ok(3, 1.4), variant='hourglass')}
+  table = equal_time._factor_table(list(results), results, cfg)
+  rows = benchmark_scripts.table_rows(table, 'trained with')
+  assert rows == {'sfd: k in {2, 3}': ['sfd: k in {2, 3}', '1.600', '1.500'],
+                  'fixed2: k = 2': ['fixed2: k = 2', '1.700', '2.500'],
+                  'fixed3: k = 3': ['fixed3: k = 3', '3.000', '1.550']}
+  assert '| trained with | eval at k=2 | eval at k=3 |' in table
+  assert equal_time._factor_table(['sfd'], results, cfg) is None
+
+
 def test_equal_time_rejects_bad_flags(tmp_path):
   equal_time = benchmark_scripts.load('equal_time')
   data = tmp_path / 'text.txt'
@@ -128,6 +203,21 @@ def test_equal_time_rejects_bad_flags(tmp_path):
                              '--variants', 'sfd'])
   with pytest.raises(SystemExit, match='too small'):
     equal_time.main(quick + ['--seq_len', '1200', '--variants', 'hourglass'])
+  with pytest.raises(SystemExit, match='--jobs 2: use 1, or more with --clock'):
+    equal_time.main(quick + ['--jobs', '2'])
+  with pytest.raises(SystemExit, match='--steps 0 or more than 1'):
+    equal_time.main(quick + ['--steps', '1'])
+  with pytest.raises(SystemExit, match='divisible by 3, the shortening of '
+                     'fixed2@3'):
+    equal_time.main(quick + ['--seq_len', '46', '--variants', 'fixed2'])
+  images = tmp_path / 'images.npz'
+  _write_images(images)
+  with pytest.raises(SystemExit, match='48 tokens .4x4x3.; leave --seq_len'):
+    equal_time.main(['--quick', '--data', str(images), '--seq_len', '96'])
+  np.savez(tmp_path / 'bad.npz', train_images=np.zeros((4, 8), np.uint8))
+  with pytest.raises(SystemExit, match='not an .npz with train_images and '
+                     'test_images'):
+    equal_time.main(['--quick', '--data', str(tmp_path / 'bad.npz')])
 
 
 def test_equal_time_variants():
@@ -138,10 +228,27 @@ def test_equal_time_variants():
   assert equal_time.variant_hierarchy('factor4', cfg) == '2@1 4@4 2@1'
   assert equal_time.variant_hierarchy('transformer12', cfg) is None
   assert equal_time.variant_hierarchy('hourglass', cfg) == cfg['hierarchy']
+  assert equal_time.variant_hierarchy('fixed2', cfg) == '2@1 4@2 2@1'
+  assert equal_time.variant_hierarchy('same_params', cfg) is None  # Worker's.
+  assert equal_time.variant_hierarchy(
+      'same_params', dict(cfg, flat_layers=10)) == '10@1'
+  assert equal_time._factors('sfd', cfg) == (3, (2,))
+  assert equal_time._factors('fixed2', cfg) == (2, (3,))
+  assert equal_time._factors('hourglass', cfg) == (None, ())
+  # The paper's length: the shortenings of the sfd suite (2, 3) divide it.
+  length = equal_time.SUITE_CONFIG['length']
+  assert length['seq_len'] % 6 == 0 and length['seq_len'] <= 2048
+  assert set(equal_time.SUITE_CONFIG) <= set(equal_time.SUITES)
   # The 3 x 3 resampling grid: 8 variants besides the default hourglass.
   assert len(equal_time.RESAMPLING) == 8 and 'attn_attn' not in (
       equal_time.RESAMPLING)
-  for suite in equal_time.SUITES.values():
-    assert suite[0] == 'hourglass'
+  for name, suite in equal_time.SUITES.items():  # The reference first.
+    assert suite[0] == {'sfd': 'sfd', 'boundaries': 'fixed'}.get(
+        name, 'hourglass')
+  # The boundaries suite: k measured on the data (here 7; unigram's 4).
+  measured = dict(cfg, boundary_factor=7, unigram_factor=4)
+  for v in equal_time.SUITES['boundaries']:
+    assert equal_time.variant_hierarchy(v, measured) == (
+        '2@1 4@4 2@1' if v == 'unigram' else '2@1 4@7 2@1')
   for v in equal_time.ALL_VARIANTS:
-    assert equal_time.describe(v, cfg)
+    assert equal_time.describe(v, measured)
