@@ -24,10 +24,10 @@ EXTRAS_REQUIRE = {
         'nbclient>=0.10',
         'nbformat>=5.10',
         'ipykernel>=6.29',
-        'sentencepiece==0.2.3',
+        'sentencepiece>=0.2.0,<0.3',
     ],
     # HourglassLM(boundaries='unigram'): SentencePiece segmentation targets.
-    'unigram': ['sentencepiece==0.2.3'],
+    'unigram': ['sentencepiece>=0.2.0,<0.3'],
     # Accelerator wheels for the installed jax, e.g.
     #   pip install -e '.[gpu]'   (CUDA 12 jaxlib from PyPI)
     #   pip install -e '.[tpu]' -f https://storage.googleapis.com/jax-releases/libtpu_releases.html
