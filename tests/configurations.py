@@ -1,9 +1,13 @@
 """What tests share: resampling and attention choices the property tests draw
-from, a tiny byte-level LM for the `trainer` tests, a pickle that runs code."""
+from, a tiny byte-level LM for the `trainer` tests, a pickle that runs code,
+and the models of a saved run."""
 
 import functools
 import os
 
+import gin
+import jax
+import numpy as np
 import trax.layers as tl
 from trax.layers.research import sparsity
 
@@ -67,3 +71,24 @@ class Payload:
 
   def __reduce__(self):
     return (os.makedirs, (self.marker,))
+
+
+def run_models(run_dir, max_len, batch_size=2):
+  """(predict model, eval-mode forward: tokens -> logits) of a saved run.
+
+  run_dir holds a Loop's model.pkl.gz and the trainer's config.gin.
+  """
+  from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
+  try:
+    predict = decoding.load_predict_model(run_dir, max_len=max_len,
+                                          batch_size=batch_size)
+    evaluate = gin.query_parameter('train.model').scoped_configurable_fn(
+        mode='eval')
+    evaluate.init_from_file(os.path.join(run_dir, 'model.pkl.gz'),
+                            weights_only=True)
+  finally:
+    gin.clear_config()
+  fwd = jax.jit(lambda x, w, s: evaluate.pure_fn(x, w, s,
+                                                 jax.random.PRNGKey(0))[0])
+  return predict, lambda x: np.asarray(fwd(x, evaluate.weights,
+                                           evaluate.state))

@@ -28,6 +28,7 @@ from trax_hourglass import checkpoints
 from trax_hourglass import decoding
 from trax_hourglass.cli import sample as sample_cli
 from trax_hourglass.layers import boundaries as dynamic
+import configurations  # pylint: disable=g-bad-import-order
 from configurations import ATTENTION  # pylint: disable=g-bad-import-order
 from test_dynamic_pooling import _sentencepiece_model  # pylint: disable=g-bad-import-order
 
@@ -231,20 +232,10 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def models(run_dir):
-  try:
-    predict = decoding.load_predict_model(run_dir, max_len=MAX_LEN,
-                                          batch_size=2)
-    evaluate = gin.query_parameter('train.model').scoped_configurable_fn(
-        mode='eval')
-    evaluate.init_from_file(os.path.join(run_dir, 'model.pkl.gz'),
-                            weights_only=True)
-  finally:
-    gin.clear_config()
-  fwd = jax.jit(lambda x, w, s: evaluate.pure_fn(x, w, s,
-                                                 jax.random.PRNGKey(0))[0])
-  return predict, lambda x: np.asarray(fwd(
-      np.pad(x, ((0, 0), (0, BUFFER - x.shape[1]))), evaluate.weights,
-      evaluate.state))
+  predict, forward = configurations.run_models(run_dir, MAX_LEN)
+  # One compiled length: inputs padded to BUFFER (causal, so the prefix holds).
+  return predict, lambda x: forward(
+      np.pad(x, ((0, 0), (0, BUFFER - x.shape[1]))))
 
 
 def _greedy_by_eval_model(evaluate, prompt, n_tokens):

@@ -26,6 +26,7 @@ from trax.supervised import training
 from trax_hourglass import checkpoints
 from trax_hourglass import decoding
 from trax_hourglass.cli import sample as sample_cli
+import configurations  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,19 +87,7 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope='module')
 def models(run_dir):
   """(predict model, jitted eval-mode forward) with the run's weights."""
-  try:
-    predict = decoding.load_predict_model(run_dir, max_len=MAX_LEN,
-                                          batch_size=2)
-    evaluate = gin.query_parameter('train.model').scoped_configurable_fn(
-        mode='eval')
-    evaluate.init_from_file(os.path.join(run_dir, 'model.pkl.gz'),
-                            weights_only=True)
-  finally:
-    gin.clear_config()
-  fwd = jax.jit(lambda x, w, s: evaluate.pure_fn(x, w, s,
-                                                 jax.random.PRNGKey(0))[0])
-  return predict, lambda x: np.asarray(fwd(x, evaluate.weights,
-                                           evaluate.state))
+  return configurations.run_models(run_dir, MAX_LEN)
 
 
 def _eval_logits(evaluate, seqs):

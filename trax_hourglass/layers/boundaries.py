@@ -32,7 +32,7 @@ from trax_hourglass.layers.dense import Dense
 KINDS = ('fixed', 'whitespace', 'entropy', 'gumbel', 'unigram')
 LEARNED = ('entropy', 'gumbel', 'unigram')
 # ASCII space, tab, CR, LF: the byte ids that end a word.
-WHITESPACE_TOKENS = (32, 9, 13, 10)
+WHITESPACE_TOKENS = tuple(segmentation.WHITESPACE)
 # The shortened length holds up to twice the target number of segments.
 SHORTENED_BOUND = 2.0
 # Gumbel-sigmoid temperature, and how many earlier positions an entropy spike

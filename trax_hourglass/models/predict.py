@@ -71,6 +71,27 @@ class LatestShortened(base.Layer):
     return x
 
 
+def _sublayer_runner(level):
+  """(index, rngs, run) for stepping parts of `level` in predict mode.
+
+  index maps each sublayer (by id) to its place in level.sublayers, rngs holds
+  one key per sublayer, and run(layers, stack, state) applies `layers` to the
+  stack as tl.Serial would, updating state[i] of each.
+  """
+  index = {id(layer): i for i, layer in enumerate(level.sublayers)}
+  rngs = jax.random.split(level.rng, len(level.sublayers))
+
+  def run(layers, stack, state):
+    for layer in layers:
+      i = index[id(layer)]
+      outputs, state[i] = layer.pure_fn(
+          inputs_from_stack(stack, layer.n_in), level.weights[i], state[i],
+          rngs[i], use_cache=True)
+      stack = outputs_onto_stack(outputs, stack, layer.n_in)
+    return stack
+  return index, rngs, run
+
+
 def shortened_level_step(level, xs):
   """One token through `level`, a `ShortenedLevel`, in predict mode.
 
@@ -81,19 +102,7 @@ def shortened_level_step(level, xs):
   LatestShortened holds in its state. Nested levels do the same at their own
   pace.
   """
-  index = {id(layer): i for i, layer in enumerate(level.sublayers)}
-  rngs = jax.random.split(level.rng, len(level.sublayers))
-
-  def run(layers, stack, state):
-    """`layers` of `level` on the stack, as tl.Serial; updates state[i]."""
-    for layer in layers:
-      i = index[id(layer)]
-      outputs, state[i] = layer.pure_fn(
-          inputs_from_stack(stack, layer.n_in), level.weights[i], state[i],
-          rngs[i], use_cache=True)
-      stack = outputs_onto_stack(outputs, stack, layer.n_in)
-    return stack
-
+  index, _, run = _sublayer_runner(level)
   state = list(level.state)
   # CausalShift's state: its window and the level's tokens before this one.
   _, n_done = state[index[id(level.shifting[-1])]]
@@ -172,20 +181,9 @@ def dynamic_level_step(level, xs):
   output). Every token then takes its example's latest shortened output
   through `upsampling`, as eval mode's out[min(closed, S-1)].
   """
-  index = {id(layer): i for i, layer in enumerate(level.sublayers)}
-  rngs = jax.random.split(level.rng, len(level.sublayers))
+  index, rngs, run = _sublayer_runner(level)
   state = list(level.state)
-
-  def run(layers, stack):
-    for layer in layers:
-      i = index[id(layer)]
-      outputs, state[i] = layer.pure_fn(
-          inputs_from_stack(stack, layer.n_in), level.weights[i], state[i],
-          rngs[i], use_cache=True)
-      stack = outputs_onto_stack(outputs, stack, layer.n_in)
-    return stack
-
-  stack = run([level.boundaries], xs)  # vecs, ends (batch, 1)[, aux], ...
+  stack = run([level.boundaries], xs, state)  # vecs, ends (batch, 1)[, aux], ...
   vecs, ends = stack[:2]
   rest = stack[3:] if level.kind in LEARNED else stack[2:]  # No loss here.
   _, pooling, norm = level.pooling
@@ -198,7 +196,7 @@ def dynamic_level_step(level, xs):
   mean = total / (count[:, None].astype(total.dtype) + 1e-9)
   null = jnp.broadcast_to(level.weights[index[id(pooling)]], (batch, d_model))
   # Work items: every example's null vector, then every example's new mean.
-  short = run([norm], jnp.concatenate([null, mean])[:, None])[:, 0]
+  short = run([norm], jnp.concatenate([null, mean])[:, None], state)[:, 0]
   todo = jnp.concatenate([first, ends & (closed < level.max_shortened - 1)])
   order = jnp.argsort(~todo, stable=True)  # Items to do first, null first.
   middle = level.middle
@@ -225,7 +223,7 @@ def dynamic_level_step(level, xs):
                                closed + ends.astype(closed.dtype), latest)
   # A one-vector shortened sequence: upsampling takes it for the token.
   stack = run(level.upsampling, (latest[:, None], vecs, stack[1]) +
-              tuple(rest))
+              tuple(rest), state)
   level.state = tuple(state)
   return stack
 
