@@ -254,6 +254,32 @@ def test_entropy_targets_are_spikes_and_gumbel_prior_is_binomial():
                              rtol=1e-5)
 
 
+def test_gumbel_samples_boundaries_outside_training_as_in_training():
+  """Eval and predict draw gumbel's boundaries with noise fixed by position:
+  at the predictor's rate (a threshold alone fires nowhere while p < 0.5, as
+  after training against the prior), the same rows for the same logits, and
+  predict one position at a time equals eval."""
+  p, length = 0.25, 4000
+  logits = np.full((2, length), math.log(p / (1 - p)), np.float32)
+
+  def ends(mode, x):
+    layer = dynamic.HardBoundaries('gumbel', mode=mode)
+    layer.init(shapes.signature(x[:, :1] if mode == 'predict' else x),
+               rng=jax.random.PRNGKey(1))
+    if mode != 'predict':
+      return np.asarray(layer(x)[0])
+    return np.concatenate([np.asarray(layer(x[:, t:t + 1])[0])
+                           for t in range(x.shape[1])], axis=1)
+
+  evaluated = ends('eval', logits)
+  for mode in ('eval', 'train'):
+    assert abs(ends(mode, logits).mean() - p) < 0.03, mode
+  np.testing.assert_array_equal(evaluated[0], evaluated[1])
+  np.testing.assert_array_equal(ends('eval', logits), evaluated)
+  np.testing.assert_array_equal(ends('predict', logits[:, :40]),
+                                evaluated[:, :40])
+
+
 TRAINER_GIN = """
 import trax_hourglass
 train.model = @trax_hourglass.HourglassLM

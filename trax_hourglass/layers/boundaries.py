@@ -39,6 +39,8 @@ SHORTENED_BOUND = 2.0
 # must exceed: the authors' values.
 GUMBEL_TEMPERATURE = 0.5
 ENTROPY_SPIKES = 2
+# The key of gumbel's noise outside training (`position_noise`).
+GUMBEL_EVAL_SEED = 0
 
 
 def shortened_length(length, target_segment_length, bound=SHORTENED_BOUND):
@@ -130,14 +132,30 @@ def WhitespaceBoundaries(boundary_tokens=WHITESPACE_TOKENS):
   return tl.Fn('WhitespaceBoundaries', ends, n_out=2)
 
 
+def position_noise(positions, seed=GUMBEL_EVAL_SEED):
+  """Logistic noise fixed by each position: (len,) ints -> (len,) floats.
+
+  Gumbel's boundaries outside training: eval mode and predict mode draw the
+  same noise at the same position, so decoding reproduces eval exactly.
+  """
+  key = jax.random.PRNGKey(seed)
+  return jax.vmap(lambda t: jax.random.logistic(jax.random.fold_in(key, t)))(
+      positions)
+
+
 class HardBoundaries(base.Layer):
   """Boundary logits (batch, len) -> (ends, aux): 0/1 ends and the loss's input.
 
   entropy, unigram: ends = sigmoid(logits) > 0.5; aux = the logits (the loss
-  is a binary cross-entropy on them). gumbel: in training, ends = hard
-  Gumbel-sigmoid with a straight-through gradient (logistic noise,
-  `temperature`); in eval and predict, sigmoid(logits) > 0.5; aux = ends
-  (the loss is a Binomial prior on their sum).
+  is a binary cross-entropy on them). gumbel: ends = hard Gumbel-sigmoid,
+  sigmoid((logits + noise) / temperature) > 0.5 with logistic noise, and in
+  training a straight-through gradient; aux = ends (the loss is a Binomial
+  prior on their sum). Training draws fresh noise; eval and predict draw
+  `position_noise` of each position (predict mode counts positions in its
+  state), so that they sample boundaries as training does: a threshold alone
+  fires nowhere while the predictor still gives every position p < 0.5 (p
+  near 1/k under the prior), and pools nothing. Once the predictor is
+  confident the noise rarely changes a decision.
   """
 
   def __init__(self, kind, mode='train', temperature=GUMBEL_TEMPERATURE):
@@ -146,10 +164,13 @@ class HardBoundaries(base.Layer):
     self._mode = mode
     self._temperature = temperature
 
+  def init_weights_and_state(self, input_signature):
+    if self._kind == 'gumbel' and self._mode == 'predict':
+      self.state = jnp.zeros((), jnp.int32)  # Positions seen.
+
   def forward(self, logits):
-    hard = (logits > 0).astype(jnp.float32)  # sigmoid(logits) > 0.5
     if self._kind != 'gumbel':
-      return hard, logits
+      return (logits > 0).astype(jnp.float32), logits  # sigmoid > 0.5
     if self._mode == 'train':
       uniform = jax.random.uniform(self.rng, logits.shape, minval=1e-6,
                                    maxval=1 - 1e-6)
@@ -157,6 +178,13 @@ class HardBoundaries(base.Layer):
       soft = jax.nn.sigmoid((logits + noise) / self._temperature)
       hard = (soft > 0.5).astype(soft.dtype)
       hard = hard - jax.lax.stop_gradient(soft) + soft
+      return hard, hard
+    start = self.state if self._mode == 'predict' else 0
+    length = logits.shape[1]
+    if self._mode == 'predict':
+      self.state = start + length
+    noise = position_noise(start + jnp.arange(length))
+    hard = (logits + noise[None] > 0).astype(jnp.float32)  # As training's.
     return hard, hard
 
 
