@@ -11,8 +11,15 @@ past the cache calls the host through `jax.debug.callback`, which raises
 `PastMaxLenError` (eagerly inside trax's LayerError, under jit as an
 XlaRuntimeError carrying it, when the outputs are read), and the step returns
 NaNs, never plausible garbage. `HourglassLM` checks its token count on the host
-before any of its caches overflows, so its callers see the plain error.
+before any of its caches overflows, so its callers see the plain error; it
+traces its layers under `checked_by_caller()`, which leaves the callback out:
+a callback is an effect, and a compiled computation with one is dispatched by
+jax's Python path instead of its C++ one, which costs each call of a decode
+step (trax's `autoregressive_sample` makes one a token) time per argument.
 """
+
+import contextlib
+import contextvars
 
 import jax
 import numpy as np
@@ -24,6 +31,9 @@ from trax.fastmath import numpy as jnp
 # so it costs at most about twice what the position reached costs.
 KEY_BLOCK = 256
 _MASK_VALUE = -1e9
+
+
+_CHECKED_BY_CALLER = contextvars.ContextVar('checked_by_caller', default=False)
 
 
 class PastMaxLenError(ValueError):
@@ -40,17 +50,29 @@ def raise_past_max_len(name, n_done, length, max_len):
         'max_inference_length cover the longest sequence to decode.')
 
 
+@contextlib.contextmanager
+def checked_by_caller():
+  """Caches traced within skip their host callback: the caller checks room."""
+  token = _CHECKED_BY_CALLER.set(True)
+  try:
+    yield
+  finally:
+    _CHECKED_BY_CALLER.reset(token)
+
+
 def check_room(n_done, length, max_len, on_overflow):
   """Traced bool: do slots n_done..n_done+length-1 go past `max_len`?
 
   When they do, `on_overflow(n_done, length, max_len)` runs on the host (see
-  the module docstring); callers turn their outputs to NaN.
+  the module docstring), unless traced under `checked_by_caller()`; callers
+  turn their outputs to NaN.
   """
   past = n_done + length > max_len
-  jax.lax.cond(past,
-               lambda: jax.debug.callback(on_overflow, n_done, length,
-                                          max_len),
-               lambda: None)
+  if not _CHECKED_BY_CALLER.get():
+    jax.lax.cond(past,
+                 lambda: jax.debug.callback(on_overflow, n_done, length,
+                                            max_len),
+                 lambda: None)
   return past
 
 
