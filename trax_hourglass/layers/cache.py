@@ -92,13 +92,8 @@ def zeros(shape, dtype):
 
 
 def append(cache, new, start):
-  """`cache` with `new` (..., m, d) written from slot `start` (traced).
-
-  `cache`: an array (..., n_keys, d) or a tuple of pieces (see `zeros`).
-  """
-  if not isinstance(cache, tuple):
-    return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype),
-                                               start, axis=-2)
+  """`cache` (its pieces, see `zeros`) with `new` (..., m, d) written from
+  slot `start` (traced)."""
   slots = start + jnp.arange(new.shape[-2])
   out, offset = [], 0
   for piece in cache:
@@ -112,22 +107,6 @@ def append(cache, new, start):
   return tuple(out)
 
 
-def _n_slots(cache):
-  """The number of slots of `cache`, an array or a tuple of pieces."""
-  if isinstance(cache, tuple):
-    return sum(piece.shape[-2] for piece in cache)
-  return cache.shape[-2]
-
-
-def _first_pieces(cache, n_pieces):
-  """The first `n_pieces` pieces of `cache`; an array is sliced into them."""
-  if isinstance(cache, tuple):
-    return cache[:n_pieces]
-  ends = np.cumsum(piece_lengths(cache.shape[-2]))[:n_pieces]
-  return tuple(cache[..., start:end, :]
-               for start, end in zip([0, *ends[:-1]], ends))
-
-
 def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
   """Softmax attention of C queries over the first keys of a cache.
 
@@ -136,9 +115,8 @@ def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
 
   Args:
     logits_fn: piece of keys (..., n, d) -> scaled logits (..., C, n).
-    keys: a cache, (..., n_keys, d) or its pieces (see `zeros`); an array
-      is read in the same pieces, sliced (XLA:CPU copies each slice).
-    values: a cache likewise, (..., n_keys, d_v).
+    keys: a cache: the pieces (see `zeros`) of (..., n_keys, d).
+    values: a cache likewise, of (..., n_keys, d_v).
     n_visible: (C,) int, how many keys (from the first) each query sees, at
       least 1 and increasing.
     extra_logits_fn: None or size (static) -> logits (..., C, size) added to
@@ -150,19 +128,19 @@ def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
   def read(n_pieces):
     def branch():
       logits = jnp.concatenate(
-          [logits_fn(k) for k in _first_pieces(keys, n_pieces)], axis=-1)
+          [logits_fn(k) for k in keys[:n_pieces]], axis=-1)
       size = logits.shape[-1]
       if extra_logits_fn is not None:
         logits = logits + extra_logits_fn(size)
       mask = jnp.arange(size)[None, :] < n_visible[:, None]
       probs = jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1)
-      values_read = _first_pieces(values, n_pieces)
+      values_read = values[:n_pieces]
       ends = np.cumsum([v.shape[-2] for v in values_read])
       return sum(jnp.einsum('...ik,...kd->...id', p, v) for p, v in zip(
           jnp.split(probs, ends[:-1], axis=-1), values_read))
     return branch
 
-  ends = np.cumsum(piece_lengths(_n_slots(keys)))
+  ends = np.cumsum([piece.shape[-2] for piece in keys])
   if len(ends) == 1:
     return read(1)()
   which = jnp.searchsorted(jnp.asarray(ends), n_visible[-1])
