@@ -149,6 +149,18 @@ def test_past_max_len_raises_instead_of_returning_garbage():
     fast(np.zeros((BATCH, 1), np.int32))
 
 
+def test_a_decode_step_has_no_host_callback():
+  # The model checks max_len on the host, so its caches leave their overflow
+  # callback out: an effect would send every jitted call of the step through
+  # jax's slow Python dispatch (trax's loop makes one a token; issue 19).
+  _, decoder = _pair(max_len=5, hierarchy='1@3', vanilla_layers=(1, 1),
+                     vanilla_attn_type=ATTENTION['rotary'])
+  step = jax.make_jaxpr(decoder.pure_fn)(
+      np.zeros((BATCH, 1), np.int32), decoder.weights, decoder.state,
+      decoder.rng)
+  assert not step.effects
+
+
 @pytest.mark.smoke
 def test_autoregressive_sample_continues_a_batch_of_prompts_greedily():
   evaluator, decoder = _pair(hierarchy='1@2', max_len=LENGTH)

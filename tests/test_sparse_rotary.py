@@ -13,6 +13,7 @@ import pytest
 
 import trax_hourglass
 from trax_hourglass import decoding
+from trax_hourglass.layers import cache
 from trax_hourglass.layers import feed_forward
 from trax_hourglass.layers import sparse
 from trax_hourglass.layers import rotary
@@ -187,13 +188,28 @@ def rotary_eval():
   return _init(_rotary('eval', total_pooling=3), _vecs())
 
 
+def _in_cache_pieces(shape):
+  """A cache shape (batch, max_len, d) of tl.CausalAttention's as our pieces'."""
+  if len(shape) != 3:
+    return shape
+  batch, max_len, d = shape
+  return tuple((batch, n, d) for n in cache.piece_lengths(max_len))
+
+
 def test_rotary_weights_and_state_as_causal_attention():
+  # Weights (what checkpoints hold) as tl.CausalAttention's. Predict state
+  # (never saved) is its tree but keys and values in cache pieces, so that a
+  # step's cost follows the position reached, not max_len (issue 19).
   x = _vecs()
   for mode in ('eval', 'predict'):
     ours = _init(_rotary(mode), x)
     causal = _init(tl.CausalAttention(D_MODEL, n_heads=N_HEADS, mode=mode), x)
     assert _shapes(ours.weights) == _shapes(causal.weights)
-    assert _shapes(ours.state) == _shapes(causal.state)
+    want = jax.tree_util.tree_map(
+        _in_cache_pieces, _shapes(causal.state),
+        is_leaf=lambda s: isinstance(s, tuple) and all(
+            isinstance(n, int) for n in s))
+    assert _shapes(ours.state) == want
 
 
 def test_rotary_is_causal(rotary_eval):

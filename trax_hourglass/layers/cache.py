@@ -11,8 +11,15 @@ past the cache calls the host through `jax.debug.callback`, which raises
 `PastMaxLenError` (eagerly inside trax's LayerError, under jit as an
 XlaRuntimeError carrying it, when the outputs are read), and the step returns
 NaNs, never plausible garbage. `HourglassLM` checks its token count on the host
-before any of its caches overflows, so its callers see the plain error.
+before any of its caches overflows, so its callers see the plain error; it
+traces its layers under `checked_by_caller()`, which leaves the callback out:
+a callback is an effect, and a compiled computation with one is dispatched by
+jax's Python path instead of its C++ one, which costs each call of a decode
+step (trax's `autoregressive_sample` makes one a token) time per argument.
 """
+
+import contextlib
+import contextvars
 
 import jax
 import numpy as np
@@ -24,6 +31,9 @@ from trax.fastmath import numpy as jnp
 # so it costs at most about twice what the position reached costs.
 KEY_BLOCK = 256
 _MASK_VALUE = -1e9
+
+
+_CHECKED_BY_CALLER = contextvars.ContextVar('checked_by_caller', default=False)
 
 
 class PastMaxLenError(ValueError):
@@ -40,17 +50,29 @@ def raise_past_max_len(name, n_done, length, max_len):
         'max_inference_length cover the longest sequence to decode.')
 
 
+@contextlib.contextmanager
+def checked_by_caller():
+  """Caches traced within skip their host callback: the caller checks room."""
+  token = _CHECKED_BY_CALLER.set(True)
+  try:
+    yield
+  finally:
+    _CHECKED_BY_CALLER.reset(token)
+
+
 def check_room(n_done, length, max_len, on_overflow):
   """Traced bool: do slots n_done..n_done+length-1 go past `max_len`?
 
   When they do, `on_overflow(n_done, length, max_len)` runs on the host (see
-  the module docstring); callers turn their outputs to NaN.
+  the module docstring), unless traced under `checked_by_caller()`; callers
+  turn their outputs to NaN.
   """
   past = n_done + length > max_len
-  jax.lax.cond(past,
-               lambda: jax.debug.callback(on_overflow, n_done, length,
-                                          max_len),
-               lambda: None)
+  if not _CHECKED_BY_CALLER.get():
+    jax.lax.cond(past,
+                 lambda: jax.debug.callback(on_overflow, n_done, length,
+                                            max_len),
+                 lambda: None)
   return past
 
 
@@ -70,13 +92,8 @@ def zeros(shape, dtype):
 
 
 def append(cache, new, start):
-  """`cache` with `new` (..., m, d) written from slot `start` (traced).
-
-  `cache`: an array (..., n_keys, d) or a tuple of pieces (see `zeros`).
-  """
-  if not isinstance(cache, tuple):
-    return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype),
-                                               start, axis=-2)
+  """`cache` (its pieces, see `zeros`) with `new` (..., m, d) written from
+  slot `start` (traced)."""
   slots = start + jnp.arange(new.shape[-2])
   out, offset = [], 0
   for piece in cache:
@@ -90,22 +107,6 @@ def append(cache, new, start):
   return tuple(out)
 
 
-def _n_slots(cache):
-  """The number of slots of `cache`, an array or a tuple of pieces."""
-  if isinstance(cache, tuple):
-    return sum(piece.shape[-2] for piece in cache)
-  return cache.shape[-2]
-
-
-def _first_pieces(cache, n_pieces):
-  """The first `n_pieces` pieces of `cache`; an array is sliced into them."""
-  if isinstance(cache, tuple):
-    return cache[:n_pieces]
-  ends = np.cumsum(piece_lengths(cache.shape[-2]))[:n_pieces]
-  return tuple(cache[..., start:end, :]
-               for start, end in zip([0, *ends[:-1]], ends))
-
-
 def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
   """Softmax attention of C queries over the first keys of a cache.
 
@@ -114,9 +115,8 @@ def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
 
   Args:
     logits_fn: piece of keys (..., n, d) -> scaled logits (..., C, n).
-    keys: a cache, (..., n_keys, d) or its pieces (see `zeros`); an array
-      is read in the same pieces, sliced (XLA:CPU copies each slice).
-    values: a cache likewise, (..., n_keys, d_v).
+    keys: a cache: the pieces (see `zeros`) of (..., n_keys, d).
+    values: a cache likewise, of (..., n_keys, d_v).
     n_visible: (C,) int, how many keys (from the first) each query sees, at
       least 1 and increasing.
     extra_logits_fn: None or size (static) -> logits (..., C, size) added to
@@ -128,19 +128,19 @@ def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
   def read(n_pieces):
     def branch():
       logits = jnp.concatenate(
-          [logits_fn(k) for k in _first_pieces(keys, n_pieces)], axis=-1)
+          [logits_fn(k) for k in keys[:n_pieces]], axis=-1)
       size = logits.shape[-1]
       if extra_logits_fn is not None:
         logits = logits + extra_logits_fn(size)
       mask = jnp.arange(size)[None, :] < n_visible[:, None]
       probs = jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1)
-      values_read = _first_pieces(values, n_pieces)
+      values_read = values[:n_pieces]
       ends = np.cumsum([v.shape[-2] for v in values_read])
       return sum(jnp.einsum('...ik,...kd->...id', p, v) for p, v in zip(
           jnp.split(probs, ends[:-1], axis=-1), values_read))
     return branch
 
-  ends = np.cumsum(piece_lengths(_n_slots(keys)))
+  ends = np.cumsum([piece.shape[-2] for piece in keys])
   if len(ends) == 1:
     return read(1)()
   which = jnp.searchsorted(jnp.asarray(ends), n_visible[-1])

@@ -8,9 +8,10 @@ shortened vector counts as the tokens it spans, as at the full-length level.
 
 Weights: the tree of `tl.CausalAttention(d_feature, n_heads)`, nesting included
 (q, k, v and output `Dense(d_feature)`, kernel and bias each); rotation adds
-none, so checkpoints switch between the two. Predict-mode state: the tree of
-`tl.CausalAttention`'s, (keys, values, n_done), except that cached keys are
-rotated.
+none, so checkpoints switch between the two. Predict-mode state: (keys,
+values, n_done) as `tl.CausalAttention`'s, cached keys rotated, except that
+keys and values are each a tuple of pieces (`cache.zeros`), as relative
+attention's, so that a step costs what the position reached costs.
 """
 
 import gin
@@ -77,8 +78,9 @@ class RotaryDotProductCausalAttention(base.Layer):
     if self._mode == 'predict':
       q, k, v = input_signature
       batch = q.shape[0]
-      self.state = (jnp.zeros((batch, self._max_len, k.shape[-1]), k.dtype),
-                    jnp.zeros((batch, self._max_len, v.shape[-1]), v.dtype),
+      # In pieces (`cache.zeros`): a step reads only those it needs, whole.
+      self.state = (cache.zeros((batch, self._max_len, k.shape[-1]), k.dtype),
+                    cache.zeros((batch, self._max_len, v.shape[-1]), v.dtype),
                     jnp.zeros((), jnp.int32))
 
   def _tables(self, n_positions, d_head):

@@ -14,6 +14,7 @@ from trax.layers.combinators import inputs_from_stack
 from trax.layers.combinators import outputs_onto_stack
 
 from trax_hourglass.layers.boundaries import LEARNED
+from trax_hourglass.layers import cache
 from trax_hourglass.layers.cache import PastMaxLenError
 
 
@@ -288,13 +289,15 @@ class Autoregressive(tl.Serial):
         shapes.ShapeDtype((batch, 1), input_signature.dtype))
 
   def pure_fn(self, x, weights, state, rng, use_cache=False):
-    # Checked before the step, so the caches' own overflow check (an error
-    # from inside the computation) never fires for HourglassLM's callers.
+    # Checked on the host: before the step, or (traced, as in trax's loop)
+    # when the new state is set. So the caches leave their own check (a host
+    # callback inside the computation) out, which keeps jax's fast dispatch.
     self._check_room(state[self._counter], x.shape[1])
     # trax re-raises any error inside a layer as its LayerError; going past
     # max_len is the caller's error and stays the ValueError it is.
     try:
-      return super().pure_fn(x, weights, state, rng, use_cache=use_cache)
+      with cache.checked_by_caller():
+        return super().pure_fn(x, weights, state, rng, use_cache=use_cache)
     except tl.LayerError as e:
       if isinstance(e.__context__, PastMaxLenError):
         raise e.__context__ from None
