@@ -73,6 +73,53 @@ class Payload:
     return (os.makedirs, (self.marker,))
 
 
+def redrawn(weights, seed, scale=0.5):
+  """weights' tree with every array drawn again from N(0, scale).
+
+  trax initialises the shared position biases at 1e-6, which would hide a
+  wrong position layout, and boundary predictors barely fire: at scale 0.5
+  every term counts.
+  """
+  flat, tree = jax.tree_util.tree_flatten(weights)
+  rng = np.random.RandomState(seed)
+  return jax.tree_util.tree_unflatten(
+      tree, [np.asarray(rng.normal(0, scale, w.shape), w.dtype) for w in flat])
+
+
+def save_run(out, gin_config, seed=None):
+  """A training output dir as `trainer` leaves it: a Loop's checkpoint (step
+  0, model.pkl.gz) of train.model under `gin_config`, and config.gin.
+
+  seed: the weights are `redrawn` with it before saving (None: trax's init).
+  """
+  from trax import optimizers  # pylint: disable=g-import-not-at-top
+  from trax.supervised import training  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
+  checkpoints.install()
+  gin.clear_config()
+  try:
+    gin.parse_config(gin_config)
+    x = np.frombuffer(b'the quick brown fox jumps over t', np.uint8).astype(
+        np.int32).reshape(2, 16)
+    batches = iter(lambda: (x, x, np.ones(x.shape, np.float32)), None)
+    task = training.TrainTask(batches, tl.WeightedCategoryCrossEntropy(),
+                              optimizers.Adam(0.01))
+    loop = training.Loop(th.HourglassLM(mode='train'), [task],
+                         output_dir=out, checkpoint_at=lambda step: False,
+                         random_seed=0)
+    if seed is not None:
+      loop.model.weights = redrawn(loop.model.weights, seed)
+    loop.save_checkpoint('model')
+    with open(os.path.join(out, 'config.gin'), 'w') as f:
+      # What trax writes after a step: the operative config, with train.model
+      # (trainer_lib.train's binding) as the trainer's run has it.
+      f.write(gin.operative_config_str() +
+              '\ntrain.model = @trax_hourglass.HourglassLM\n')
+  finally:
+    gin.clear_config()
+  return out
+
+
 def run_models(run_dir, max_len, batch_size=2):
   """(predict model, eval-mode forward: tokens -> logits) of a saved run.
 

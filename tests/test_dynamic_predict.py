@@ -10,21 +10,17 @@ a dynamic model's checkpoint.
 """
 
 import functools
-import os
 import re
 
 import gin
 import jax
 import numpy as np
 import pytest
-import trax
 import trax.layers as tl
 from trax import shapes
 from trax.data import inputs as trax_inputs
-from trax.supervised import training
 
 import trax_hourglass as th
-from trax_hourglass import checkpoints
 from trax_hourglass import decoding
 from trax_hourglass.cli import sample as sample_cli
 from trax_hourglass.layers import boundaries as dynamic
@@ -63,10 +59,8 @@ def _pair(kind, hierarchy='1@3', vanilla=(1, 1), bound=BOUND, seed=None,
                                    else None))
   evaluator = th.HourglassLM(mode='eval', **args)
   evaluator.init(shapes.ShapeDtype((BATCH, LENGTH), np.int32))
-  flat, tree = jax.tree_util.tree_flatten(evaluator.weights)
-  rng = np.random.RandomState(SEEDS[kind] if seed is None else seed)
-  evaluator.weights = jax.tree_util.tree_unflatten(
-      tree, [np.asarray(rng.normal(0, 0.5, w.shape), w.dtype) for w in flat])
+  evaluator.weights = configurations.redrawn(
+      evaluator.weights, SEEDS[kind] if seed is None else seed)
   decoder = th.HourglassLM(mode='predict', max_len=LENGTH, **args)
   decoder.init(shapes.ShapeDtype((BATCH, 1), np.int32))
   decoder.weights = evaluator.weights  # Same tree, loads unchanged.
@@ -204,31 +198,10 @@ PROMPT = np.array([[116, 104, 101, 32], [97, 32, 32, 98]])  # 'the ', 'a  b'
 
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
-  out = str(tmp_path_factory.mktemp('dynamic_sampling') / 'run')
-  checkpoints.install()
-  gin.clear_config()
-  try:
-    gin.parse_config(TINY_GIN)
-    x = np.frombuffer(b'the quick brown fox jumps over t', np.uint8).astype(
-        np.int32).reshape(2, 16)
-    batches = iter(lambda: (x, x, np.ones(x.shape, np.float32)), None)
-    task = training.TrainTask(batches, tl.WeightedCategoryCrossEntropy(),
-                              trax.optimizers.Adam(0.01))
-    loop = training.Loop(th.HourglassLM(mode='train'), [task],
-                         output_dir=out, checkpoint_at=lambda step: False,
-                         random_seed=0)
-    # Random weights fire too seldom at whitespace to tell: larger ones.
-    flat, tree = jax.tree_util.tree_flatten(loop.model.weights)
-    rng = np.random.RandomState(0)
-    loop.model.weights = jax.tree_util.tree_unflatten(
-        tree, [np.asarray(rng.normal(0, 0.5, w.shape), w.dtype) for w in flat])
-    loop.save_checkpoint('model')
-    with open(os.path.join(out, 'config.gin'), 'w') as f:
-      f.write(gin.operative_config_str() +
-              '\ntrain.model = @trax_hourglass.HourglassLM\n')
-  finally:
-    gin.clear_config()
-  return out
+  # Random weights fire too seldom at whitespace to tell: larger ones.
+  return configurations.save_run(
+      str(tmp_path_factory.mktemp('dynamic_sampling') / 'run'), TINY_GIN,
+      seed=0)
 
 
 @pytest.fixture(scope='module')

@@ -18,6 +18,7 @@ from trax.supervised import decoding
 
 import trax_hourglass as th
 from trax_hourglass.layers import cache
+import configurations  # pylint: disable=g-bad-import-order
 from configurations import ATTENTION, SHORTENING, UPSAMPLING  # pylint: disable=g-bad-import-order
 
 L = th.layers
@@ -35,10 +36,7 @@ def _pair(max_len=LENGTH, **kwargs):
   args.update(kwargs)
   evaluator = th.HourglassLM(mode='eval', **args)
   evaluator.init(shapes.ShapeDtype((BATCH, LENGTH), np.int32))
-  flat, tree = jax.tree_util.tree_flatten(evaluator.weights)
-  rng = np.random.RandomState(0)
-  evaluator.weights = jax.tree_util.tree_unflatten(
-      tree, [np.asarray(rng.normal(0, 0.5, w.shape), w.dtype) for w in flat])
+  evaluator.weights = configurations.redrawn(evaluator.weights, 0)
   decoder = th.HourglassLM(mode='predict', max_len=max_len, **args)
   decoder.init(shapes.ShapeDtype((BATCH, 1), np.int32))
   decoder.weights = evaluator.weights  # Same tree, loads unchanged.

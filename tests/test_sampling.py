@@ -18,12 +18,8 @@ import gin
 import jax
 import numpy as np
 import pytest
-import trax
-from trax import layers as tl
 from trax.data import inputs as trax_inputs
-from trax.supervised import training
 
-from trax_hourglass import checkpoints
 from trax_hourglass import decoding
 from trax_hourglass.cli import sample as sample_cli
 import configurations  # pylint: disable=g-bad-import-order
@@ -53,35 +49,12 @@ def _run_cli(main, args):
     gin.clear_config()
 
 
-def _batches():
-  x = np.frombuffer(b'the quick brown fox jumps over t', np.uint8).astype(
-      np.int32).reshape(2, 16)
-  while True:
-    yield x, x, np.ones(x.shape, np.float32)
-
-
 @pytest.fixture(scope='module')
 def run_dir(tmp_path_factory):
   """A training output dir: a Loop's checkpoint (step 0) and config.gin."""
-  out = str(tmp_path_factory.mktemp('sampling') / 'run')
-  checkpoints.install()
-  gin.clear_config()
-  try:
-    gin.parse_config(TINY_GIN.format(d_model=16))
-    task = training.TrainTask(_batches(), tl.WeightedCategoryCrossEntropy(),
-                              trax.optimizers.Adam(0.01))
-    loop = training.Loop(trax_hourglass.HourglassLM(mode='train'), [task],
-                         output_dir=out, checkpoint_at=lambda step: False,
-                         random_seed=0)
-    loop.save_checkpoint('model')
-    with open(os.path.join(out, 'config.gin'), 'w') as f:
-      # What trax writes after a step: the operative config, with train.model
-      # (trainer_lib.train's binding) as the trainer's run has it.
-      f.write(gin.operative_config_str() +
-              '\ntrain.model = @trax_hourglass.HourglassLM\n')
-  finally:
-    gin.clear_config()
-  return out
+  return configurations.save_run(
+      str(tmp_path_factory.mktemp('sampling') / 'run'),
+      TINY_GIN.format(d_model=16))
 
 
 @pytest.fixture(scope='module')
