@@ -145,7 +145,7 @@ def test_loop_resumes_from_its_checkpoint(tmp_path):
   assert _trained_on(resumed.model.weights, weights)
 
 
-# _fix_first_step_recompile
+# _fix_one_device_step_placement
 
 
 def _step_compilations(records):
@@ -166,6 +166,37 @@ def test_loop_compiles_its_training_step_once(tmp_path, caplog):
       resumed.run(2)
   assert _step_compilations(caplog.records) == 2  # One more: a new Trainer.
   assert _trained_on(resumed.model.weights, loop.model.weights)
+
+
+def test_one_device_training_step_runs_on_the_default_device(run_python):
+  # trax commits its optimizer slots to the CPU (tl.on_cpu) and jit runs where
+  # committed arguments are: on a GPU machine the training step ran on the host
+  # CPU. Here device 1 of two CPU devices stands in for the accelerator (the
+  # Loop insists on every device, so its Trainer is driven directly).
+  out = run_python("""
+      import json, sys
+      sys.path.insert(0, 'tests')
+      import jax
+      import test_compat as t
+      import trax
+      from trax import fastmath, shapes
+      from trax import layers as tl
+      jax.config.update('jax_default_device', jax.devices()[1])
+      model = tl.Serial(t._model(), tl.WeightedCategoryCrossEntropy())
+      batch = next(t._stream())
+      model.init(shapes.signature(batch))
+      optimizer = trax.optimizers.Adam(0.01)
+      optimizer.tree_init(model.weights)
+      trainer = trax.optimizers.Trainer(model, optimizer, n_devices=1)
+      for step in range(2):
+        trainer.one_step(batch, jax.random.PRNGKey(step), step=step)
+      trees = {'weights': trainer.accelerated_model_with_loss.weights,
+               'slots': trainer._slots}
+      print(json.dumps({name: sorted({d.id for x in fastmath.tree_flatten(tree)
+                                      for d in x.devices()})
+                        for name, tree in trees.items()}))
+  """, env=_TWO_DEVICES)
+  assert json.loads(out.splitlines()[-1]) == {'weights': [1], 'slots': [1]}
 
 
 # _fix_tree_unflatten, through trainer_lib.train. (Its use_loop=False runs
