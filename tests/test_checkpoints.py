@@ -40,15 +40,21 @@ def _batch(i, batch_size=2, length=8, vocab=16):
   return (x, x, np.ones_like(x, np.float32))
 
 
-def _loop(output_dir, seed=0, checkpoint_at=None, d_model=8):
-  model = trax.models.TransformerLM(
+def _loop(output_dir, seed=0, checkpoint_at=None, d_model=8, dropout=0.0,
+          eval_at=None):
+  model, eval_model = (trax.models.TransformerLM(
       vocab_size=16, d_model=d_model, d_ff=2 * d_model, n_layers=1, n_heads=1,
-      max_len=16, dropout=0.0, mode='train')
+      max_len=16, dropout=dropout, mode=mode) for mode in ('train', 'eval'))
   task = training.TrainTask(
       hg_data.resumable_stream('test/train', _batch),
       tl.WeightedCategoryCrossEntropy(), trax.optimizers.Adam(0.01),
       n_steps_per_checkpoint=2)
-  return training.Loop(model, task, output_dir=output_dir, random_seed=seed,
+  eval_tasks = eval_at and [training.EvalTask(
+      hg_data.resumable_stream('test/eval', _batch),
+      [tl.WeightedCategoryCrossEntropy()])]
+  return training.Loop(model, task, eval_model=eval_model,
+                       eval_tasks=eval_tasks, eval_at=eval_at,
+                       output_dir=output_dir, random_seed=seed,
                        checkpoint_at=checkpoint_at)
 
 
@@ -86,6 +92,25 @@ def test_resume_continues_at_saved_step_with_identical_state(tmp_path):
   straight = _loop(str(tmp_path / 'straight'), checkpoint_at=lambda s: False)
   straight.run(6)
   assert resumed.step == straight.step == 6
+  _assert_same(resumed.model.weights, straight.model.weights)
+
+
+def test_evals_leave_training_alone_and_resume_exactly_with_dropout(tmp_path):
+  # trax's evals drew from the Loop's random key after the checkpoint of their
+  # step was saved: a resumed run drew other dropout masks than one that went
+  # on, and a run with evals other masks than one without.
+  every_2 = lambda step: step % 2 == 0
+  out = str(tmp_path / 'run')
+  loop = _loop(out, checkpoint_at=every_2, dropout=0.5, eval_at=every_2)
+  loop.run(4)
+  trax_inputs.data_counters = {}
+  resumed = _loop(out, checkpoint_at=every_2, dropout=0.5, eval_at=every_2)
+  assert resumed.step == 4
+  resumed.run(2)
+  trax_inputs.data_counters = {}
+  straight = _loop(str(tmp_path / 'straight'), checkpoint_at=lambda s: False,
+                   dropout=0.5)
+  straight.run(6)
   _assert_same(resumed.model.weights, straight.model.weights)
 
 

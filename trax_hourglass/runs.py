@@ -99,7 +99,8 @@ class ProgressReporter(callbacks.TrainingStepCallback):
     self._losses = []
     self._last_time = None
     self._last_step = loop.step
-    self._last_eval_step = None
+    evals = self._evals()  # A resumed run's: printed by the run that made them.
+    self._last_eval_step = evals[-1][0] if evals else None
     self._start_step = loop.step
     self._first = None  # (time, step) when the first step (compile) ended.
     # Keep each step's loss (a device array, read only when printing) and
@@ -124,6 +125,13 @@ class ProgressReporter(callbacks.TrainingStepCallback):
     if loop.step:
       print(f'Resumed from the checkpoint at step {loop.step} in '
             f'{loop.output_dir}.', flush=True)
+
+  def _evals(self):
+    # trainer_lib names the eval cross-entropy 'loss'; a Loop may use the
+    # layer's name.
+    return (self._loop.history.get('eval', 'metrics/loss') or
+            self._loop.history.get('eval',
+                                   'metrics/WeightedCategoryCrossEntropy'))
 
   def call_at(self, step):
     return False  # All work happens in run_one_step_and_report.
@@ -157,11 +165,7 @@ class ProgressReporter(callbacks.TrainingStepCallback):
              f'{loss / math.log(2):.3f} bits/{self._unit}',
              f'{_format_rate(self._tokens_per_step / per_step)} tok/s',
              f'{per_step:.2f} s/step', f'left {_format_duration(left)}']
-    # trainer_lib names the eval cross-entropy 'loss'; a Loop may use the
-    # layer's name.
-    evals = (self._loop.history.get('eval', 'metrics/loss') or
-             self._loop.history.get('eval',
-                                    'metrics/WeightedCategoryCrossEntropy'))
+    evals = self._evals()
     if evals and evals[-1][0] != self._last_eval_step:
       self._last_eval_step, value = evals[-1]
       parts.append(f'eval {float(value) / math.log(2):.3f} bits/{self._unit} '

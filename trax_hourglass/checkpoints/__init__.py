@@ -3,8 +3,8 @@
   format  trax's files, read without executing code (and written)
   store   a checkpoint as one unit: durable files, an atomic commit, found
           again after any crash; one trainer per output dir
-  loop    the Loop's save/load (and data counters) through it, and the
-          loaders of a model's weights
+  loop    the Loop's save/load (and data counters) through it, its evals
+          kept off the training key, and the loaders of a model's weights
 
 `install()` (the `trainer` calls it) patches `_PATCHES` into trax, so every
 Loop, including `trainer_lib.train`'s, saves and loads this way. Output dirs
@@ -44,6 +44,7 @@ from trax_hourglass.checkpoints.store import read_checkpoint_at
 _PATCHES = (
     (training.Loop, 'save_checkpoint', loop.save_loop_checkpoint),
     (training.Loop, 'load_checkpoint', loop.load_loop_checkpoint),
+    (training.Loop, 'run_evals', loop.run_evals_apart),
     (trax_inputs, 'save_data_counters', loop.save_data_counters),
     (trax_inputs, 'load_data_counters', loop.load_data_counters),
     (base.Layer, 'init_from_file', loop.init_from_file),

@@ -45,6 +45,9 @@ from trax_hourglass.checkpoints.store import read_checkpoint_at
 TRAX_SAVE_CHECKPOINT = training.Loop.save_checkpoint
 TRAX_LOAD_CHECKPOINT = training.Loop.load_checkpoint
 TRAX_SAVE_DATA_COUNTERS = trax_inputs.save_data_counters
+TRAX_RUN_EVALS = training.Loop.run_evals
+# Evals draw their keys from the training key folded with this, not split off it.
+_EVAL_KEYS = 0x6576616c  # 'eval'
 
 
 def _to_numpy_tree(x):
@@ -65,6 +68,22 @@ def _rng_to_numpy(rng):
   if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.key_data(rng)
   return np.asarray(rng)
+
+
+def run_evals_apart(loop, summary_writers=None):
+  """`Loop.run_evals`, leaving the Loop's random key as it found it.
+
+  trax's evals split their keys off the training key, after the Loop saved the
+  checkpoint of their step: a run resumed from it drew other dropout masks than
+  the run that went on, and a run with evals other masks than one without. Here
+  evals draw from a key folded off the training key, which stays as it was.
+  """
+  rng = loop._rng  # pylint: disable=protected-access
+  loop._rng = jax.random.fold_in(rng, _EVAL_KEYS)  # pylint: disable=protected-access
+  try:
+    return TRAX_RUN_EVALS(loop, summary_writers)
+  finally:
+    loop._rng = rng  # pylint: disable=protected-access
 
 
 def save_loop_checkpoint(loop, basename, keep=2):
