@@ -203,6 +203,37 @@ def _time_original(trax, model, cfg):
                                               buffer_len=buffer.shape[1])
 
 
+def weight_bytes_per_token(model):
+  """Bytes of weights a predict-mode HourglassLM reads per token, on average.
+
+  Counted from the model's weight shapes: the layers of a `ShortenedLevel`'s
+  `shortening` part run once every k tokens of their level; an embedding reads
+  one row; a sparse FF's main part reads the chosen row of w1 and w2 in each
+  block (its controller is a layer of its own, read whole); any other layer
+  reads all its weights. Caches are not counted.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import trax.layers as tl  # pylint: disable=g-import-not-at-top
+
+  def walk(layer, weights, rate):
+    if isinstance(weights, dict):  # A shared layer: counted where first met.
+      return 0.
+    if layer.sublayers:
+      slow, k = {id(l) for l in getattr(layer, 'shortening', ())}, getattr(
+          layer, 'shorten_factor', 1)
+      return sum(walk(l, w, rate / k if id(l) in slow else rate)
+                 for l, w in zip(layer.sublayers, weights))
+    leaves = jax.tree_util.tree_leaves(weights)
+    sizes = [w.size for w in leaves]
+    if isinstance(layer, tl.Embedding):
+      sizes = [leaves[0].shape[-1]]
+    elif type(layer).__name__ == '_ChosenUnitsFF':  # w1, w2, b2.
+      (d_model, blocks, _), (_, _, d_out) = leaves[0].shape, leaves[1].shape
+      sizes = [d_model * blocks, blocks * d_out, leaves[2].size]
+    return rate * sum(sizes) * (leaves[0].dtype.itemsize if leaves else 0)
+  return walk(model, model.weights, 1.0)
+
+
 def _measure(model_name, cfg, trax, record):
   """Builds and times `model_name` in this worker; fills in `record`."""
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -216,6 +247,8 @@ def _measure(model_name, cfg, trax, record):
   _common.block(model.weights)
   record['init_s'] = time.perf_counter() - start
   record['n_params'] = _common.count_params(model.weights)
+  if arch in ('ours', 'ours_sparse'):
+    record['weight_bytes_per_token'] = weight_bytes_per_token(model)
   if arch == 'original':
     n, elapsed, extra = _time_original(trax, model, cfg)
   elif in_our_loop:
@@ -287,7 +320,9 @@ def _summarize(models, runs):
         compile_s_median=_common.median(
             [sum(r['first_tokens_ms']) / 1000. for r in ok]),
         peak_rss_mib_max=max((r['peak_rss_mib'] for r in ok), default=None),
-        n_params=ok[0]['n_params'] if ok else None)
+        n_params=ok[0]['n_params'] if ok else None,
+        weight_bytes_per_token=ok[0].get('weight_bytes_per_token') if ok
+        else None)
   _common.add_ratios(summary, models)
   return summary
 
@@ -379,6 +414,13 @@ def _parent(args):
   lines = [f'{m} / {base}: {summary[m][f"ratio_vs_{base}"]:.2f}x'
            for m, base in ratios
            if m in ran and summary[m].get(f'ratio_vs_{base}') is not None]
+  for m, base in ratios if args.suite == 'sparse' else ():
+    read = [summary.get(x, {}).get('weight_bytes_per_token') for x in (m, base)]
+    if all(read):
+      lines.append(
+          f'{m} / {base}, byte-count ceiling: {read[1] / read[0]:.2f}x '
+          f'(weights read a token: {read[1] / 2**20:.1f} against '
+          f'{read[0] / 2**20:.1f} MiB; caches not counted)')
   for stream, ours in OVERHEAD:
     if {stream, ours} <= set(ran) and summary[stream]['ms_per_token_median'] \
         and summary[ours]['ms_per_token_median']:

@@ -264,6 +264,29 @@ def test_sample_speed_rejects_bad_flags():
     sample_speed.main(['--models', 'gpt2'])
 
 
+@pytest.mark.parametrize('ff_sparsity', [0, 4])
+def test_sample_speed_counts_the_weights_a_token_reads(ff_sparsity):
+  # Two more shortened layers (factor 3) are read once every 3 tokens, each
+  # but the 3/4 of its feed-forward kernels a sparse FF does not choose.
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  import trax_hourglass as th  # pylint: disable=g-import-not-at-top
+  sample_speed = benchmark_scripts.load('sample_speed')
+  read, n_params = [], []
+  for hierarchy in ('1@1 2@3 1@1', '1@1 4@3 1@1'):
+    model = th.HourglassLM(11, d_model=16, d_ff=32, n_heads=2, dropout=0.0,
+                           hierarchy=hierarchy, ff_sparsity=ff_sparsity,
+                           mode='predict', max_len=6)
+    model.init(shapes.ShapeDtype((1, 1), np.int32))
+    read.append(sample_speed.weight_bytes_per_token(model))
+    n_params.append(sum(w.size for w in jax.tree_util.tree_leaves(
+        model.weights)))
+  unchosen = 2 * 16 * 32 * 3 / 4 if ff_sparsity else 0  # Per layer.
+  assert read[1] - read[0] == pytest.approx(
+      4 * (n_params[1] - n_params[0] - 2 * unchosen) / 3)
+
+
 def test_common_helpers():
   common = benchmark_scripts.load('_common')
   assert common.parse_int_tuple('2,2') == (2, 2)

@@ -7,6 +7,8 @@ the eval model loaded unchanged. Also: prompts in one call, batches,
 `autoregressive_sample`, the max_len error, and shorten-factor dropout.
 """
 
+import re
+
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -18,6 +20,7 @@ from trax.supervised import decoding
 
 import trax_hourglass as th
 from trax_hourglass.layers import cache
+from trax_hourglass.layers import predict_weights
 import configurations  # pylint: disable=g-bad-import-order
 from configurations import ATTENTION, SHORTENING, UPSAMPLING  # pylint: disable=g-bad-import-order
 
@@ -157,6 +160,34 @@ def test_a_decode_step_has_no_host_callback():
       np.zeros((BATCH, 1), np.int32), decoder.weights, decoder.state,
       decoder.rng)
   assert not step.effects
+
+
+def test_decoding_weights_lay_the_position_kernel_out_by_head_once():
+  # Relative attention reads its position kernel (16, 16) by head, (2, 16, 8):
+  # decoding.sample's weights hold it so, made once per sampling call; trax's
+  # layout (model.weights, as trax's own loop passes them) copies it per step.
+  evaluator, decoder = _pair(hierarchy='1@2')  # 5 relative attentions.
+  weights = predict_weights.decoding_weights(decoder)
+  leaves = jax.tree_util.tree_leaves(weights)
+  assert len([w for w in leaves if w.shape == (2, 16, 8)]) == 5
+  assert len(leaves) == len(jax.tree_util.tree_leaves(decoder.weights))
+  assert all(a is b for a, b in zip(jax.tree_util.tree_leaves(
+      predict_weights.decoding_weights(decoder)), leaves))
+  tokens, fresh = _decoder_inputs(_tokens()), decoder.state
+
+  def transposed_kernels(weights):
+    step = jax.make_jaxpr(decoder.pure_fn)(tokens[:, :1], weights, fresh,
+                                           decoder.rng)
+    return len(re.findall(r'f32\[2,16,8\] = transpose', str(step)))
+
+  assert transposed_kernels(decoder.weights) == 5
+  assert transposed_kernels(weights) == 0
+  step, state, logits = jax.jit(decoder.pure_fn), fresh, []
+  for t in range(LENGTH):
+    out, state = step(tokens[:, t:t + 1], weights, state, decoder.rng)
+    logits.append(out)
+  np.testing.assert_allclose(np.concatenate(logits, 1),
+                             np.asarray(evaluator(_tokens())), atol=1e-4)
 
 
 @pytest.mark.smoke

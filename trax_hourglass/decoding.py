@@ -31,7 +31,7 @@ from trax_hourglass import checkpoints
 from trax_hourglass import runs
 from trax_hourglass.data import images as image_data
 from trax_hourglass.layers import attention_types
-from trax_hourglass.layers import sparse
+from trax_hourglass.layers import predict_weights
 from trax_hourglass.models.hourglass import HourglassLM
 
 # Upper bound of tokens per compiled call (the size of its output buffer).
@@ -196,7 +196,7 @@ def sample(model, n_tokens, prompt=None, batch_size=1, temperature=1.0,
         f"model's max_len={max_len}: ask for at most {max_len - prompt_len} "
         f'tokens, or build the model with max_len >= {prompt_len + n_tokens}.')
   prefill, run = _compiled(model)
-  weights = sparse.decoding_weights(model)
+  weights = predict_weights.decoding_weights(model)
   # Traced arguments: other values do not recompile.
   temperature = np.float32(temperature)
   top_k = np.int32(0 if top_k is None else top_k)  # 0: all tokens.

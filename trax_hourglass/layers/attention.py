@@ -246,8 +246,8 @@ class RelativeDotProductAttention(base.Layer):
     summarises queries up to f*j) and sees key j at offset f*(j - a) - s.
     Key j's offset is then first - step * j, first traced.
 
-    pos_proj: (d_model + 1, d_model), the position projection's kernel over
-    its bias (`PositionProjection` in predict mode).
+    pos_proj: (heads, d_model, d_head), the position projection's kernel by
+    head (`PositionProjection` in predict mode).
     """
     if q.shape[1] != 1:
       raise ValueError(
@@ -275,8 +275,7 @@ class RelativeDotProductAttention(base.Layer):
     # q . (W s + b) = (W^T q) . s + q . b: the query goes to the sinusoids'
     # space, so no position is projected and none is kept in the state (q . b
     # is the same for every key: softmax ignores it).
-    u = jnp.einsum('bnid,knd->bnik', q_location,
-                   pos_proj[:-1].reshape(d_model, n_heads, d_head))
+    u = jnp.einsum('bnid,nkd->bnik', q_location, pos_proj)
     # Key j = grid * a + c sits at offset first - step * c - step * grid * a:
     # the sinusoid of a sum of a traced fine angle and a static coarse one.
     grid = 64
@@ -344,19 +343,33 @@ def RelativePositionEmbeddings(d_model, kv_pooling, mode='train'):
 class PositionProjection(Dense):
   """The projection of position sinusoids: a `Dense`, same weights.
 
-  In predict mode it outputs its kernel over its bias, (d_in + 1, d_out), and
-  the attention applies it per query (cheaper than projecting every offset).
+  In predict mode it outputs its kernel by head, (n_heads, d_in, d_out /
+  n_heads), and the attention applies it per query (cheaper than projecting
+  every offset; the bias adds the same to every key's score, so none).
   """
 
-  def __init__(self, n_units, mode='train'):
+  def __init__(self, n_units, n_heads, mode='train'):
     super().__init__(n_units)
+    self._n_heads = n_heads
     self._mode = mode
 
   def forward(self, x):
     if self._mode != 'predict':
       return super().forward(x)
-    kernel, bias = self.weights
-    return jnp.concatenate([kernel, bias[None, :]], axis=0)
+    kernel = self.weights[0]
+    # trax's layout (its own decoding loop passes `model.weights`): a copy per
+    # call; `decoding.sample` passes the kernel by head (see `predict_weights`).
+    return kernel if kernel.ndim == 3 else self._by_head(kernel)
+
+  def laid_out_for_decoding(self, weights):
+    """(kernel by head, bias) in place of (kernel, bias)."""
+    kernel, bias = weights
+    return self._by_head(jnp.asarray(kernel)), bias
+
+  def _by_head(self, kernel):
+    d_in, d_out = kernel.shape
+    return kernel.reshape(d_in, self._n_heads, d_out // self._n_heads
+                          ).transpose(1, 0, 2)
 
 
 def RelativeAttention(d_model, n_heads, dropout, mode, context_bias_layer,
@@ -375,7 +388,7 @@ def RelativeAttention(d_model, n_heads, dropout, mode, context_bias_layer,
       tl.Branch(RelativePositionEmbeddings(d_model, kv_pooling, mode),
                 tl.Select([0], n_in=2), tl.Select([1], n_in=2),
                 tl.Select([1], n_in=2)),  # pos, q_in, k_in, k_in
-      tl.Parallel(PositionProjection(d_model, mode), Dense(d_model),
+      tl.Parallel(PositionProjection(d_model, n_heads, mode), Dense(d_model),
                   Dense(d_model), Dense(d_model)),  # pos_emb, q, k, v
       context_bias_layer,
       location_bias_layer,  # location_bias, context_bias, pos_emb, q, k, v

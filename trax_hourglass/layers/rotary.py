@@ -23,6 +23,7 @@ from trax.layers import base
 from trax.layers.assert_shape import assert_shape
 
 from trax_hourglass.layers import cache
+from trax_hourglass.layers.attention import sinusoids_at
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import apply_dropout
 
@@ -107,8 +108,12 @@ class RotaryDotProductCausalAttention(base.Layer):
     # The overflow policy of `cache`: an error from the host, NaN outputs.
     past = cache.check_room(n_done, length, self._max_len,
                             _raise_if_past_cache)
-    sin, cos = (jax.lax.dynamic_slice_in_dim(jnp.asarray(table), n_done, length)
-                for table in self._tables(self._max_len, q.shape[-1]))
+    # The sin/cos of these positions only (pair i turns by 10000^(-2i/d), as
+    # a Transformer-XL sinusoid of d = d_head), not a table over max_len.
+    sin, cos = jnp.split(sinusoids_at(
+        self._total_pooling * (n_done + jnp.arange(length)), q.shape[-1], 0,
+        self._total_pooling * (self._max_len - 1)), 2, axis=-1)
+    sin, cos = (jnp.concatenate([x, x], axis=-1) for x in (sin, cos))
     q, k = rotate_pairs(q, sin, cos), rotate_pairs(k, sin, cos)
     k_cache = cache.append(k_cache, k, n_done)
     v_cache = cache.append(v_cache, v, n_done)

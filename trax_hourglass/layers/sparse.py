@@ -13,6 +13,7 @@ import trax.layers as tl
 from trax.fastmath import numpy as jnp
 from trax.layers.research import sparsity as trax_sparsity
 
+from trax_hourglass.layers import predict_weights
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.feed_forward import FeedForwardResidual
 
@@ -58,7 +59,7 @@ class _ChosenUnitsFF(trax_sparsity._SparseFFMain):  # pylint: disable=protected-
   x (..., d_model)) -> (quant_mask, x'), gathering for each block i the
   column of w1 (d_model, d_ff/N, N) and the row of w2 (N, d_ff/N, d_model)
   of its chosen unit. Given a fourth weight, w1 laid out unit by unit
-  (d_ff, d_model) (see `decoding_weights`), it reads each chosen unit's
+  (d_ff, d_model) (see `laid_out_for_decoding`), it reads each chosen unit's
   column as one contiguous row instead of one float per cache line.
   """
 
@@ -88,28 +89,19 @@ class _ChosenUnitsFF(trax_sparsity._SparseFFMain):  # pylint: disable=protected-
                      w2[chosen_2d, jnp.arange(n_blocks)[None, :], :]) + b2
     return chosen, out.reshape(x.shape)
 
+  def laid_out_for_decoding(self, weights):
+    """Adds w1 laid out unit by unit, (d_ff, d_model), as a fourth weight.
 
-def decoding_weights(model):
-  """`model.weights` for decoding: each predict-mode sparse FF also gets w1
-  laid out unit by unit, (d_ff, d_model), as a fourth weight.
-
-  The copy is made once per kernel (kept on the layer while the kernel is the
-  same object), not per token; `model.weights`, hence what is saved, keep
-  trax's layout. Costs the memory of the sparse FFs' first kernels again.
-  """
-  def walk(layer, weights):
-    if isinstance(layer, _ChosenUnitsFF) and layer._mode == 'predict' and (  # pylint: disable=protected-access
-        not layer._multiply_by_controller_output):  # pylint: disable=protected-access
-      w1 = weights[0]
-      kept = getattr(layer, '_w1_by_unit', None)
-      if kept is None or kept[0] is not w1:
-        kept = layer._w1_by_unit = (w1, jnp.asarray(w1).reshape(  # pylint: disable=protected-access
-            w1.shape[0], -1).T)
-      return tuple(weights) + (kept[1],)
-    if not layer.sublayers or isinstance(weights, dict):  # dict: shared.
+    See `predict_weights`: made once per kernel, not per token; costs the
+    memory of the first kernel again.
+    """
+    if self._multiply_by_controller_output:
       return weights
-    return tuple(walk(*pair) for pair in zip(layer.sublayers, weights))
-  return walk(model, model.weights)
+    return tuple(weights) + (jnp.asarray(weights[0]).reshape(
+        weights[0].shape[0], -1).T,)
+
+
+decoding_weights = predict_weights.decoding_weights  # Its older home.
 
 
 def _reading_chosen_units(layer):

@@ -1,0 +1,28 @@
+"""Weights laid out for decoding, derived once per sampling call, not per step.
+
+A predict-mode layer may read some weight faster in another layout than the one
+trax saves (`model.weights` keep trax's, so checkpoints do not change). Such a
+layer has a method `laid_out_for_decoding(weights)` returning its weights for
+decoding; in its forward pass it tells the two apart and, given trax's (as
+trax's own `autoregressive_sample` passes them), derives the layout per call.
+"""
+
+
+def decoding_weights(model):
+  """`model.weights` with each predict-mode layer's laid out for decoding.
+
+  Each layer's derived weights are kept on it while its weights are the same
+  objects: sampling again with the same weights copies nothing.
+  """
+  def walk(layer, weights):
+    lay_out = getattr(layer, 'laid_out_for_decoding', None)
+    if lay_out is not None and getattr(layer, '_mode', None) == 'predict':
+      kept = getattr(layer, '_decoding_weights', None)
+      if kept is None or len(kept[0]) != len(weights) or any(
+          a is not b for a, b in zip(kept[0], weights)):
+        kept = layer._decoding_weights = (tuple(weights), lay_out(weights))  # pylint: disable=protected-access
+      return kept[1]
+    if not layer.sublayers or isinstance(weights, dict):  # dict: shared.
+      return weights
+    return tuple(walk(*pair) for pair in zip(layer.sublayers, weights))
+  return walk(model, model.weights)
