@@ -15,7 +15,7 @@ import trax_hourglass
 from trax_hourglass import decoding
 from trax_hourglass.layers import cache
 from trax_hourglass.layers import feed_forward
-from trax_hourglass.layers import sparse
+from trax_hourglass.layers import predict_weights
 from trax_hourglass.layers import rotary
 from trax_hourglass.layers.rotary import RotaryCausalAttention
 from trax_hourglass.layers.sparse import FeedForwardBlock
@@ -134,12 +134,12 @@ def test_sparse_hourglass_every_ff_is_sparse_and_decodes_as_eval():
 
   np.testing.assert_allclose(decode(decoder.weights), expected, atol=1e-4)
   # decoding.sample's weights: w1 also unit by unit, made once per kernel.
-  weights = sparse.decoding_weights(decoder)
+  weights = predict_weights.decoding_weights(decoder)
   leaves = jax.tree_util.tree_leaves(weights)
   assert len([w for w in leaves if w.shape == (D_FF, D_MODEL)]) == 5
   assert len(leaves) == len(jax.tree_util.tree_leaves(decoder.weights)) + 5
   assert all(a is b for a, b in zip(
-      jax.tree_util.tree_leaves(sparse.decoding_weights(decoder)), leaves))
+      jax.tree_util.tree_leaves(predict_weights.decoding_weights(decoder)), leaves))
   np.testing.assert_allclose(decode(weights), expected, atol=1e-4)
   # decoding.sample, greedy: each token is eval mode's argmax after the others.
   sampled = decoding.sample(decoder, 4, temperature=0)

@@ -13,7 +13,6 @@ import trax.layers as tl
 from trax.fastmath import numpy as jnp
 from trax.layers.research import sparsity as trax_sparsity
 
-from trax_hourglass.layers import predict_weights
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.feed_forward import FeedForwardResidual
 
@@ -100,8 +99,6 @@ class _ChosenUnitsFF(trax_sparsity._SparseFFMain):  # pylint: disable=protected-
     return tuple(weights) + (jnp.asarray(weights[0]).reshape(
         weights[0].shape[0], -1).T,)
 
-
-decoding_weights = predict_weights.decoding_weights  # Its older home.
 
 
 def _reading_chosen_units(layer):
