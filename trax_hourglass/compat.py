@@ -135,12 +135,11 @@ def _fix_one_device_step_placement():
           x._committed and x.devices() == {device})  # pylint: disable=protected-access
 
     def placed_update(weights_and_slots, step, opt_params, batch, state, rng):
+      # One pass, no check first: trax sets a fresh learning rate every step.
       # The batch stays as it is: uncommitted, it goes where the rest is.
-      args = (weights_and_slots, opt_params, state, rng)
-      if any(misplaced(x) for x in jax.tree_util.tree_leaves(args)):
-        args = jax.tree_util.tree_map(
-            lambda x: jax.device_put(x, device) if misplaced(x) else x, args)
-      weights_and_slots, opt_params, state, rng = args
+      weights_and_slots, opt_params, state, rng = jax.tree_util.tree_map(
+          lambda x: jax.device_put(x, device) if misplaced(x) else x,
+          (weights_and_slots, opt_params, state, rng))
       return update(weights_and_slots, step, opt_params, batch, state, rng)
 
     return placed_update
