@@ -38,9 +38,11 @@ Suites (`--suite`), on the reference configuration (vocab 256, hierarchy
 Timing excludes compilation: for the streams, the first `--warmup` tokens
 (2: the first call compiles, and the second is slow too, as jit sees the
 model's new state as committed arrays); for the `_sample` models, an untimed
-first call of 2 tokens compiles and a second call generating all `--n_tokens`
-is timed (its progress reports give time per token against position, plotted
-with `--plot`); for `original`, one untimed forward pass. Every (model, round)
+first call of 2 tokens compiles, then `--repeats` calls (default 1; 5 in the
+position suite, whose calls take under a second) each generate all
+`--n_tokens`, and the median call counts (its progress reports give time per
+token against position, plotted with `--plot`); for `original`, one untimed
+forward pass. Every (model, round)
 runs in a fresh process, rounds rotate the order, and the table reports
 medians, min/max and ratios of medians.
 
@@ -69,7 +71,7 @@ REFERENCE = dict(vocab_size=256, d_model=256, d_ff=1024, n_heads=4,
                  vanilla_layers=(2, 2), hierarchy='8@3', dropout=0.0,
                  n_tokens=1024, original_tokens=32, max_len=2048, batch=1,
                  ff_sparsity=64, warmup=2, temperature=1.0, rounds=3,
-                 fast_compile=False)
+                 repeats=1, fast_compile=False)
 QUICK = dict(REFERENCE, d_model=32, d_ff=64, n_heads=2, vanilla_layers=(1, 1),
              hierarchy='1@3', n_tokens=24, original_tokens=4, max_len=48,
              ff_sparsity=4, rounds=1, fast_compile=True)
@@ -86,7 +88,7 @@ SUITES = {
              (('ours_sample', 'transformer12_sample'),)),
     'batch': (dict(batch=16), ('ours_sample', 'transformer12_sample'),
               (('ours_sample', 'transformer12_sample'),)),
-    'position': (dict(n_tokens=256),
+    'position': (dict(n_tokens=256, repeats=5),
                  ('ours_sample@512', 'ours_sample@8192',
                   'ours_rotary_sample@512', 'ours_rotary_sample@8192'),
                  (('ours_sample@512', 'ours_sample@8192'),
@@ -157,24 +159,29 @@ def _time_stream(model, cfg):
 
 
 def _time_sample(model, cfg):
-  """Times trax_hourglass.decoding.sample after a compiling call."""
+  """Times trax_hourglass.decoding.sample after a compiling call: the median
+  of `repeats` calls."""
   from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
   batch = cfg['batch']
   start = time.perf_counter()
   decoding.sample(model, 2, batch_size=batch, temperature=cfg['temperature'],
                   seed=1)
   compile_ms = 1000. * (time.perf_counter() - start)
-  progress = []  # (tokens done per sequence, seconds since the start)
-  start = time.perf_counter()
-  tokens = decoding.sample(
-      model, cfg['n_tokens'], batch_size=batch,
-      temperature=cfg['temperature'],
-      progress=lambda done, *_: progress.append(
-          (done, time.perf_counter() - start)))
-  elapsed = time.perf_counter() - start
-  assert tokens.shape == (batch, cfg['n_tokens']), tokens.shape
-  return cfg['n_tokens'], elapsed, dict(first_tokens_ms=[compile_ms],
-                                        progress=progress)
+  calls = []  # (seconds, [(tokens done per sequence, seconds since start)])
+  for _ in range(cfg['repeats']):
+    progress = []
+    start = time.perf_counter()
+    tokens = decoding.sample(
+        model, cfg['n_tokens'], batch_size=batch,
+        temperature=cfg['temperature'],
+        progress=lambda done, *_, p=progress, t0=start: p.append(
+            (done, time.perf_counter() - t0)))
+    calls.append((time.perf_counter() - start, progress))
+    assert tokens.shape == (batch, cfg['n_tokens']), tokens.shape
+  elapsed, progress = sorted(calls, key=lambda c: c[0])[len(calls) // 2]
+  return cfg['n_tokens'], elapsed, dict(
+      first_tokens_ms=[compile_ms], progress=progress,
+      calls_s=[seconds for seconds, _ in calls])
 
 
 def _time_original(trax, model, cfg):
@@ -284,7 +291,7 @@ def _parser():
       ('vanilla_layers', _common.parse_int_tuple), ('n_tokens', int),
       ('original_tokens', int), ('max_len', int), ('batch', int),
       ('ff_sparsity', int), ('warmup', int), ('temperature', float),
-      ('rounds', int)])
+      ('rounds', int), ('repeats', int)])
   return parser
 
 
@@ -303,9 +310,10 @@ def _resolve_config(args):
   if not 1 <= cfg['original_tokens'] < _buffer_len(cfg):
     raise SystemExit(f'--original_tokens must be in 1..'
                      f'{_buffer_len(cfg) - 1}, got {cfg["original_tokens"]}.')
-  if cfg['rounds'] < 1 or cfg['temperature'] <= 0 or cfg['batch'] < 1:
-    raise SystemExit('--rounds and --batch must be >= 1 and --temperature '
-                     '> 0.')
+  if (min(cfg['rounds'], cfg['repeats'], cfg['batch']) < 1
+      or cfg['temperature'] <= 0):
+    raise SystemExit('--rounds, --repeats and --batch must be >= 1 and '
+                     '--temperature > 0.')
   return cfg
 
 

@@ -8,6 +8,7 @@ reused. (The trainer's own config.gin is parsed the same way by
 hourglass-eval's test in test_trainer.py.)
 """
 
+import gc
 import os
 import re
 
@@ -113,6 +114,19 @@ def test_sampling_is_deterministic_per_seed(models):
   np.testing.assert_array_equal(
       decoding.sample(predict, 30, prompt=PROMPT[0], batch_size=2, seed=1)[0],
       a[0])
+
+
+def test_sampling_keeps_one_copy_of_the_caches(models):
+  """After sampling, the model's state is the only state of its size alive:
+  the empty caches are made inside the first compiled call, none is kept."""
+  predict, _ = models
+  gc.collect()
+  before = sum(x.nbytes for x in jax.live_arrays())
+  decoding.sample(predict, 3, batch_size=64, seed=0)  # Caches >> weights.
+  gc.collect()
+  grown = sum(x.nbytes for x in jax.live_arrays()) - before
+  state = sum(x.nbytes for x in jax.tree_util.tree_leaves(predict.state))
+  assert 0.5 * state < grown < 1.5 * state, (grown, state)
 
 
 def test_top_k_samples_only_the_k_most_likely(models):

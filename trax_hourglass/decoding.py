@@ -41,7 +41,8 @@ _MAX_CHUNK = 256
 _SECONDS_PER_CALL = 0.25
 _PROGRESS_EVERY_S = 1.0
 
-# Per model (weakly held): fresh states by batch size, and compiled functions.
+# Per model (weakly held): its state before any token by batch size (see
+# `_fresh_state`), and compiled functions.
 _FRESH_STATES = weakref.WeakKeyDictionary()
 _COMPILED = weakref.WeakKeyDictionary()
 
@@ -74,8 +75,16 @@ def _compiled(model):
   # Predict mode has no dropout: the model's own rng is a constant.
   model_rng = jax.random.PRNGKey(0)
 
-  def prefill(weights, state, toks, key, temperature, top_k):
-    """toks (batch, P+1), 0 first -> (next token (batch,), state, key)."""
+  def prefill(weights, kept, toks, key, temperature, top_k):
+    """toks (batch, P+1), 0 first -> (next token (batch,), state, key).
+
+    Starts from the fresh state of this batch size: its `kept` leaves, and
+    its zero leaves (the caches) made here: no copy of them is kept or read.
+    """
+    treedef, zeros = _FRESH_STATES[model][toks.shape[0]][:2]
+    kept = iter(kept)
+    state = treedef.unflatten([next(kept) if z is None else jnp.zeros(
+        z.shape, z.dtype) for z in zeros])
     logits, state = model.pure_fn(toks, weights, state, model_rng)
     key, sub = jax.random.split(key)
     return _choose(logits[:, -1], sub, temperature, top_k), state, key
@@ -95,32 +104,49 @@ def _compiled(model):
                                              (state, tok, key, out))
     return out, state, tok, key
 
-  # The fresh state given to prefill is kept for the next call: not donated.
-  # run's state is always the previous call's output: donate it.
+  # The kept leaves given to prefill serve the next call: not donated. run's
+  # state is always the previous call's output: donate it.
   _COMPILED[model] = (jax.jit(prefill), jax.jit(run, donate_argnums=(1,)))
   return _COMPILED[model]
 
 
 def _fresh_state(model, batch_size):
-  """The state of `model` before any token, for `batch_size` sequences."""
+  """`model`'s state before any token, for `batch_size` sequences.
+
+  Returns (treedef, zeros, kept): its all-zero leaves (the caches, most of
+  it) as ShapeDtypeStructs in `zeros`, None there for the others, which are
+  `kept` as arrays. Only `kept` stays in memory between calls.
+  """
   per_model = _FRESH_STATES.setdefault(model, {})
   if batch_size not in per_model:
     # init draws new weights as well: keep the trained ones.
     weights = model.weights
     model.init(shapes.ShapeDtype((batch_size, 1), np.int32))
-    per_model[batch_size] = model.state
     model.weights = weights
+    _remember_fresh_state(model, batch_size)
   return per_model[batch_size]
 
 
-def _own_buffers(state, fresh):
-  """`state` with no buffer of `fresh` and none twice: safe to donate.
+def _remember_fresh_state(model, batch_size):
+  """Files `model.state`, just initialized, as its fresh state of a batch."""
+  leaves, treedef = jax.tree_util.tree_flatten(model.state)
+  nonzero = jax.device_get([
+      True if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else
+      jnp.any(x != 0) for x in leaves])
+  zeros = tuple(None if nz else jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+                for x, nz in zip(leaves, nonzero))
+  kept = [x for x, nz in zip(leaves, nonzero) if nz]
+  _FRESH_STATES.setdefault(model, {})[batch_size] = (treedef, zeros, kept)
+
+
+def _own_buffers(state, kept):
+  """`state` with no buffer of `kept` and none twice: safe to donate.
 
   jit hands an input that comes out unchanged back as the same array, and
-  init may put one array in several places; donating those would delete the
-  kept fresh state or donate a buffer twice.
+  one array may sit in several places; donating those would delete a kept
+  leaf or donate a buffer twice.
   """
-  seen = {id(x) for x in jax.tree_util.tree_leaves(fresh)}
+  seen = {id(x) for x in kept}
 
   def own(x):
     if id(x) in seen:
@@ -203,10 +229,10 @@ def sample(model, n_tokens, prompt=None, batch_size=1, temperature=1.0,
 
   start = time.perf_counter()
   toks = np.concatenate([np.zeros((batch, 1), np.int32), prompt], axis=1)
-  fresh = _fresh_state(model, batch)
-  tok, state, key = prefill(weights, fresh, toks, jax.random.PRNGKey(seed),
+  kept = _fresh_state(model, batch)[2]
+  tok, state, key = prefill(weights, kept, toks, jax.random.PRNGKey(seed),
                             temperature, top_k)
-  state = _own_buffers(state, fresh)
+  state = _own_buffers(state, kept)
   chunks = [np.asarray(tok)[:, None]]
   done, chunk = 1, 1
   first = None  # (time, tokens done) after the first (compiling) run call.
@@ -412,7 +438,7 @@ def load_predict_model(checkpoint_or_weights, model_fn=None, config_file=None,
         f'cannot build the model ({e}); pass the run\'s gin config '
         '(config_file) or the model arguments, e.g. vocab_size=256.') from e
   model.init(shapes.ShapeDtype((batch_size, 1), np.int32))
-  _FRESH_STATES.setdefault(model, {})[batch_size] = model.state
+  _remember_fresh_state(model, batch_size)
   try:
     checkpoints.load_trax_hourglass_weights(model, weights)
   except ValueError as e:
