@@ -366,17 +366,21 @@ def per_token_ms(progress):
 
 
 def _plot(runs, models, cfg, path):
+  lines = {}
+  for m in models:
+    ok = [r for r in runs if r['model'] == m and r['status'] == 'ok'
+          and r.get('progress')]
+    if ok:
+      median_run = sorted(ok, key=lambda r: r['tokens_per_s'])[len(ok) // 2]
+      lines[m] = per_token_ms(median_run['progress'])
+  if not any(lines.values()):
+    # Progress comes about once a second: a shorter call has no interval.
+    return 'the timed calls were too short for progress reports to plot'
   plt = _common.pyplot()
   if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(7, 4))
-  for m in models:
-    ok = [r for r in runs if r['model'] == m and r['status'] == 'ok'
-          and r.get('progress')]
-    if not ok:
-      continue
-    median_run = sorted(ok, key=lambda r: r['tokens_per_s'])[len(ok) // 2]
-    points = per_token_ms(median_run['progress'])
+  for m, points in lines.items():
     ax.plot([p for p, _ in points], [ms for _, ms in points], marker='.',
             label=f'{m} (median run)')
   ax.set_xlabel('position (tokens decoded)')
@@ -412,7 +416,9 @@ def _parent(args):
            f'{_buffer_len(cfg)}-token buffer)' if 'original' in ran else '')
         + f', d_model {cfg["d_model"]}, d_ff {cfg["d_ff"]}, n_heads '
         f'{cfg["n_heads"]}, vanilla_layers {tuple(cfg["vanilla_layers"])}, '
-        f'hierarchy {cfg["hierarchy"]!r}, max_len {cfg["max_len"]}'
+        f'hierarchy {cfg["hierarchy"]!r}, max_len '
+        + (f'{cfg["max_len"]}' if not any(_parse_model(m)[2] for m in ran)
+           else 'as named (@L)')
         + (f', ff_sparsity {cfg["ff_sparsity"]}' if args.suite == 'sparse'
            else '') + f', {cfg["rounds"]} rounds'
         + (f', on {runs[0]["backend"]} ({runs[0]["device_kind"]})'

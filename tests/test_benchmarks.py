@@ -228,7 +228,7 @@ def test_sample_speed_quick(tmp_path):
   json_path = tmp_path / 'sample_speed.json'
   result = subprocess.run(
       [sys.executable, SAMPLE_SPEED, '--quick', '--models', ','.join(models),
-       '--json', str(json_path)],
+       '--repeats', '2', '--json', str(json_path)],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
   details = f'stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}'
   assert result.returncode == 0, details
@@ -252,6 +252,9 @@ def test_sample_speed_quick(tmp_path):
   runs = {r['model']: r for r in report['runs']}
   assert runs['ours']['timed_tokens'] == 24 - 2  # The 2 warmup tokens.
   assert runs['original']['timed_tokens'] == 4
+  # Our loop's time is the median of the timed calls.
+  calls = runs['ours_sample']['calls_s']
+  assert len(calls) == 2 and runs['ours_sample']['timed_s'] in calls
 
 
 def test_sample_speed_rejects_bad_flags():
@@ -260,6 +263,8 @@ def test_sample_speed_rejects_bad_flags():
     sample_speed.main(['--n_tokens', '100', '--max_len', '50'])
   with pytest.raises(SystemExit, match='warmup'):
     sample_speed.main(['--quick', '--warmup', '0'])
+  with pytest.raises(SystemExit, match='repeats'):
+    sample_speed.main(['--quick', '--repeats', '0'])
   with pytest.raises(SystemExit, match='Unknown'):
     sample_speed.main(['--models', 'gpt2'])
 
