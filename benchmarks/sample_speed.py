@@ -59,7 +59,9 @@ nothing; used by tests/test_benchmarks.py):
 
 import functools
 import os
+import re
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -71,7 +73,7 @@ REFERENCE = dict(vocab_size=256, d_model=256, d_ff=1024, n_heads=4,
                  vanilla_layers=(2, 2), hierarchy='8@3', dropout=0.0,
                  n_tokens=1024, original_tokens=32, max_len=2048, batch=1,
                  ff_sparsity=64, warmup=2, temperature=1.0, rounds=3,
-                 repeats=1, fast_compile=False)
+                 repeats=1, profile=0, fast_compile=False)
 QUICK = dict(REFERENCE, d_model=32, d_ff=64, n_heads=2, vanilla_layers=(1, 1),
              hierarchy='1@3', n_tokens=24, original_tokens=4, max_len=48,
              ff_sparsity=4, rounds=1, fast_compile=True)
@@ -179,9 +181,86 @@ def _time_sample(model, cfg):
     calls.append((time.perf_counter() - start, progress))
     assert tokens.shape == (batch, cfg['n_tokens']), tokens.shape
   elapsed, progress = sorted(calls, key=lambda c: c[0])[len(calls) // 2]
-  return cfg['n_tokens'], elapsed, dict(
-      first_tokens_ms=[compile_ms], progress=progress,
-      calls_s=[seconds for seconds, _ in calls])
+  extra = dict(first_tokens_ms=[compile_ms], progress=progress,
+               calls_s=[seconds for seconds, _ in calls])
+  if cfg['profile']:
+    extra['profile'] = _profile_sample(decoding, model, cfg)
+  return cfg['n_tokens'], elapsed, extra
+
+
+def _profile_sample(decoding, model, cfg):
+  """One more call of `cfg['n_tokens']` under jax.profiler, per token."""
+  import jax  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      start = time.perf_counter()
+      decoding.sample(model, cfg['n_tokens'], batch_size=cfg['batch'],
+                      temperature=cfg['temperature'])
+      wall_s = time.perf_counter() - start
+    ops = device_ops(trace_dir)
+  n = cfg['n_tokens']
+  by_name = {}
+  for name, _, dur_us in ops:
+    kind = re.sub(r'([._]\d+)+$', '', name)  # fusion.12 -> fusion
+    count, total = by_name.get(kind, (0, 0.))
+    by_name[kind] = (count + 1, total + dur_us)
+  top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:cfg['profile']]
+  return dict(
+      wall_ms_per_token=1000. * wall_s / n, ops_per_token=len(ops) / n,
+      busy_ms_per_token=sum(d for *_, d in ops) / 1000. / n,
+      top=[(name, count / n, total / 1000. / n)
+           for name, (count, total) in top])
+
+
+def device_ops(trace_dir):
+  """[(name, start µs, duration µs)]: the device operations of a trace.
+
+  Reads the perfetto trace `jax.profiler.trace(create_perfetto_trace=True)`
+  writes. On an accelerator these are the events of its device planes' GPU
+  streams (kernels, copies; untested here) or else their 'XLA Ops' lines
+  (TPUs), not the lines derived from them; on the CPU, those of XLA's own
+  threads, less its runtime functions (named with '::') and the
+  'end: <operation>' mark inside each operation. Only innermost events count:
+  a loop or a conditional is counted as the operations it runs.
+  """
+  import glob  # pylint: disable=g-import-not-at-top
+  import gzip  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  path, = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
+                    recursive=True)
+  with gzip.open(path, 'rt') as f:
+    events = json.load(f)
+  events = events['traceEvents'] if isinstance(events, dict) else events
+  names = {(e['name'], e.get('pid'), e.get('tid')): e.get('args', {}).get(
+      'name', '') for e in events if e.get('ph') == 'M'}
+  devices = {pid for (kind, pid, _), name in names.items()
+             if kind == 'process_name' and name.startswith('/device:')}
+  lines = {(pid, tid): name for (kind, pid, tid), name in names.items()
+           if kind == 'thread_name'}
+  device_lines = {k: n for k, n in lines.items() if k[0] in devices}
+  line = ('Stream' if any(n.startswith('Stream') for n in
+                          device_lines.values()) else 'XLA Ops')
+
+  def is_device(e):
+    name = lines.get((e.get('pid'), e.get('tid')), '')
+    if devices:
+      return e.get('pid') in devices and name.startswith(line)
+    return (name.startswith('tf_XLA') and '::' not in e['name']
+            and not e['name'].startswith('end: '))
+
+  lanes = {}
+  for e in events:
+    if e.get('ph') == 'X' and is_device(e):
+      lanes.setdefault((e['pid'], e['tid']), []).append(
+          (float(e['ts']), float(e.get('dur', 0.)), e['name']))
+  ops = []
+  for lane in lanes.values():
+    lane.sort(key=lambda x: (x[0], -x[1]))  # Enclosing events first.
+    for i, (ts, dur, name) in enumerate(lane):
+      inner = i + 1 < len(lane) and lane[i + 1][0] < ts + dur
+      if not inner:
+        ops.append((name, ts, dur))
+  return ops
 
 
 def _time_original(trax, model, cfg):
@@ -291,7 +370,10 @@ def _parser():
       ('vanilla_layers', _common.parse_int_tuple), ('n_tokens', int),
       ('original_tokens', int), ('max_len', int), ('batch', int),
       ('ff_sparsity', int), ('warmup', int), ('temperature', float),
-      ('rounds', int), ('repeats', int)])
+      ('rounds', int), ('repeats', int),
+      ('profile', int, 'Trace one more call of each _sample model with '
+       "jax.profiler and print the device operations a token runs, the N that "
+       'take longest by name; 0: no trace.')])
   return parser
 
 
@@ -311,9 +393,9 @@ def _resolve_config(args):
     raise SystemExit(f'--original_tokens must be in 1..'
                      f'{_buffer_len(cfg) - 1}, got {cfg["original_tokens"]}.')
   if (min(cfg['rounds'], cfg['repeats'], cfg['batch']) < 1
-      or cfg['temperature'] <= 0):
-    raise SystemExit('--rounds, --repeats and --batch must be >= 1 and '
-                     '--temperature > 0.')
+      or cfg['temperature'] <= 0 or cfg['profile'] < 0):
+    raise SystemExit('--rounds, --repeats and --batch must be >= 1, '
+                     '--temperature > 0 and --profile >= 0.')
   return cfg
 
 
@@ -353,6 +435,16 @@ def _table(models, summary, baselines):
            _common.fmt(s['peak_rss_mib_max'], ',.0f'),
            _common.fmt(s['compile_s_median'], '.1f'), s['n_runs']])
   return _common.markdown_table(headers, rows)
+
+
+def _profile_table(model, profile):
+  """A traced call of `model` (its median run), per generated token."""
+  rows = [[name, _common.fmt(count, ',.1f'), _common.fmt(ms, ',.3f')]
+          for name, count, ms in profile['top']]
+  return (f'\n{model}, one traced call, per token: {profile["wall_ms_per_token"]:.2f}'
+          f' ms wall, {profile["ops_per_token"]:,.0f} device operations busy '
+          f'for {profile["busy_ms_per_token"]:.2f} ms; the longest:\n\n'
+          + _common.markdown_table(['operation', 'count', 'ms'], rows))
 
 
 def per_token_ms(progress):
@@ -444,6 +536,11 @@ def _parent(args):
           ' ms/token')
   if lines:
     print('\n' + '\n'.join(lines))
+  for m in ran:
+    ok = sorted((r for r in runs if r['model'] == m and r.get('profile')),
+                key=lambda r: r['tokens_per_s'])
+    if ok:
+      print(_profile_table(m, ok[len(ok) // 2]['profile']))
   for m, reason in skipped.items():
     print(f'\n{m}: skipped, {reason}')
   for m, reason in failed.items():

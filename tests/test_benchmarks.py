@@ -228,7 +228,7 @@ def test_sample_speed_quick(tmp_path):
   json_path = tmp_path / 'sample_speed.json'
   result = subprocess.run(
       [sys.executable, SAMPLE_SPEED, '--quick', '--models', ','.join(models),
-       '--repeats', '2', '--json', str(json_path)],
+       '--repeats', '2', '--profile', '3', '--json', str(json_path)],
       cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
   details = f'stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}'
   assert result.returncode == 0, details
@@ -255,6 +255,12 @@ def test_sample_speed_quick(tmp_path):
   # Our loop's time is the median of the timed calls.
   calls = runs['ours_sample']['calls_s']
   assert len(calls) == 2 and runs['ours_sample']['timed_s'] in calls
+  # --profile traced one more call of our loop only.
+  profile = runs['ours_sample']['profile']
+  assert profile['ops_per_token'] > 10 and len(profile['top']) == 3
+  assert 0 < profile['busy_ms_per_token'] < profile['wall_ms_per_token']
+  assert 'ours_sample, one traced call, per token' in result.stdout
+  assert 'profile' not in runs['ours']
 
 
 def test_sample_speed_rejects_bad_flags():
@@ -267,6 +273,49 @@ def test_sample_speed_rejects_bad_flags():
     sample_speed.main(['--quick', '--repeats', '0'])
   with pytest.raises(SystemExit, match='Unknown'):
     sample_speed.main(['--models', 'gpt2'])
+
+
+def _write_trace(path, processes, events):
+  """A perfetto trace as jax.profiler writes it: {pid: (name, {tid: name})}
+  and complete events (pid, tid, name, start µs, duration µs)."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  meta = []
+  for pid, (name, threads) in processes.items():
+    meta.append(dict(ph='M', name='process_name', pid=pid,
+                     args=dict(name=name)))
+    meta += [dict(ph='M', name='thread_name', pid=pid, tid=tid,
+                  args=dict(name=t)) for tid, t in threads.items()]
+  path.mkdir(parents=True)
+  with gzip.open(path / 'perfetto_trace.json.gz', 'wt') as f:
+    json.dump(dict(traceEvents=meta + [
+        dict(ph='X', pid=p, tid=t, name=n, ts=ts, dur=d)
+        for p, t, n, ts, d in events]), f)
+
+
+def test_sample_speed_reads_device_operations_from_a_trace(tmp_path):
+  device_ops = benchmark_scripts.load('sample_speed').device_ops
+  # The CPU: innermost operations of XLA's threads, not its runtime's
+  # functions, the 'end:' marks inside operations, or Python's frames.
+  cpu = {1: ('/host:CPU', {10: 'tf_XLAEigen/1', 11: 'python'})}
+  _write_trace(tmp_path / 'cpu' / 'plugins' / 'profile' / 'run', cpu, [
+      (1, 10, 'ThunkExecutor::Execute', 0, 100),
+      (1, 10, 'while.3', 1, 90),
+      (1, 10, 'dot.1', 2, 10), (1, 10, 'end: dot.1', 11, 1),
+      (1, 10, 'cond.2', 20, 30), (1, 10, 'copy.4', 21, 5),
+      (1, 10, 'fusion.7', 30, 4), (1, 10, 'end: fusion.7', 33, 1),
+      (1, 11, '$decoding.py:180 sample', 0, 200)])
+  assert sorted(device_ops(str(tmp_path / 'cpu'))) == [
+      ('copy.4', 21, 5), ('dot.1', 2, 10), ('fusion.7', 30, 4)]
+  # A GPU: kernels on its streams, not the host's events or the 'XLA Ops'
+  # line derived from the same kernels.
+  gpu = {1: ('/host:CPU', {10: 'tf_XLAEigen/1'}),
+         2: ('/device:GPU:0', {1: 'Stream #13(Compute)', 2: 'XLA Ops'})}
+  _write_trace(tmp_path / 'gpu', gpu, [
+      (1, 10, 'fusion.9', 0, 50),
+      (2, 1, 'loop_add_fusion', 5, 2), (2, 1, 'gemm_kernel', 8, 3),
+      (2, 2, 'add.1', 5, 2), (2, 2, 'dot.2', 8, 3)])
+  assert sorted(device_ops(str(tmp_path / 'gpu'))) == [
+      ('gemm_kernel', 8, 3), ('loop_add_fusion', 5, 2)]
 
 
 @pytest.mark.parametrize('ff_sparsity', [0, 4])

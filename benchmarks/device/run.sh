@@ -8,6 +8,9 @@
 #   training_reference  train_speed.py: ours, original, transformer6 (reference)
 #   sampling_reference  sample_speed.py --suite reference (ours vs TransformerLM-12
 #                       in both loops, and the original)
+#   sampling_profile    one traced call of 256 tokens each of ours and TransformerLM-12
+#                       in our loop (--profile): device operations a token runs, and
+#                       the longest by name
 #   sampling_sparse, sampling_batch, sampling_long: the other suites
 # Each writes its log and JSON to OUT_DIR and prints its table. A step is stopped
 # when N seconds (default 540) have passed since the start, and one that would
@@ -33,7 +36,8 @@ while (($#)); do
   esac
   shift
 done
-all=(training_reference sampling_reference sampling_sparse sampling_batch sampling_long)
+all=(training_reference sampling_reference sampling_profile sampling_sparse sampling_batch
+     sampling_long)
 ((${#steps[@]})) || steps=("${all[@]}")
 for name in "${steps[@]}"; do
   if [[ " ${all[*]} " != *" $name "* ]]; then
@@ -86,6 +90,9 @@ for name in "${steps[@]}"; do
   case $name in
     training_reference)
       run "$name" train_speed.py --models ours,original,transformer6 --rounds 3 --steps 10 ;;
+    sampling_profile)
+      run "$name" sample_speed.py --models ours_sample,transformer12_sample --rounds 1 \
+        --n_tokens 256 --max_len 2048 --profile 15 ;;
     *)
       run "$name" sample_speed.py --suite "${name#sampling_}" --rounds 3 ;;
   esac
