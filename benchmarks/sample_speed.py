@@ -50,6 +50,8 @@ Reproduce (from the repository root; results in benchmarks/results/sampling):
 
   python benchmarks/sample_speed.py --suite reference --json r.json
   python benchmarks/sample_speed.py --suite long --json long.json --plot long.png
+  python benchmarks/sample_speed.py --models ours_sample,transformer12_sample \
+      --rounds 1 --n_tokens 256 --profile 12     # device operations per token
 
 Quick smoke run (tiny sizes, 1 round, XLA optimization off; its numbers mean
 nothing; used by tests/test_benchmarks.py):
