@@ -42,9 +42,8 @@ first call of 2 tokens compiles, then `--repeats` calls (default 1; 5 in the
 position suite, whose calls take under a second) each generate all
 `--n_tokens`, and the median call counts (its progress reports give time per
 token against position, plotted with `--plot`); for `original`, one untimed
-forward pass. Every (model, round)
-runs in a fresh process, rounds rotate the order, and the table reports
-medians, min/max and ratios of medians.
+forward pass. Every (model, round) runs in a fresh process, rounds rotate the
+order, and the table reports medians, min/max and ratios of medians.
 
 Reproduce (from the repository root; results in benchmarks/results/sampling):
 
@@ -60,6 +59,9 @@ nothing; used by tests/test_benchmarks.py):
 """
 
 import functools
+import glob
+import gzip
+import json
 import os
 import re
 import sys
@@ -225,9 +227,6 @@ def device_ops(trace_dir):
   'end: <operation>' mark inside each operation. Only innermost events count:
   a loop or a conditional is counted as the operations it runs.
   """
-  import glob  # pylint: disable=g-import-not-at-top
-  import gzip  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
   path, = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
                     recursive=True)
   with gzip.open(path, 'rt') as f:
