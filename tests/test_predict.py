@@ -162,6 +162,19 @@ def test_a_decode_step_has_no_host_callback():
   assert not step.effects
 
 
+def test_a_decode_step_runs_no_loop():
+  # Which cache pieces a step reads is chosen by a count, not by
+  # jnp.searchsorted, whose loop was a while loop in every attention of the
+  # step (on a GPU, XLA may copy a loop's condition to the host each turn).
+  _, decoder = _pair(max_len=2 * cache.KEY_BLOCK + 1, hierarchy='1@3',
+                     vanilla_layers=(1, 1))  # 3 pieces at full length.
+  step = str(jax.make_jaxpr(decoder.pure_fn)(
+      np.zeros((BATCH, 1), np.int32), decoder.weights, decoder.state,
+      decoder.rng))
+  assert 'cond[' in step  # The pieces' switch, and the shortened level's.
+  assert 'while[' not in step and 'scan[' not in step
+
+
 def test_decoding_weights_lay_the_position_kernel_out_by_head_once():
   # Relative attention reads its position kernel (16, 16) by head, (2, 16, 8):
   # decoding.sample's weights hold it so, made once per sampling call; trax's

@@ -143,5 +143,7 @@ def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
   ends = np.cumsum([piece.shape[-2] for piece in keys])
   if len(ends) == 1:
     return read(1)()
-  which = jnp.searchsorted(jnp.asarray(ends), n_visible[-1])
+  # The first piece that ends at or past the last key seen: a count, not
+  # jnp.searchsorted, which loops (a while loop in every decode step).
+  which = jnp.sum(jnp.asarray(ends) < n_visible[-1])
   return jax.lax.switch(which, [read(i + 1) for i in range(len(ends))])
