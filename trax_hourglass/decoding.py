@@ -142,9 +142,9 @@ def _remember_fresh_state(model, batch_size):
 def _own_buffers(state, kept):
   """`state` with no buffer of `kept` and none twice: safe to donate.
 
-  jit hands an input that comes out unchanged back as the same array, and
-  one array may sit in several places; donating those would delete a kept
-  leaf or donate a buffer twice.
+  jit may hand an input that comes out unchanged back as the same array,
+  and one array may sit in several places; donating those would delete a
+  kept leaf or donate a buffer twice.
   """
   seen = {id(x) for x in kept}
 
