@@ -339,7 +339,10 @@ def test_segment_boundaries_reads_the_ends_the_model_uses():
   np.testing.assert_array_equal(ends, np.isin(shifted, SPACES))
   model = _model('entropy')
   found = th.segment_boundaries(model, tokens)
-  assert found.shape == tokens.shape and 0 < found.mean() < 1
+  # Not how many: random weights predict near-uniformly, so their entropies
+  # differ in the last bits and which positions end a segment is rounding
+  # (0.94 here alone, 1.0 once in CI). The predictor's bias decides below.
+  assert found.shape == tokens.shape and found.dtype == bool
   level = next(i for i, layer in enumerate(model.sublayers)
                if isinstance(layer, th.models.hourglass.DynamicLevel))
   weights = model.weights
