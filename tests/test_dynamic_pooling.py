@@ -339,9 +339,9 @@ def test_segment_boundaries_reads_the_ends_the_model_uses():
   np.testing.assert_array_equal(ends, np.isin(shifted, SPACES))
   model = _model('entropy')
   found = th.segment_boundaries(model, tokens)
-  # Not how many: random weights predict near-uniformly, so their entropies
-  # differ in the last bits and which positions end a segment is rounding
-  # (0.94 here alone, 1.0 once in CI). The predictor's bias decides below.
+  # Not how many: with random weights the share of ends sits at the edge
+  # (0.94 run alone, every position once in CI), so it is not a check of
+  # this function. The predictor's bias decides below.
   assert found.shape == tokens.shape and found.dtype == bool
   level = next(i for i, layer in enumerate(model.sublayers)
                if isinstance(layer, th.models.hourglass.DynamicLevel))
