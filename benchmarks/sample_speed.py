@@ -448,6 +448,13 @@ def _profile_table(model, profile):
           + _common.markdown_table(['operation', 'count', 'ms'], rows))
 
 
+def _median_run(runs, model, field):
+  """`model`'s successful run of median tokens/s among those with `field`."""
+  ok = sorted((r for r in runs if r['model'] == model and r['status'] == 'ok'
+               and r.get(field)), key=lambda r: r['tokens_per_s'])
+  return ok[len(ok) // 2] if ok else None
+
+
 def per_token_ms(progress):
   """[(position, ms per token step)] between a run's progress reports."""
   points, (done0, t0) = [], (0, 0.0)
@@ -459,13 +466,8 @@ def per_token_ms(progress):
 
 
 def _plot(runs, models, cfg, path):
-  lines = {}
-  for m in models:
-    ok = [r for r in runs if r['model'] == m and r['status'] == 'ok'
-          and r.get('progress')]
-    if ok:
-      median_run = sorted(ok, key=lambda r: r['tokens_per_s'])[len(ok) // 2]
-      lines[m] = per_token_ms(median_run['progress'])
+  lines = {m: per_token_ms(run['progress']) for m in models
+           if (run := _median_run(runs, m, 'progress'))}
   if not any(lines.values()):
     # Progress comes about once a second: a shorter call has no interval.
     return 'the timed calls were too short for progress reports to plot'
@@ -538,10 +540,8 @@ def _parent(args):
   if lines:
     print('\n' + '\n'.join(lines))
   for m in ran:
-    ok = sorted((r for r in runs if r['model'] == m and r.get('profile')),
-                key=lambda r: r['tokens_per_s'])
-    if ok:
-      print(_profile_table(m, ok[len(ok) // 2]['profile']))
+    if run := _median_run(runs, m, 'profile'):
+      print(_profile_table(m, run['profile']))
   for m, reason in skipped.items():
     print(f'\n{m}: skipped, {reason}')
   for m, reason in failed.items():
