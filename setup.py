@@ -3,7 +3,7 @@
 import setuptools
 
 # Ranges, tested at both ends on Python 3.11-3.13 (constraints/oldest.txt,
-# constraints/newest.txt; see README, "Dependency stack"). trax 1.4.1 is the newest
+# constraints/newest.txt; see docs/dependencies.md). trax 1.4.1 is the newest
 # trax; jax below 0.4.38 is untested, newer jax works through trax_hourglass.compat.
 INSTALL_REQUIRES = [
     'trax==1.4.1',
