@@ -5,9 +5,20 @@ before anything else imports trax, and registers every configurable with gin und
 the module `trax_hourglass`.
 """
 
+import os
+
+import gin
+
 from trax_hourglass import compat
 
 compat.apply()
+
+# The repository's variant configs include their base by its path in the
+# repository (`include 'gin/enwik8_hourglass.gin'`), and gin resolves an
+# include against the working directory, then its search path.
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isdir(os.path.join(_REPO, 'gin')):
+  gin.add_config_file_search_path(_REPO)
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from trax_hourglass.hierarchy import Hierarchy
