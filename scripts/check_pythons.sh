@@ -5,23 +5,27 @@
 # notebook, 2 devices). Prints one line per Python; exits 1 if any failed.
 #
 #   scripts/check_pythons.sh [-c CONSTRAINTS] [-d VENV_DIR] [VERSION ...]
+#   scripts/check_pythons.sh -p VERSION    # only print the interpreter found
 #
 # Defaults: -c constraints/newest.txt, -d ${TMPDIR:-/tmp}/trax_hourglass_pythons
-# (one venv per version, py3.X, replaced on each run), versions 3.11 3.12 3.13.
+# (one venv per version, py3.X, replaced on each run), versions 3.12 3.13 (the
+# newest set's jax needs 3.12+; Python 3.11: -c constraints/oldest.txt 3.11).
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 constraints=$repo/constraints/newest.txt
 venv_dir=${TMPDIR:-/tmp}/trax_hourglass_pythons
-while getopts 'c:d:h' opt; do
+print_only=0
+while getopts 'c:d:ph' opt; do
   case $opt in
     c) constraints=$(realpath "$OPTARG") ;;
     d) venv_dir=$OPTARG ;;
-    *) sed -n '2,10p' "$0"; exit 2 ;;
+    p) print_only=1 ;;
+    *) sed -n '2,12p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
 versions=("$@")
-[ ${#versions[@]} -gt 0 ] || versions=(3.11 3.12 3.13)
+[ ${#versions[@]} -gt 0 ] || versions=(3.12 3.13)
 if [ ! -f "$constraints" ]; then
   echo "constraints file $constraints does not exist: pass one of $repo/constraints/*.txt" >&2
   exit 2
@@ -41,6 +45,13 @@ find_python() {
   done
   return 1
 }
+
+if [ "$print_only" = 1 ]; then  # -p: the interpreter of each version, nothing else.
+  for version in "${versions[@]}"; do
+    find_python "$version" || { echo "Python $version: not found" >&2; exit 1; }
+  done
+  exit 0
+fi
 
 summary=() failed=0
 for version in "${versions[@]}"; do
