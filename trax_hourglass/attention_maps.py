@@ -129,7 +129,8 @@ def _labels(model):
 
 def _record(layer, calls):
   """Makes `layer` add (layer, [weights per query block]) to calls per run."""
-  forward, attention_weights = layer.forward, layer.attention_weights
+  # The dense pass, at any length: the blockwise one forms no weights.
+  forward, attention_weights = layer.dense_forward, layer.attention_weights
 
   def recording_forward(inputs):
     calls.append((layer, []))
