@@ -192,6 +192,9 @@ class RelativeDotProductAttention(base.Layer):
   Output: (batch, Lq, d_model), causal across the funnel (see `causal_mask`).
   """
 
+  # `trax_hourglass.attention_maps` sets it on a layer whose weights it reads.
+  dense_only = False
+
   def __init__(self, n_heads, kv_pooling, dropout=0.0, mode='train', factor=1,
                is_upsampling=False, max_inference_length=2048):
     super().__init__(n_in=6, n_out=1, name='RelativeDotProductAttention')
@@ -219,7 +222,7 @@ class RelativeDotProductAttention(base.Layer):
     if self._mode == 'predict':
       return self._decode_step(*inputs)
     q_len, k_len = inputs[3].shape[1], inputs[4].shape[1]
-    if blockwise.use_for(q_len, k_len):
+    if blockwise.use_for(q_len, k_len) and not self.dense_only:
       return self._blockwise(*inputs)
     return self.dense_forward(inputs)
 
