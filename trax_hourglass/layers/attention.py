@@ -190,6 +190,9 @@ class RelativeDotProductAttention(base.Layer):
   q: (batch, Lq, d_model); k, v: (batch, Lk, d_model); pos_emb: (P, d_model)
   projected embeddings of `relative_positions(Lq, Lk, kv_pooling)`.
   Output: (batch, Lq, d_model), causal across the funnel (see `causal_mask`).
+  From `blockwise.MIN_LENGTH` on, train and eval attend tile by tile
+  (`blockwise.attention`: memory linear in length); below it, with whole
+  blocks of scores (`dense_forward`).
   """
 
   # `trax_hourglass.attention_maps` sets it on a layer whose weights it reads.

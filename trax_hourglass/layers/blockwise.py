@@ -27,10 +27,13 @@ from jax import numpy as jnp
 
 from trax_hourglass.layers.dropout import bernoulli_mask
 
-# Tile sizes (queries x keys). 256 x 256 float32 scores per head are 256 KiB:
-# large enough for efficient matrix products, small enough to stay in cache.
-BLOCK_Q = 256
-BLOCK_K = 256
+# Tile sizes (queries x keys). On a 2-core CPU, one relative attention layer's
+# jit forward + backward at length 768 took 2.4x / 2.1x / 1.5x / 1.3x the
+# dense time with 768 / 256 / 128 / 64 square tiles, and 1.15x / 1.0x / 1.0x
+# (256 / 128 / 64) at 6144: small tiles stay in cache; 128 needs a quarter
+# of 64's loop steps at long lengths.
+BLOCK_Q = 128
+BLOCK_K = 128
 # Softmax ignores keys whose logit is this (exp underflows to exactly 0).
 _MASK_VALUE = -1e30
 
@@ -324,12 +327,12 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # From this length on (the longer of queries and keys) attention runs block by
-# block; below it the layers keep their dense attention, which measured faster
-# on a 2-core CPU: one relative attention layer's jit forward + backward
-# (batch 6144 / length, 4 heads of 64, 256 x 256 tiles) took 2.1x, 1.6x and
-# 1.15x the dense time at lengths 768, 3072 and 6144, while the dense scores
-# of a whole model pass 20 GB between 6144 and 12288.
-MIN_LENGTH = 8192
+# block; below it the layers keep their dense attention, faster there on a
+# 2-core CPU: one relative attention layer's jit forward + backward (batch
+# 6144 / length, 4 heads of 64, 128 x 128 tiles) took 1.5x the dense time at
+# length 768 and 1.0x at 6144, where the dense scores of a whole model near
+# 20 GB (12288 asks for 30 GB).
+MIN_LENGTH = 6144
 
 
 def use_for(queries_len, keys_len):
