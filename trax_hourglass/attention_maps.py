@@ -75,7 +75,8 @@ def attention_maps(model, tokens):
     model(np.asarray(tokens))
   finally:
     for layer in layers:
-      for method in ('forward', 'attention_weights'):  # The class's, again.
+      # The class's, again.
+      for method in ('forward', 'attention_weights', 'dense_only'):
         object.__delattr__(layer, method)
   return [AttentionMap(*labels[id(layer)], _assemble(blocks))
           for layer, blocks in calls]
@@ -143,6 +144,8 @@ def _record(layer, calls):
   # Instance attributes, past trax's guard on public ones; removed after.
   object.__setattr__(layer, 'forward', recording_forward)
   object.__setattr__(layer, 'attention_weights', recording_weights)
+  # At any length, the dense pass: the blockwise one forms no weights.
+  object.__setattr__(layer, 'dense_only', True)
 
 
 def _assemble(blocks):

@@ -12,6 +12,8 @@ The weights of `RelativeAttention` are laid out as in trax's `rel_attention`
 projection), so checkpoints of trax's HourglassLM load unchanged.
 """
 
+import functools
+
 import gin
 import jax
 import numpy as np
@@ -20,6 +22,7 @@ from trax.fastmath import numpy as jnp
 from trax.layers import base
 from trax.layers import initializers as init
 
+from trax_hourglass.layers import blockwise
 from trax_hourglass.layers import cache
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import apply_dropout
@@ -187,7 +190,13 @@ class RelativeDotProductAttention(base.Layer):
   q: (batch, Lq, d_model); k, v: (batch, Lk, d_model); pos_emb: (P, d_model)
   projected embeddings of `relative_positions(Lq, Lk, kv_pooling)`.
   Output: (batch, Lq, d_model), causal across the funnel (see `causal_mask`).
+  From `blockwise.MIN_LENGTH` on, train and eval attend tile by tile
+  (`blockwise.attention`: memory linear in length); below it, with whole
+  blocks of scores (`dense_forward`).
   """
+
+  # `trax_hourglass.attention_maps` sets it on a layer whose weights it reads.
+  dense_only = False
 
   def __init__(self, n_heads, kv_pooling, dropout=0.0, mode='train', factor=1,
                is_upsampling=False, max_inference_length=2048):
@@ -215,6 +224,38 @@ class RelativeDotProductAttention(base.Layer):
   def forward(self, inputs):
     if self._mode == 'predict':
       return self._decode_step(*inputs)
+    q_len, k_len = inputs[3].shape[1], inputs[4].shape[1]
+    if blockwise.use_for(q_len, k_len) and not self.dense_only:
+      return self._blockwise(*inputs)
+    return self.dense_forward(inputs)
+
+  def _blockwise(self, location_bias, context_bias, pos_emb, q, k, v):
+    """Tile by tile (`blockwise`): memory linear in length."""
+    n_heads = self._n_heads
+    q, k, v = (_split_heads(x, n_heads) for x in (q, k, v))
+    q_len, k_len = q.shape[2], k.shape[2]
+    factor, upsampling = funnel_ratio(q_len, k_len)
+    short = min(q_len, k_len)
+    pos_emb = pos_emb.reshape(factor, short, n_heads, -1)  # Residue-major.
+    q_unit, k_unit = (factor, 1) if upsampling else (1, factor)
+    block_q, block_k = blockwise.block_sizes(q_len, k_len, q_unit, k_unit)
+    dropout = self._dropout if self._mode == 'train' else 0.0
+    spec = blockwise.TileSpec(
+        tile_logits=functools.partial(_tile_logits, factor=factor,
+                                      is_upsampling=upsampling),
+        last_key=functools.partial(_last_key, factor=factor,
+                                   is_upsampling=upsampling),
+        rel_window=functools.partial(_position_window, short=short,
+                                     q_unit=q_unit, k_unit=k_unit),
+        dropout=dropout, block_q=block_q, block_k=block_k,
+        queries_len=q_len, keys_len=k_len)
+    out = blockwise.attention(spec, q, k, v, (context_bias, location_bias),
+                              pos_emb, self.rng if dropout else None)
+    return _merge_heads(out)
+
+  def dense_forward(self, inputs):
+    """The forward pass with whole blocks of scores, through
+    `attention_weights` (which `trax_hourglass.attention_maps` reads)."""
     location_bias, context_bias, pos_emb, q, k, v = inputs
     n_heads = self._n_heads
     q, k, v = (_split_heads(x, n_heads) for x in (q, k, v))
@@ -315,6 +356,58 @@ class RelativeDotProductAttention(base.Layer):
       rng = jax.random.fold_in(self.rng, block) if block else self.rng
       probs = apply_dropout(probs, self._dropout, rng)
     return jnp.einsum('bnij,bnjd->bnid', probs, values)
+
+
+def _last_key(query_positions, factor, is_upsampling):
+  """The last key each query sees: `causal_mask` as a bound."""
+  if is_upsampling:
+    return query_positions // factor
+  return factor * query_positions + factor - 1
+
+
+def _position_window(q_start, k_start, block_q, block_k, short, q_unit,
+                     k_unit):
+  """(start, size) of the embeddings (along the grid) a tile's scores use.
+
+  In coarse units (a query or key of the shorter sequence, or one of the
+  same-level sequence), a tile's C queries from q0 and K keys from k0 span
+  grid positions k0 - q0 - (C - 1) + short - 1 on, C + K - 1 of them; see
+  `relative_positions` for the grid.
+  """
+  q0, n_q = q_start // q_unit, block_q // q_unit
+  k0, n_k = k_start // k_unit, block_k // k_unit
+  return k0 - q0 - (n_q - 1) + short - 1, n_q + n_k - 1
+
+
+def _tile_logits(queries, keys, biases, pos_emb, q_start, k_start, factor,
+                 is_upsampling):
+  """Scaled relative logits (batch, heads, C, K), float32, of one tile.
+
+  queries: (batch, heads, C, d_head); keys: (batch, heads, K, d_head);
+  biases: (context, location), each (1, heads, 1, d_head); pos_emb:
+  (factor, C' + K' - 1, heads, d_head), the window `_position_window` gives.
+  The position term of each residue is a skewed product (see `blockwise.skew`).
+  """
+  del q_start, k_start  # The window says where the tile is.
+  context_bias, location_bias = biases
+  batch, n_heads, n_queries, d_head = queries.shape
+  n_keys = keys.shape[2]
+  content = jnp.einsum('bnid,bnjd->bnij', queries + context_bias, keys,
+                       preferred_element_type=jnp.float32)
+  q_loc = queries + location_bias
+  if is_upsampling:  # Query i = f*a + s; key j sits at query f*j.
+    q_loc = q_loc.reshape(batch, n_heads, n_queries // factor, factor, d_head)
+    position = blockwise.skew(jnp.einsum(
+        'bnasd,swnd->bnsaw', q_loc, pos_emb,
+        preferred_element_type=jnp.float32), n_keys)
+    position = position.transpose(0, 1, 3, 2, 4)  # (b, n, a, s, key)
+  else:  # Key c = f*g + s; query i sits at key f*i.
+    position = blockwise.skew(jnp.einsum(
+        'bnid,swnd->bnsiw', q_loc, pos_emb,
+        preferred_element_type=jnp.float32), n_keys // factor)
+    position = position.transpose(0, 1, 3, 4, 2)  # (b, n, query, g, s)
+  logits = content + position.reshape(batch, n_heads, n_queries, n_keys)
+  return logits * (1.0 / np.sqrt(d_head))
 
 
 def _query_blocks(length, unit=1, min_block=64, max_blocks=4):

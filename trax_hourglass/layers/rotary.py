@@ -22,6 +22,7 @@ from trax.fastmath import numpy as jnp
 from trax.layers import base
 from trax.layers.assert_shape import assert_shape
 
+from trax_hourglass.layers import blockwise
 from trax_hourglass.layers import cache
 from trax_hourglass.layers.attention import sinusoids_at
 from trax_hourglass.layers.dense import Dense
@@ -94,6 +95,15 @@ class RotaryDotProductCausalAttention(base.Layer):
     length = q.shape[1]
     sin, cos = self._tables(length, q.shape[-1])  # Static: numpy constants.
     q, k = rotate_pairs(q, sin, cos), rotate_pairs(k, sin, cos)
+    if blockwise.use_for(length, length):  # Memory linear in length.
+      dropout = self._dropout if self._mode == 'train' else 0.0
+      block_q, block_k = blockwise.block_sizes(length, length)
+      spec = blockwise.TileSpec(
+          tile_logits=_tile_logits, last_key=lambda positions: positions,
+          rel_window=None, dropout=dropout, block_q=block_q, block_k=block_k,
+          queries_len=length, keys_len=length)
+      return blockwise.attention(spec, q, k, v,
+                                 rng=self.rng if dropout else None)
     mask = np.tril(np.ones((length, length), np.bool_))
     return self._attend(q, k, v, mask)
 
@@ -132,6 +142,14 @@ class RotaryDotProductCausalAttention(base.Layer):
     if self._mode == 'train':
       probs = apply_dropout(probs, self._dropout, self.rng)
     return jnp.einsum('bij,bjd->bid', probs, v)
+
+
+def _tile_logits(queries, keys, shared, rel, q_start, k_start):
+  """Scaled dot products (batch, C, K), float32, of rotated q and k."""
+  del shared, rel, q_start, k_start  # Rotation placed q and k already.
+  logits = jnp.einsum('bid,bjd->bij', queries, keys,
+                      preferred_element_type=jnp.float32)
+  return logits * (1.0 / np.sqrt(queries.shape[-1]))
 
 
 @gin.configurable(module='trax_hourglass')
