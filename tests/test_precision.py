@@ -32,6 +32,12 @@ from trax_hourglass.layers import precision
 from trax.data import inputs as trax_inputs
 import configurations  # pylint: disable=g-bad-import-order
 
+try:
+  from jax.extend.core import jaxprs_in_params as _jaxprs_in_params  # pylint: disable=g-import-not-at-top
+except ImportError:  # jax 0.4.x
+  _jaxprs_in_params = jax.core.jaxprs_in_params
+
+
 VOCAB, BATCH, LENGTH = 32, 2, 12
 TINY = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_heads=2,
             vanilla_layers=(1, 1), hierarchy='1@3')
@@ -62,12 +68,6 @@ def _loss_fn(model):
 def _log_probs(model, x):
   fwd = jax.jit(lambda w, s, x: model.pure_fn(x, w, s, jax.random.PRNGKey(0))[0])
   return np.asarray(jax.nn.log_softmax(fwd(model.weights, model.state, x)))
-
-
-try:
-  from jax.extend.core import jaxprs_in_params as _jaxprs_in_params  # pylint: disable=g-import-not-at-top
-except ImportError:  # jax 0.4.x
-  _jaxprs_in_params = jax.core.jaxprs_in_params
 
 
 def _primitives(jaxpr):
