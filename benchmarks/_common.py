@@ -161,7 +161,8 @@ def make_model(name, cfg, mode='train'):
 
   `cfg`: vocab_size, d_model, d_ff, n_heads, dropout, seq_len, and for the
   Hourglass models vanilla_layers and hierarchy; optionally max_len (`ours`'
-  predict-mode cache, the Transformers' positions; default max(2048, seq_len)).
+  predict-mode cache, the Transformers' positions; default max(2048, seq_len)),
+  and `ours`' dtype and remat (default float32, none).
   """
   import trax  # pylint: disable=g-import-not-at-top
   width = dict(d_model=cfg['d_model'], d_ff=cfg['d_ff'],
@@ -177,6 +178,8 @@ def make_model(name, cfg, mode='train'):
       from trax_hourglass import HourglassLM  # pylint: disable=g-import-not-at-top
       if mode == 'predict':
         width['max_len'] = max_len
+      width.update(dtype=cfg.get('dtype', 'float32'),
+                   remat=cfg.get('remat', 'none'))
     else:
       from trax.models.research.hourglass import HourglassLM  # pylint: disable=g-import-not-at-top
     return HourglassLM(cfg['vocab_size'],

@@ -52,7 +52,8 @@ REFERENCE = dict(vocab_size=256, seq_lens=(768,), tokens_per_step=6144,
                  n_heads=4, vanilla_layers=(2, 2), hierarchy='8@3',
                  dropout=0.1, learning_rate=1e-4,
                  steps=10, warmup=2, rounds=3, fast_compile=False,
-                 max_rss_gib=20., matmul_size=2048, count_flops=True)
+                 max_rss_gib=20., matmul_size=2048, count_flops=True,
+                 dtype='float32', remat='none')
 # fast_compile: `_common.FAST_COMPILE_XLA_FLAGS`.
 QUICK = dict(REFERENCE, seq_lens=(48,), tokens_per_step=96, d_model=32,
              d_ff=64, n_heads=2, vanilla_layers=(1, 1), hierarchy='1@3',
@@ -185,6 +186,9 @@ def _parser():
       ('steps', int), ('warmup', int), ('rounds', int),
       ('max_rss_gib', float, 'A worker whose resident memory exceeds this is '
        'killed and reported as over memory; 0 = no limit.'),
+      ('dtype', str, "`ours`' compute dtype, float32 or bfloat16 (the other "
+       'models run in float32).'),
+      ('remat', str, "`ours`' remat, none or blocks."),
       ('matmul_size', int, 'Size of the square float32 matmul that measures '
        'the FLOP/s peak; 0 = skip.')])
   return parser
@@ -218,6 +222,11 @@ def _resolve_config(args):
   if cfg['matmul_size'] < 0:
     raise SystemExit(f'--matmul_size {cfg["matmul_size"]} must be >= 0 '
                      '(0 = do not measure the matmul peak).')
+  for name, allowed in (('dtype', ('float32', 'bfloat16')),
+                        ('remat', ('none', 'blocks'))):
+    if cfg[name] not in allowed:
+      raise SystemExit(f'--{name} {cfg[name]} must be one of '
+                       f'{", ".join(allowed)}.')
   check_lengths(cfg['seq_lens'], cfg['hierarchy'])
   return cfg
 

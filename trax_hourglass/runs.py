@@ -20,6 +20,7 @@ from trax import fastmath
 from trax.supervised import callbacks
 
 from trax_hourglass import checkpoints
+from trax_hourglass.layers import precision
 
 
 def _format_duration(secs):
@@ -103,6 +104,7 @@ class ProgressReporter(callbacks.TrainingStepCallback):
     self._last_eval_step = evals[-1][0] if evals else None
     self._start_step = loop.step
     self._first = None  # (time, step) when the first step (compile) ended.
+    self._precision = precision.activation_dtype(loop.model)
     # Keep each step's loss (a device array, read only when printing) and
     # report after the step: callbacks run before the Loop sees the loss.
     run_one_step = loop._run_one_step  # pylint: disable=protected-access
@@ -164,7 +166,8 @@ class ProgressReporter(callbacks.TrainingStepCallback):
     parts = [f'step {step}/{self._total}', f'loss {loss:.4f}',
              f'{loss / math.log(2):.3f} bits/{self._unit}',
              f'{_format_rate(self._tokens_per_step / per_step)} tok/s',
-             f'{per_step:.2f} s/step', f'left {_format_duration(left)}']
+             f'{per_step:.2f} s/step', f'left {_format_duration(left)}',
+             self._precision]  # The compute dtype.
     evals = self._evals()
     if evals and evals[-1][0] != self._last_eval_step:
       self._last_eval_step, value = evals[-1]

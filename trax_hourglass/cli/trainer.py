@@ -12,8 +12,9 @@ after a crash or `kill -9` resumes at the last checkpoint (crash-safe, see
 Multi-host: one process per host, with `--coordinator_address`,
 `--num_processes`, `--process_id` (or their $JAX_* variables, or none in a
 SLURM job or TPU pod slice); batch sizes are then per process, and process 0
-prints and writes the checkpoints. Progress is one line:
-  step 1200/5000 | loss 1.0412 | 1.502 bits/byte | 8.1k tok/s | 0.25 s/step | left 0:15:50
+prints and writes the checkpoints. Progress is one line (the last field: the
+compute precision, `--dtype`):
+  step 1200/5000 | loss 1.0412 | 1.502 bits/byte | 8.1k tok/s | 0.25 s/step | left 0:15:50 | float32
 """
 
 import argparse
@@ -49,6 +50,9 @@ def _parse_args(argv):
                       help="trax's data_streams.dataset_name")
   parser.add_argument('--model', default=None,
                       help='a model in trax.models, e.g. TransformerLM')
+  parser.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
+                      help="compute precision: binds train.model's dtype, "
+                           'e.g. HourglassLM.dtype (weights stay float32)')
   multihost = parser.add_argument_group(
       'multi-host training (one process per host; none of these on one host)')
   multihost.add_argument(
@@ -139,6 +143,23 @@ def _bind_boundary_loss():
     except ValueError:  # Not bound.
       with gin.unlock_config():
         gin.parse_config(f'{name} = {value}')
+
+
+def _bind_dtype(dtype):
+  """--dtype: binds train.model's dtype, or refuses a model without one."""
+  if dtype is None:
+    return
+  try:
+    model = gin.query_parameter('train.model')
+  except ValueError:
+    model = None
+  fn = getattr(getattr(model, 'configurable', None), 'wrapped', None)
+  if fn is None or 'dtype' not in inspect.signature(fn).parameters:
+    name = getattr(getattr(model, 'configurable', None), 'name', model)
+    raise ValueError(f'--dtype {dtype}: train.model {name} takes no dtype; '
+                     'use it with trax_hourglass.HourglassLM.')
+  with gin.unlock_config():
+    gin.bind_parameter(f'{model.selector}.dtype', dtype)
 
 
 _DISTRIBUTED_ENV = {'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
@@ -320,6 +341,7 @@ def _train(args):
   gin.parse_config_files_and_bindings(args.config_file, bindings)
   _check_config()
   _bind_boundary_loss()
+  _bind_dtype(args.dtype)
   output_dir = _output_dir_or_default(args.output_dir)
   n_devices = trainer_lib.num_devices() or fastmath.local_device_count()
   _print_devices(n_devices)

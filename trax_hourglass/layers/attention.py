@@ -31,11 +31,23 @@ _BIAS_INIT_STDDEV = 1e-6
 _MASK_VALUE = -1e9
 
 
-def RelativeAttentionBiases(d_model, n_heads):
+class _Bias(tl.Weights):
+  """`tl.Weights` (float32, as trax's) that outputs them cast to `dtype`."""
+
+  def __init__(self, initializer, shape, dtype):
+    super().__init__(initializer, shape=shape)
+    self._dtype = dtype
+
+  def forward(self, x):
+    return super().forward(x).astype(self._dtype)
+
+
+def RelativeAttentionBiases(d_model, n_heads, dtype='float32'):
   """Returns the (context, location) bias layers that every layer shares.
 
-  Each is a `tl.Weights` of shape (1, n_heads, 1, d_model // n_heads); placing the
-  same layer object in several blocks makes trax store its weights once.
+  Each is a `tl.Weights` of shape (1, n_heads, 1, d_model // n_heads), output
+  in `dtype` (the model's compute dtype); placing the same layer object in
+  several blocks makes trax store its weights once.
   """
   if d_model % n_heads or d_model % 2:
     raise ValueError(
@@ -43,7 +55,7 @@ def RelativeAttentionBiases(d_model, n_heads):
         f'e.g. d_model={n_heads * max(2, 2 * (d_model // (2 * n_heads)))}.')
   shape = (1, n_heads, 1, d_model // n_heads)
   bias_init = init.RandomNormalInitializer(_BIAS_INIT_STDDEV)
-  return tl.Weights(bias_init, shape=shape), tl.Weights(bias_init, shape=shape)
+  return _Bias(bias_init, shape, dtype), _Bias(bias_init, shape, dtype)
 
 
 def funnel_ratio(queries_len, keys_len):
@@ -345,9 +357,10 @@ class RelativeDotProductAttention(base.Layer):
 
     A method of its own so that `trax_hourglass.attention_maps` reads them.
     """
-    logits = logits * (1.0 / np.sqrt(d_head))
+    dtype = logits.dtype  # The softmax in float32, its weights in dtype.
+    logits = logits.astype(jnp.float32) * (1.0 / np.sqrt(d_head))
     logits = jnp.where(mask, logits, _MASK_VALUE)  # mask: a constant.
-    return jax.nn.softmax(logits, axis=-1)
+    return jax.nn.softmax(logits, axis=-1).astype(dtype)
 
   def _attend(self, logits, mask, values, block):
     """Masked softmax of logits (batch, heads, C, K), dropout, times values."""
@@ -429,7 +442,8 @@ def RelativePositionEmbeddings(d_model, kv_pooling, mode='train'):
     if mode == 'predict':
       return jnp.zeros((1, d_model), queries.dtype)
     positions = relative_positions(queries.shape[1], keys.shape[1], kv_pooling)
-    return jnp.asarray(sinusoidal_embeddings(positions, d_model))
+    return jnp.asarray(sinusoidal_embeddings(positions, d_model),
+                       queries.dtype)
   return tl.Fn('RelativePositionEmbeddings', embeddings)
 
 
@@ -449,7 +463,7 @@ class PositionProjection(Dense):
   def forward(self, x):
     if self._mode != 'predict':
       return super().forward(x)
-    kernel = self.weights[0]
+    kernel = self.weights[0].astype(x.dtype)  # x: a placeholder in q's dtype.
     # trax's layout (its own decoding loop passes `model.weights`): a copy per
     # call; `decoding.sample` passes the kernel by head (see `predict_weights`).
     return kernel if kernel.ndim == 3 else self._by_head(kernel)

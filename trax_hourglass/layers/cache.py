@@ -133,8 +133,9 @@ def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
       if extra_logits_fn is not None:
         logits = logits + extra_logits_fn(size)
       mask = jnp.arange(size)[None, :] < n_visible[:, None]
-      probs = jax.nn.softmax(jnp.where(mask, logits, _MASK_VALUE), axis=-1)
-      values_read = values[:n_pieces]
+      logits = jnp.where(mask, logits.astype(jnp.float32), _MASK_VALUE)
+      values_read = values[:n_pieces]  # Softmax in float32, weights as values.
+      probs = jax.nn.softmax(logits, axis=-1).astype(values_read[0].dtype)
       ends = np.cumsum([v.shape[-2] for v in values_read])
       return sum(jnp.einsum('...ik,...kd->...id', p, v) for p, v in zip(
           jnp.split(probs, ends[:-1], axis=-1), values_read))

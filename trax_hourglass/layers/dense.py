@@ -12,6 +12,8 @@ ours,ours_tl_dense` measures it against the same model with `tl.Dense`.
 Same weights, same function; only the order of floating-point sums differs.
 """
 
+import functools
+
 import jax
 import trax.layers as tl
 from trax.fastmath import numpy as jnp
@@ -22,20 +24,29 @@ def _rows(x):
   return x.reshape(-1, x.shape[-1])
 
 
-@jax.custom_vjp
-def matmul(x, kernel):
-  """x (..., d_in) @ kernel (d_in, d_out) -> (..., d_out)."""
-  return jnp.dot(x, kernel)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def matmul(x, kernel, out_dtype=None):
+  """x (..., d_in) @ kernel (d_in, d_out) -> (..., d_out), in x's dtype.
+
+  The kernel is cast to x's dtype (bfloat16 activations: a bfloat16 product);
+  out_dtype (e.g. float32) accumulates and returns the product in it. The
+  kernel's gradient is accumulated in float32 and has the kernel's dtype.
+  """
+  return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=out_dtype)
 
 
-def _matmul_forward(x, kernel):
-  return jnp.dot(x, kernel), (x, kernel)
+def _matmul_forward(x, kernel, out_dtype):
+  return jnp.dot(x, kernel.astype(x.dtype),
+                 preferred_element_type=out_dtype), (x, kernel)
 
 
-def _matmul_backward(residuals, g):
+def _matmul_backward(out_dtype, residuals, g):
+  del out_dtype
   x, kernel = residuals
-  d_x = jnp.tensordot(g, kernel, axes=[[g.ndim - 1], [1]])
-  d_kernel = jnp.tensordot(_rows(x), _rows(g), axes=[[0], [0]])
+  g = g.astype(x.dtype)
+  d_x = jnp.tensordot(g, kernel.astype(x.dtype), axes=[[g.ndim - 1], [1]])
+  d_kernel = jnp.tensordot(_rows(x), _rows(g), axes=[[0], [0]],
+                           preferred_element_type=jnp.float32)
   return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
 
 
@@ -45,11 +56,18 @@ matmul.defvjp(_matmul_forward, _matmul_backward)
 class Dense(tl.Dense):
   """`tl.Dense`: same arguments, weights and outputs; faster to train on CPU.
 
-  vecs (..., d_in) -> (..., n_units).
+  vecs (..., d_in) -> (..., n_units), computed in the dtype of vecs (the
+  float32 weights are cast to it: see `layers.precision`), or accumulated and
+  returned in `out_dtype` if given (float32 logits from bfloat16 vectors).
   """
+
+  def __init__(self, *args, out_dtype=None, **kwargs):
+    super().__init__(*args, **kwargs)
+    self._out_dtype = out_dtype
 
   def forward(self, x):
     if self._use_bias:
       kernel, bias = self.weights
-      return matmul(x, kernel) + bias
-    return matmul(x, self.weights)
+      y = matmul(x, kernel, self._out_dtype)
+      return y + bias.astype(y.dtype)
+    return matmul(x, self.weights, self._out_dtype)

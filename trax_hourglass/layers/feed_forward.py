@@ -4,6 +4,7 @@ import trax.layers as tl
 
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import Dropout
+from trax_hourglass.layers.precision import LayerNorm
 
 
 def FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
@@ -15,7 +16,7 @@ def FeedForwardResidual(d_model, d_ff, dropout, dropout_shared_axes, mode,
   def _Dropout():
     return Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode)
   return tl.Residual(
-      tl.LayerNorm(),
+      LayerNorm(),
       Dense(d_ff),  # vecs: (batch, len, d_ff)
       ff_activation(),
       _Dropout(),

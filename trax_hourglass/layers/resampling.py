@@ -21,6 +21,7 @@ from trax.fastmath import numpy as jnp
 from trax_hourglass.layers.attention import RelativeAttention
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import Dropout
+from trax_hourglass.layers.precision import LayerNorm
 from trax_hourglass.layers.sparse import FeedForwardBlock
 
 
@@ -137,9 +138,9 @@ def AttentionResampling(shorten_factor, d_model, is_upsampling, d_ff, n_heads,
   keys_len = (max_inference_length // shorten_factor if is_upsampling
               else max_inference_length)
   return [
-      tl.LayerNorm(),  # h
+      LayerNorm(),  # h
       tl.Branch([resampling_fn(shorten_factor, d_model, mode=mode),
-                 tl.LayerNorm()], None),  # queries, h
+                 LayerNorm()], None),  # queries, h
       [tl.Select([0, 2, 1, 2]), tl.Add()] if is_upsampling else [],  # +residual
       tl.Residual(  # queries attend to h; kv_pooling: h's accumulated shortening
           RelativeAttention(d_model, n_heads, dropout, mode, context_bias_layer,

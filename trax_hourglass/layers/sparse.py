@@ -15,6 +15,7 @@ from trax.layers.research import sparsity as trax_sparsity
 
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.feed_forward import FeedForwardResidual
+from trax_hourglass.layers.precision import LayerNorm
 
 # Gumbel-softmax temperature of the SparseFF controller in training, and the share
 # of steps that use the quantized (one-hot) mask instead of the soft one; trax's
@@ -127,7 +128,7 @@ def FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
                                ff_activation)
   del ff_activation
   return tl.Residual(
-      tl.LayerNorm(),
+      LayerNorm(),
       # SparseFF ends with its own dropout (on its output), so unlike the dense
       # block none follows here: trax adds none either.
       _reading_chosen_units(trax_sparsity.SparseFF(
@@ -140,15 +141,15 @@ def FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
 
 @_configurable
 def VocabProjection(vocab_size, d_model, loss_sparsity=0, mode='train'):
-  """vecs (batch, len, d_model) -> logits (batch, len, vocab_size).
+  """vecs (batch, len, d_model) -> logits (batch, len, vocab_size), float32.
 
   loss_sparsity=0 is `Dense(vocab_size)` (`tl.Dense`'s weights). N > 0 is the
   multiplicative dense (trax's `FactoredDense`): N gating vectors of d_model
   times one shared (d_model, vocab_size/N) matrix, about N times fewer weights.
   """
   _check_sparsity('loss_sparsity', loss_sparsity, 'vocab_size', vocab_size)
-  if not loss_sparsity:
-    return Dense(vocab_size)
+  if not loss_sparsity:  # Logits in float32 from any vecs: for the loss.
+    return Dense(vocab_size, out_dtype=jnp.float32)
   return trax_sparsity.SparseDenseWithOptions(
       vocab_size, d_input=d_model, sparsity_type='mult',
       sparsity=loss_sparsity, mode=mode)  # logits: (batch, len, vocab_size)

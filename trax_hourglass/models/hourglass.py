@@ -24,6 +24,9 @@ from trax_hourglass.layers.attention_types import has_positions
 from trax_hourglass.layers import boundaries as dynamic
 from trax_hourglass.layers import segmentation
 from trax_hourglass.layers.dropout import Dropout
+from trax_hourglass.layers import precision
+from trax_hourglass.layers.precision import LayerNorm
+from trax_hourglass.layers.remat import Rematerialized
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
 from trax_hourglass.layers.resampling import LinearPooling
@@ -64,7 +67,7 @@ class ShortenedLevel(tl.Serial):
         LatestShortened(mode))  # short, vecs
     self._upsampling = (
         tl.Serial(upsampling),  # up: (batch, len, d_model), vecs
-        tl.LayerNorm(),  # up, vecs
+        LayerNorm(),  # up, vecs
         tl.Add())  # vecs: up + vecs
     super().__init__(self._shifting, self._shortening, self._upsampling,
                      name=f'ShortenedLevel({shorten_factor})')
@@ -129,12 +132,12 @@ class DynamicLevel(tl.Serial):
     self._pooling = (
         tl.Select([0, 1, 0, 1]),  # vecs, ends, vecs, ends
         dynamic.SegmentPooling(target_segment_length, bound),  # short, vecs, ends
-        tl.LayerNorm())  # short: (batch, S, d_model), vecs, ends
+        LayerNorm())  # short: (batch, S, d_model), vecs, ends
     self._middle = tl.Serial(middle)  # out: (batch, S, d_model), vecs, ends
     self._upsampling = (
         tl.Select([0, 2, 1]),  # out, ends, vecs
         dynamic.SegmentUpsampling(),  # up: (batch, len, d_model), vecs
-        tl.LayerNorm(),  # up, vecs
+        LayerNorm(),  # up, vecs
         tl.Add())  # vecs: up + vecs
     super().__init__(self._boundaries, self._pooling, self._middle,
                      self._upsampling,
@@ -168,6 +171,10 @@ class DynamicLevel(tl.Serial):
     return super().forward(xs)
 
 
+# HourglassLM's remat: none, or each decoder block (see `layers.remat`).
+REMAT = ('none', 'blocks')
+
+
 def PadToMultiple(multiple, mode='train'):
   """toks: (batch, len) -> (batch, len') with len' the next multiple, zeros after.
 
@@ -189,7 +196,7 @@ def DecoderBlock(attention, d_model, d_ff, dropout, dropout_shared_axes, mode,
                  ff_activation, ff_sparsity=0):
   """Pre-norm Transformer block around `attention`: vecs -> vecs."""
   return [
-      tl.Residual(tl.LayerNorm(), attention, Dropout(  # vecs
+      tl.Residual(LayerNorm(), attention, Dropout(  # vecs
           rate=dropout, shared_axes=dropout_shared_axes, mode=mode)),
       FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
                        ff_activation, ff_sparsity),  # vecs
@@ -220,7 +227,9 @@ def HourglassLM(vocab_size,
                 boundaries='fixed',
                 boundary_tokens=dynamic.WHITESPACE_TOKENS,
                 sentencepiece_model=None,
-                shortened_bound=dynamic.SHORTENED_BOUND):
+                shortened_bound=dynamic.SHORTENED_BOUND,
+                remat='none',
+                dtype='float32'):
   """Returns a hierarchical Transformer language model.
 
   Input: tokens (batch, len) of ints in [0, vocab_size), any len: the model pads
@@ -302,6 +311,15 @@ def HourglassLM(vocab_size,
       ceil(shortened_bound * len / k) (the null vector and the first S-1
       segments); positions after more segments than that keep reading the
       last shortened vector (stale, never from the future).
+    remat: 'none', or 'blocks': train (and eval) recompute each decoder
+      block's activations in the backward pass from its input, for about a
+      third more compute and a fraction of the activation memory; same
+      outputs, gradients and weights (see `layers.remat`). Predict mode
+      ignores it.
+    dtype: the compute dtype, 'float32' or 'bfloat16' (mixed precision:
+      matrix products, attention and the residual stream in bfloat16;
+      softmax, LayerNorm and the logits in float32). The weights are float32
+      either way, so checkpoints load into either. See `layers.precision`.
 
   Returns:
     A trax layer: tokens -> logits (learned boundaries, train and eval:
@@ -309,6 +327,10 @@ def HourglassLM(vocab_size,
   """
   if mode not in ('train', 'eval', 'predict'):
     raise ValueError(f"mode={mode!r}; use 'train', 'eval' or 'predict'.")
+  if remat not in REMAT:
+    raise ValueError(f'remat={remat!r}; use one of '
+                     f'{", ".join(repr(r) for r in REMAT)}.')
+  dtype = precision.check_dtype(dtype)
   spec = parse_hierarchy(hierarchy, vanilla_layers)
   # trax's resampling layers (`@LinearPooling` in trax's gin files) -> ours.
   downsampling_fn, upsampling_fn, attention_downsampling_fn, \
@@ -332,11 +354,12 @@ def HourglassLM(vocab_size,
     # Caches hold whole shortened positions: round up to the total factor.
     padded_len = -(-max_len // spec.total_factor) * spec.total_factor
     pad_multiple = math.lcm(spec.total_factor, *factor_dropout)
-  context_bias, location_bias = RelativeAttentionBiases(d_model, n_heads)
+  context_bias, location_bias = RelativeAttentionBiases(d_model, n_heads,
+                                                        dtype)
 
   def _Blocks(n_layers, total_pooling, attention_type, max_level_len=None):
     """n_layers blocks at a level shortened by total_pooling, then LayerNorm."""
-    return [
+    blocks = [
         DecoderBlock(  # pylint: disable=g-complex-comprehension
             SelfAttention(attention_type, d_model, n_heads, dropout, mode,
                           context_bias, location_bias, total_pooling,
@@ -344,7 +367,10 @@ def HourglassLM(vocab_size,
             d_model, d_ff, dropout, dropout_shared_axes, mode, ff_activation,
             ff_sparsity)
         for _ in range(n_layers)
-    ] + [tl.LayerNorm()]
+    ]
+    if remat == 'blocks' and mode != 'predict':  # Each half of each block.
+      blocks = [[Rematerialized(half) for half in block] for block in blocks]
+    return blocks + [LayerNorm()]
 
   def _Resampling(factory, resampling_fn, factor, total_pooling, upsampling):
     kwargs = {}
@@ -408,9 +434,10 @@ def HourglassLM(vocab_size,
       PadToMultiple(pad_multiple, mode),  # toks: (batch, len'), toks
       TokenShift(mode),  # toks: shifted right (train, eval), counted (predict)
       [] if kind == 'fixed' else tl.Dup(),  # dynamic: the level's tokens too
-      tl.Embedding(vocab_size, d_model),  # vecs: (batch, len', d_model)
+      precision.Embedding(vocab_size, d_model, dtype),  # vecs: (batch, len',
+      # d_model) in dtype, as is every activation until the logits (float32)
       Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode),
-      [] if has_positions(vanilla_attn_type) else tl.PositionalEncoding(
+      [] if has_positions(vanilla_attn_type) else precision.PositionalEncoding(
           max_len=padded_len, mode=mode),  # vecs: tokens + absolute positions
       _Blocks(n_pre, 1, vanilla_attn_type),  # vecs
       level,  # vecs (learned boundaries: vecs, aux: (batch, len'))
