@@ -12,6 +12,7 @@ import errno
 import inspect
 import os
 import re
+import signal
 import sys
 
 DEBUG_ENV = 'TRAX_HOURGLASS_DEBUG'
@@ -92,6 +93,11 @@ def run_command(prog, parse_args, run, argv=None):
   debug = wants_traceback(args)
   try:
     run(args)
+  except KeyboardInterrupt:  # Ctrl-C where nothing handles it (the trainer
+    if debug:                # saves on it while it trains).
+      raise
+    print(f'{prog}: stopped by SIGINT (Ctrl-C).', file=sys.stderr, flush=True)
+    return 128 + signal.SIGINT
   except Exception as e:  # pylint: disable=broad-except
     if debug or not (isinstance(e, _USER_ERRORS) or _is_out_of_memory(e)):
       raise

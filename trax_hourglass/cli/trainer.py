@@ -326,14 +326,26 @@ def _train(args):
   if not jax.process_index():  # Other hosts of a run share its output dir.
     checkpoints.lock_output_dir(output_dir)
   _add_callback(runs.ProgressReporter)
+  _add_callback(runs.SaveOnSignal)  # After the progress line of its step.
+  # SIGTERM/SIGINT from here until the last checkpoint is committed: finish
+  # the step, save, stop (exit 128 + the signal).
   try:
-    loop = trainer_lib.train(output_dir=output_dir)
-  finally:
-    data.streams.set_vocab_size(None)  # Only this run's streams check it.
-  ckpt = checkpoints.committed_folder(output_dir)
-  if loop.step and (ckpt is None or not os.path.basename(ckpt).startswith(
-      f'step_{loop.step:09d}.')):
-    loop.save_checkpoint('model')  # trax saves only on its schedule.
+    with runs.saving_on_signals():
+      try:
+        loop = trainer_lib.train(output_dir=output_dir)
+      finally:
+        data.streams.set_vocab_size(None)  # Only this run's streams check it.
+      ckpt = checkpoints.committed_folder(output_dir)
+      if loop.step and (ckpt is None or not os.path.basename(ckpt).startswith(
+          f'step_{loop.step:09d}.')):
+        loop.save_checkpoint('model')  # trax saves only on its schedule.
+      if runs.stop_requested():  # It came after the last step.
+        raise runs.TrainingStopped(runs.stop_requested(), loop.step,
+                                   output_dir)
+  except runs.TrainingStopped as stopped:
+    print(f'trainer: {stopped.message}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    raise SystemExit(stopped.exit_code) from None
   print(f'Finished training at step {loop.step}; checkpoints in {output_dir}',
         flush=True)
   evals = loop.history.get('eval', 'metrics/loss')
