@@ -115,3 +115,14 @@ def test_sigint_after_a_resume_saves_and_the_rerun_resumes_there(
   again = _stopped_line(stderr, 'SIGINT', out)
   assert again >= step + 2 and re.search(rf'^step {again}/', stdout, re.M)
   assert checkpoints.read_checkpoint(out).step == again
+
+
+def test_resuming_with_another_batch_size_is_refused_in_one_line(stopped):
+  from test_user_errors import _assert_one_line_error, _cli  # pylint: disable=g-import-not-at-top
+  out, data, _ = stopped
+  result = _cli('trainer', '--config_file', QUICKSTART, '--output_dir', out,
+                f"--config=byte_file_inputs.path='{data}'", *TINY,
+                '--config=byte_file_inputs.batch_size=4', timeout=240)
+  _assert_one_line_error(
+      result, 'trainer', rf'{re.escape(out)} was started with other settings '
+      r'than these \(train.inputs.bindings.batch_size: 2 -> 4\): resuming')

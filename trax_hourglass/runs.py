@@ -11,12 +11,14 @@ run's gin config back and returns its model.
 
 import contextlib
 import datetime
+import json
 import math
 import os
 import signal
 import threading
 import time
 
+from absl import logging
 import gin
 import jax
 from jax import numpy as jnp
@@ -309,6 +311,97 @@ def final_sample(length=0, prompt='', temperature=0.0, seed=0):
     The settings as a dict.
   """
   return dict(length=length, prompt=prompt, temperature=temperature, seed=seed)
+
+
+RUN_SETTINGS = 'run.json'  # What a run was started with, beside config.gin.
+
+
+def _as_data(value):
+  """`value` as JSON data, stable across processes (no addresses)."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    return '@' + value.selector + ('()' if value.evaluate else '')
+  if isinstance(value, dict):
+    return {str(k): _as_data(v) for k, v in sorted(value.items(), key=str)}
+  if isinstance(value, (list, tuple)):
+    return [_as_data(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  if hasattr(value, '__qualname__'):  # A function or class.
+    return f'{getattr(value, "__module__", "")}.{value.__qualname__}'
+  text = repr(value)
+  return type(value).__qualname__ if ' at 0x' in text else text
+
+
+def run_settings():
+  """What a resumed run must share with its start, from gin: the model and
+  the data (their configurables' bindings, which hold the batch size) and the
+  number of processes (batch sizes are per process)."""
+  settings = {'processes': jax.process_count()}
+  for name in ('train.model', 'train.inputs'):
+    try:
+      ref = gin.query_parameter(name)
+    except ValueError:
+      continue
+    if isinstance(ref, gin.config.ConfigurableReference):
+      settings[name] = {'configurable': ref.selector,
+                        'bindings': _as_data(gin.get_bindings(ref.selector))}
+  for selector in ('data_streams', 'batcher'):  # trax's own data.
+    try:
+      bindings = gin.get_bindings(selector)
+    except ValueError:
+      continue
+    if bindings:
+      settings[selector] = _as_data(bindings)
+  return settings
+
+
+def _differences(recorded, current, prefix=''):
+  """['name: recorded -> current', ...] of two `run_settings`."""
+  found = []
+  for key in sorted(set(recorded) | set(current)):
+    a, b = recorded.get(key, '(unset)'), current.get(key, '(unset)')
+    name = f'{prefix}{key}'
+    if isinstance(a, dict) and isinstance(b, dict):
+      found += _differences(a, b, name + '.' if name else '')
+    elif a != b:
+      found.append(f'{name}: {a!r} -> {b!r}')
+  return found
+
+
+def check_run_settings(output_dir, settings, resuming, write=True):
+  """Refuses to resume a run with other settings than it was started with.
+
+  `settings` (`run_settings`) are recorded in `output_dir/run.json` (JSON,
+  written atomically) when a run starts; when `resuming` (a checkpoint is
+  there) they are compared with the recorded ones and any difference raises
+  ValueError naming the first: the checkpoint's weights, optimizer and data
+  position would go on with another model, data file or batch size.
+  """
+  if not checkpoints.store.is_local(output_dir):
+    return  # No atomic writes there.
+  path = os.path.join(output_dir, RUN_SETTINGS)
+  recorded = None
+  if resuming and os.path.isfile(path) and not os.path.islink(path):
+    try:
+      with open(path, 'rb') as f:
+        recorded = json.loads(f.read(1 << 20).decode())
+    except (OSError, ValueError) as e:
+      logging.warning('%s: unreadable (%s); recording this run\'s settings.',
+                      path, e)
+  current = json.loads(json.dumps(settings))  # As read back.
+  if isinstance(recorded, dict):
+    diffs = _differences(recorded, current)
+    if diffs:
+      raise ValueError(
+          f'{output_dir} was started with other settings than these '
+          f'({"; ".join(diffs[:3])}{"; ..." if len(diffs) > 3 else ""}): '
+          'resuming would go on with its weights and data position under '
+          f'them. Use the settings recorded in {path}, or another '
+          f'--output_dir, or remove {path} to resume with these on purpose.')
+    return
+  if write:
+    checkpoints.store.write_file_atomically(
+        path, lambda f: f.write(json.dumps(current, indent=1).encode()))
 
 
 def parse_run_config(config_files, bindings=()):

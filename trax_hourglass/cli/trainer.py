@@ -22,6 +22,7 @@ import datetime
 import inspect
 import math
 import os
+import re
 import sys
 import traceback
 
@@ -108,6 +109,18 @@ def _check_config():
     use_loop = gin.query_parameter('train.use_loop')
   except ValueError:
     use_loop = True
+  try:
+    eval_frequency = gin.query_parameter('train.eval_frequency')
+  except ValueError:
+    eval_frequency = 1  # Bound by default: trainer_lib.train's 100.
+  if (isinstance(eval_frequency, bool) or not isinstance(eval_frequency, int)
+      or eval_frequency < 1):
+    # trax's Loop saves and evaluates every eval_frequency steps (its old
+    # Trainer read 0 as "never"; the Loop divides by it).
+    raise ValueError(
+        f'train.eval_frequency={eval_frequency!r}: the Loop evaluates and '
+        'saves a checkpoint every eval_frequency steps; use a positive '
+        'integer (e.g. train.steps, to evaluate and save at the end only)')
   if not use_loop:
     raise ValueError(
         "train.use_loop=False runs trax's old Trainer, whose checkpoints are "
@@ -308,16 +321,21 @@ def _train(args):
   from trax.supervised import trainer_lib  # pylint: disable=g-import-not-at-top
 
   checkpoints.install()
-  bindings = list(args.config)
+  bindings = [(f'--config={b!r}', b) for b in args.config]
+  # Flag values reach gin as literals (repr), never as gin text.
   if args.dataset:
-    bindings.append(f"data_streams.dataset_name='{args.dataset}'")
+    bindings.append(('--dataset',
+                     f'data_streams.dataset_name={args.dataset!r}'))
   if args.data_dir:
     data.set_default_data_dir(os.path.expanduser(args.data_dir))
-    bindings.append(f"data_streams.data_dir='{args.data_dir}'")
+    bindings.append(('--data_dir', f'data_streams.data_dir={args.data_dir!r}'))
   if args.model:
-    bindings.append(f'train.model=@trax.models.{args.model}')
+    if not re.fullmatch(r'[A-Za-z_]\w*', args.model):
+      raise ValueError(f'--model={args.model!r} is not a model name; pass '
+                       'one of trax.models, e.g. TransformerLM')
+    bindings.append(('--model', f'train.model=@trax.models.{args.model}'))
   cli.check_gin_files(args.config_file)
-  gin.parse_config_files_and_bindings(args.config_file, bindings)
+  cli.parse_gin(args.config_file, bindings)
   _check_config()
   _bind_boundary_loss()
   output_dir = _output_dir_or_default(args.output_dir)
@@ -325,6 +343,11 @@ def _train(args):
   _print_devices(n_devices)
   if not jax.process_index():  # Other hosts of a run share its output dir.
     checkpoints.lock_output_dir(output_dir)
+  # Every process refuses alike (the same command, the same output dir).
+  runs.check_run_settings(
+      output_dir, runs.run_settings(),
+      resuming=checkpoints.committed_folder(output_dir) is not None,
+      write=not jax.process_index())
   _add_callback(runs.ProgressReporter)
   _add_callback(runs.SaveOnSignal)  # After the progress line of its step.
   # SIGTERM/SIGINT from here until the last checkpoint is committed: finish
