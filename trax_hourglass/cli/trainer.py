@@ -19,11 +19,14 @@ prints and writes the checkpoints. Progress is one line:
 import argparse
 import contextlib
 import datetime
+import errno
 import inspect
 import math
 import os
 import re
+import socket
 import sys
+import threading
 import traceback
 
 import gin
@@ -61,6 +64,10 @@ def _parse_args(argv):
   multihost.add_argument('--process_id', default=None,
                          help="this process's index, 0..num_processes-1 "
                               '(default $JAX_PROCESS_ID)')
+  multihost.add_argument(
+      '--coordinator_timeout', default='300',
+      help='seconds to wait for all the processes to join the coordinator '
+           'before giving up with an error (default 300, as jax)')
   multihost.add_argument(
       '--heartbeat_timeout', default='100',
       help='seconds without a heartbeat after which the processes give up on '
@@ -224,6 +231,8 @@ def init_distributed(args, environ=None):
   """
   settings = distributed_settings(args, environ)
   timeout = _int_setting(args.heartbeat_timeout, '--heartbeat_timeout', 2)
+  join_timeout = _int_setting(getattr(args, 'coordinator_timeout', 300),
+                              '--coordinator_timeout', 1)
   if settings[1] == 1:
     return 1  # Said to be alone.
   if None in settings and _detected_cluster() is None:
@@ -257,9 +266,82 @@ def init_distributed(args, environ=None):
   except (ImportError, AttributeError):
     internal = False
   if not internal:
-    init, heartbeats = jax.distributed.initialize, {}
-  init(*settings, **heartbeats)
+    init = jax.distributed.initialize
+    # Newer jax: one heartbeat timeout, in the public initialize.
+    accepted = inspect.signature(init).parameters
+    heartbeats = ({'heartbeat_timeout_seconds': timeout}
+                  if 'heartbeat_timeout_seconds' in accepted else {})
+  if 'initialization_timeout' in inspect.signature(init).parameters:
+    # jax aborts (a C++ stack dump) when it gives up: the watchdog below
+    # says it first, in one line.
+    heartbeats['initialization_timeout'] = join_timeout + 60
+  if settings[0] is not None and settings[2] == 0:
+    _check_coordinator_port_free(settings[0])
+  with _joining(settings, join_timeout):
+    init(*settings, **heartbeats)
   return jax.process_count()
+
+
+def _check_coordinator_port_free(address):
+  """Process 0 serves the coordinator on its port: refuse one in use (jax
+  aborts), e.g. by a second process given --process_id 0."""
+  port = int(address.rpartition(':')[2])
+  with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET,
+                     socket.SOCK_STREAM) as s:
+    try:
+      s.bind(('', port))  # All interfaces, as jax's service binds.
+    except OSError as e:
+      if e.errno != errno.EADDRINUSE:
+        return  # Not ours to judge (no IPv6 here, ...): jax will say.
+      raise ValueError(
+          f'--process_id=0 serves the coordinator at {address}, but port '
+          f'{port} is in use on this host: by another process 0 of this '
+          'run (give each process its own --process_id 0..num_processes-1) '
+          'or another program (pick a free port).') from None
+
+
+@contextlib.contextmanager
+def _joining(settings, timeout):
+  """Says what this process waits for; ends it with one line after `timeout`.
+
+  jax's initialize blocks (without the GIL) until every process has joined
+  the coordinator, and after its own timeout aborts the process with a C++
+  stack dump; an unreachable coordinator or a process id given twice are
+  both only that wait.
+  """
+  address, n, i = settings
+  where = address or 'the address the cluster gives'
+  if i == 0:
+    print(f'Process 0 of {n}: coordinating at {where}; waiting up to '
+          f'{timeout} s for the other {n - 1} process(es) to join '
+          '(--coordinator_timeout).', flush=True)
+    problem = (f'the other processes did not all join the coordinator at '
+               f'{where} within {timeout} s')
+  else:
+    who = f'Process {i} of {n}' if i is not None else 'This process'
+    print(f'{who}: joining the coordinator at {where} (process 0); waiting '
+          f'up to {timeout} s for all {n or "the"} processes '
+          '(--coordinator_timeout).', flush=True)
+    problem = (f'{who.lower()} could not join the coordinator at {where} '
+               f'with all the other processes within {timeout} s')
+
+  def give_up():
+    print(f'trainer: error: {problem}: start every process with the same '
+          '--coordinator_address (process 0\'s host:port, reachable from '
+          'every host) and --num_processes, each with its own --process_id '
+          '0..num_processes-1 (a second process given an id takes the '
+          'first one\'s place), or raise --coordinator_timeout.',
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+  watchdog = threading.Timer(timeout, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    yield
+  finally:
+    watchdog.cancel()
 
 
 def run(args):
@@ -306,7 +388,10 @@ def run(args):
 def _lost_a_process(error):
   """Whether `error` is a collective or the runtime failing on a lost peer."""
   text = str(error)
-  return type(error).__name__ == 'XlaRuntimeError' and any(
+  # jax raises XlaRuntimeError, JaxRuntimeError or (0.10: a gloo collective)
+  # ValueError: the text says.
+  return type(error).__name__ in ('XlaRuntimeError', 'JaxRuntimeError',
+                                  'ValueError', 'RuntimeError') and any(
       s in text for s in ('Gloo', 'gloo', 'Connection reset', 'heartbeat',
                           'coordination service', 'NCCL', 'DEADLINE_EXCEEDED'))
 
