@@ -9,6 +9,7 @@ import functools
 import importlib.abc
 import importlib.machinery
 import inspect
+import os
 import sys
 import types
 
@@ -420,12 +421,55 @@ def _fix_stop_gradient_python_ints():
   fastmath_jax.JAX_BACKEND['stop_gradient'] = stop_gradient_keeping_ints
 
 
+# The console scripts, by the module `python -m` runs.
+_PROGS = {'trax_hourglass.cli.trainer': 'trainer',
+          'trax_hourglass.cli.evaluate': 'hourglass-eval',
+          'trax_hourglass.cli.sample': 'hourglass-sample'}
+
+
+class NoTemporaryDirectoryError(OSError):
+  """No writable temporary directory: trax's imports cannot start."""
+
+
+def _check_temporary_directory():
+  """Refuses, in one line, to import trax without a usable temporary directory.
+
+  TensorFlow (which trax imports) asks for one at import time (absl's test
+  directory), before any script's error handling runs: a full or unwritable
+  /tmp ended in a 40-frame traceback. A script (`trainer`, ...) prints
+  `prog: error: ...` instead; a library import raises the error.
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  try:
+    tempfile.gettempdir()
+    return
+  except FileNotFoundError as e:
+    error = NoTemporaryDirectoryError(
+        f'no usable temporary directory ({e.strerror or e}: every one tried '
+        'is full or not writable); free disk space there, or set TMPDIR to '
+        'a writable directory')
+  argv = list(getattr(sys, 'orig_argv', sys.argv))
+  prog = (_PROGS.get(argv[argv.index('-m') + 1], None)
+          if '-m' in argv[:-1] else os.path.basename(sys.argv[0] or ''))
+  debug = ({'--debug', '--traceback'} & set(argv) or
+           os.environ.get('TRAX_HOURGLASS_DEBUG', '') not in ('', '0'))
+  if prog in _PROGS.values() and not debug:
+    def one_line(kind, value, tb):
+      if kind is not NoTemporaryDirectoryError:
+        return sys.__excepthook__(kind, value, tb)
+      print(f'{prog}: error: {value} (--debug shows the traceback)',
+            file=sys.stderr, flush=True)
+    sys.excepthook = one_line
+  raise error
+
+
 def apply():
   """Imports trax (fast) and applies every fix, once."""
   global _APPLIED
   if _APPLIED:
     return
   _fix_assert_shape_stack()  # Before `import trax`, which decorates its layers.
+  _check_temporary_directory()
   import trax  # pylint: disable=g-import-not-at-top,unused-import
   import trax.layers  # pylint: disable=g-import-not-at-top,unused-import
   import trax.supervised  # pylint: disable=g-import-not-at-top,unused-import

@@ -4,14 +4,21 @@
 callback), `final_sample` what it samples at the end; both are gin
 configurables under `trax_hourglass`, registered on `import trax_hourglass`, so
 a run's gin files parse anywhere (a notebook, trax's own trainer).
-`parse_run_config` reads a run's gin config back and returns its model.
+`SaveOnSignal` (with `saving_on_signals`) makes SIGTERM and SIGINT end a run
+after its current step with a committed checkpoint. `parse_run_config` reads a
+run's gin config back and returns its model.
 """
 
+import contextlib
 import datetime
+import json
 import math
 import os
+import signal
+import threading
 import time
 
+from absl import logging
 import gin
 import jax
 from jax import numpy as jnp
@@ -182,6 +189,117 @@ class ProgressReporter(callbacks.TrainingStepCallback):
     self._last_step = step
 
 
+# What SLURM, Kubernetes and `timeout` send (SIGTERM), and Ctrl-C (SIGINT).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_requested = {'signal': 0}  # The first stop signal received (0: none).
+
+
+def _on_stop_signal(signum, frame):  # pylint: disable=unused-argument
+  # Only recorded: a signal never interrupts a step or a save (a second one
+  # during the save changes nothing); the step loop reads it between steps.
+  _requested['signal'] = _requested['signal'] or signum
+
+
+def stop_requested():
+  """The stop signal this process received (0: none) under `saving_on_signals`."""
+  return _requested['signal']
+
+
+@contextlib.contextmanager
+def saving_on_signals():
+  """Within it, SIGTERM/SIGINT ask `SaveOnSignal` to save and stop.
+
+  The previous handlers come back on leaving, unless a stop was requested:
+  then this process is on its way out and the signals are ignored (Python
+  would restore their default, killing, action while it exits).
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield  # Python delivers signals to the main thread only.
+    return
+  _requested['signal'] = 0
+  previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
+  try:
+    yield
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, signal.SIG_IGN if _requested['signal'] else handler)
+
+
+class TrainingStopped(Exception):
+  """Training stopped on a signal after committing a checkpoint.
+
+  Attributes:
+    exit_code: 128 + the signal number (143 for SIGTERM, 130 for SIGINT), as a
+      shell reports a process the signal ended.
+  """
+
+  def __init__(self, signum, step, output_dir):
+    self.exit_code = 128 + signum
+    # Kept apart: gin appends its configurable to the exception's text.
+    self.message = (f'stopped by {signal.Signals(signum).name}: saved the '
+                    f'checkpoint of step {step} in {output_dir}; rerun the '
+                    'same command to resume from it.')
+    super().__init__(self.message)
+
+
+def _agreed_stop():
+  """A function: this process's stop signal (0: none) -> the one to act on.
+
+  One process: its own. Several: every step sends each process's signal into
+  a max over all processes (a collective, in the same order on all of them)
+  and acts on the previous step's result, read one step late so that nothing
+  waits for it. Every process thus stops after the same step, even when only
+  one of them was signalled.
+  """
+  if jax.process_count() == 1:
+    return lambda signum: signum
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('devices',))
+  sharding = jax.sharding.NamedSharding(mesh,
+                                        jax.sharding.PartitionSpec('devices'))
+  largest = jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  pending = []
+
+  def agreed_stop(signum):
+    parts = [jax.device_put(np.array([signum], np.int32), d)
+             for d in jax.local_devices()]
+    pending.append(largest(jax.make_array_from_single_device_arrays(
+        (len(parts) * jax.process_count(),), sharding, parts)))
+    if len(pending) < 2:
+      return 0
+    return int(np.asarray(pending.pop(0).addressable_data(0)))
+
+  return agreed_stop
+
+
+@gin.configurable(module='trax_hourglass')
+class SaveOnSignal(callbacks.TrainingStepCallback):
+  """After a step, on SIGTERM/SIGINT (`saving_on_signals`): save and stop.
+
+  The step in progress when the signal comes finishes; the Loop's `model`
+  checkpoint of it is committed (`checkpoints.store`: atomic, so no later
+  signal can leave it half-written) and `TrainingStopped` ends training.
+  """
+
+  def __init__(self, loop):
+    super().__init__(loop)
+    run_one_step = loop._run_one_step  # pylint: disable=protected-access
+    agreed_stop = _agreed_stop()
+
+    def run_one_step_or_stop(*args, **kwargs):
+      result = run_one_step(*args, **kwargs)
+      signum = agreed_stop(stop_requested())
+      if signum:
+        loop.save_checkpoint('model')
+        raise TrainingStopped(signum, loop.step, loop.output_dir)
+      return result
+
+    loop._run_one_step = run_one_step_or_stop  # pylint: disable=protected-access
+
+  def call_at(self, step):
+    return False  # All work happens in run_one_step_or_stop.
+
+
 @gin.configurable(module='trax_hourglass')
 def final_sample(length=0, prompt='', temperature=0.0, seed=0):
   """What the trainer samples after training (length 0: nothing).
@@ -196,6 +314,97 @@ def final_sample(length=0, prompt='', temperature=0.0, seed=0):
     The settings as a dict.
   """
   return dict(length=length, prompt=prompt, temperature=temperature, seed=seed)
+
+
+RUN_SETTINGS = 'run.json'  # What a run was started with, beside config.gin.
+
+
+def _as_data(value):
+  """`value` as JSON data, stable across processes (no addresses)."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    return '@' + value.selector + ('()' if value.evaluate else '')
+  if isinstance(value, dict):
+    return {str(k): _as_data(v) for k, v in sorted(value.items(), key=str)}
+  if isinstance(value, (list, tuple)):
+    return [_as_data(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  if hasattr(value, '__qualname__'):  # A function or class.
+    return f'{getattr(value, "__module__", "")}.{value.__qualname__}'
+  text = repr(value)
+  return type(value).__qualname__ if ' at 0x' in text else text
+
+
+def run_settings():
+  """What a resumed run must share with its start, from gin: the model and
+  the data (their configurables' bindings, which hold the batch size) and the
+  number of processes (batch sizes are per process)."""
+  settings = {'processes': jax.process_count()}
+  for name in ('train.model', 'train.inputs'):
+    try:
+      ref = gin.query_parameter(name)
+    except ValueError:
+      continue
+    if isinstance(ref, gin.config.ConfigurableReference):
+      settings[name] = {'configurable': ref.selector,
+                        'bindings': _as_data(gin.get_bindings(ref.selector))}
+  for selector in ('data_streams', 'batcher'):  # trax's own data.
+    try:
+      bindings = gin.get_bindings(selector)
+    except ValueError:
+      continue
+    if bindings:
+      settings[selector] = _as_data(bindings)
+  return settings
+
+
+def _differences(recorded, current, prefix=''):
+  """['name: recorded -> current', ...] of two `run_settings`."""
+  found = []
+  for key in sorted(set(recorded) | set(current)):
+    a, b = recorded.get(key, '(unset)'), current.get(key, '(unset)')
+    name = f'{prefix}{key}'
+    if isinstance(a, dict) and isinstance(b, dict):
+      found += _differences(a, b, name + '.' if name else '')
+    elif a != b:
+      found.append(f'{name}: {a!r} -> {b!r}')
+  return found
+
+
+def check_run_settings(output_dir, settings, resuming, write=True):
+  """Refuses to resume a run with other settings than it was started with.
+
+  `settings` (`run_settings`) are recorded in `output_dir/run.json` (JSON,
+  written atomically) when a run starts; when `resuming` (a checkpoint is
+  there) they are compared with the recorded ones and any difference raises
+  ValueError naming the first: the checkpoint's weights, optimizer and data
+  position would go on with another model, data file or batch size.
+  """
+  if not checkpoints.store.is_local(output_dir):
+    return  # No atomic writes there.
+  path = os.path.join(output_dir, RUN_SETTINGS)
+  recorded = None
+  if resuming and os.path.isfile(path) and not os.path.islink(path):
+    try:
+      with open(path, 'rb') as f:
+        recorded = json.loads(f.read(1 << 20).decode())
+    except (OSError, ValueError) as e:
+      logging.warning('%s: unreadable (%s); recording this run\'s settings.',
+                      path, e)
+  current = json.loads(json.dumps(settings))  # As read back.
+  if isinstance(recorded, dict):
+    diffs = _differences(recorded, current)
+    if diffs:
+      raise ValueError(
+          f'{output_dir} was started with other settings than these '
+          f'({"; ".join(diffs[:3])}{"; ..." if len(diffs) > 3 else ""}): '
+          'resuming would go on with its weights and data position under '
+          f'them. Use the settings recorded in {path}, or another '
+          f'--output_dir, or remove {path} to resume with these on purpose.')
+    return
+  if write:
+    checkpoints.store.write_file_atomically(
+        path, lambda f: f.write(json.dumps(current, indent=1).encode()))
 
 
 def parse_run_config(config_files, bindings=()):

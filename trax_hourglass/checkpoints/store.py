@@ -508,6 +508,11 @@ def lock_output_dir(directory):
   key = os.path.realpath(directory)
   if key in _LOCKS:
     return
+  if os.path.isdir(os.path.join(lock_dir, LOCK)):
+    raise ValueError(
+        f'{os.path.join(lock_dir, LOCK)} is a directory, where the trainer '
+        'keeps its lock file; move it away or pass '
+        'another --output_dir.')
   fd = os.open(os.path.join(lock_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -12,6 +12,7 @@ import errno
 import inspect
 import os
 import re
+import signal
 import sys
 
 DEBUG_ENV = 'TRAX_HOURGLASS_DEBUG'
@@ -92,6 +93,11 @@ def run_command(prog, parse_args, run, argv=None):
   debug = wants_traceback(args)
   try:
     run(args)
+  except KeyboardInterrupt:  # Ctrl-C where nothing handles it (the trainer
+    if debug:                # saves on it while it trains).
+      raise
+    print(f'{prog}: stopped by SIGINT (Ctrl-C).', file=sys.stderr, flush=True)
+    return 128 + signal.SIGINT
   except Exception as e:  # pylint: disable=broad-except
     if debug or not (isinstance(e, _USER_ERRORS) or _is_out_of_memory(e)):
       raise
@@ -149,3 +155,31 @@ def check_gin_files(paths, label='--config_file'):
     if os.path.isdir(path):
       raise ValueError(f'{label} {path} is a directory; pass a gin file (e.g. '
                        "gin/quickstart.gin, or a run's config.gin).")
+
+
+def parse_gin(config_files, bindings):
+  """gin's parse_config_files_and_bindings, its syntax errors in one line.
+
+  `bindings`: (where it came from, e.g. "--config='x.y=1'", binding text).
+  A syntax error raises ValueError naming the file (or flag) and line.
+  """
+  import tokenize  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  sources = [(path, lambda path=path: gin.parse_config_file(path))
+             for path in config_files]
+  sources += [(where, lambda text=text: gin.parse_config(text))
+              for where, text in bindings]
+  for where, parse in sources:
+    try:
+      parse()
+    except SyntaxError as e:  # gin's: where, in e.filename, e.lineno.
+      raise ValueError(
+          f'gin syntax error in {e.filename or where}, line {e.lineno}: '
+          f'{e.msg} ({(e.text or "").strip()!r}); gin bindings read '
+          "name.parameter = value, e.g. train.steps = 100") from e
+    except tokenize.TokenError as e:  # An unclosed bracket or string.
+      line = e.args[1][0] if len(e.args) > 1 else '?'
+      raise ValueError(
+          f'gin syntax error in {where} (or a file it includes), at line '
+          f'{line}: {e.args[0]} (an unclosed bracket or string?)') from e
+  gin.finalize()

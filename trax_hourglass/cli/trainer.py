@@ -20,10 +20,14 @@ compute precision, `--dtype`):
 import argparse
 import contextlib
 import datetime
+import errno
 import inspect
 import math
 import os
+import re
+import socket
 import sys
+import threading
 import traceback
 
 import gin
@@ -64,6 +68,10 @@ def _parse_args(argv):
   multihost.add_argument('--process_id', default=None,
                          help="this process's index, 0..num_processes-1 "
                               '(default $JAX_PROCESS_ID)')
+  multihost.add_argument(
+      '--coordinator_timeout', default='300',
+      help='seconds to wait for all the processes to join the coordinator '
+           'before giving up with an error (default 300, as jax)')
   multihost.add_argument(
       '--heartbeat_timeout', default='100',
       help='seconds without a heartbeat after which the processes give up on '
@@ -112,6 +120,18 @@ def _check_config():
     use_loop = gin.query_parameter('train.use_loop')
   except ValueError:
     use_loop = True
+  try:
+    eval_frequency = gin.query_parameter('train.eval_frequency')
+  except ValueError:
+    eval_frequency = 1  # Bound by default: trainer_lib.train's 100.
+  if (isinstance(eval_frequency, bool) or not isinstance(eval_frequency, int)
+      or eval_frequency < 1):
+    # trax's Loop saves and evaluates every eval_frequency steps (its old
+    # Trainer read 0 as "never"; the Loop divides by it).
+    raise ValueError(
+        f'train.eval_frequency={eval_frequency!r}: the Loop evaluates and '
+        'saves a checkpoint every eval_frequency steps; use a positive '
+        'integer (e.g. train.steps, to evaluate and save at the end only)')
   if not use_loop:
     raise ValueError(
         "train.use_loop=False runs trax's old Trainer, whose checkpoints are "
@@ -232,6 +252,8 @@ def init_distributed(args, environ=None):
   """
   settings = distributed_settings(args, environ)
   timeout = _int_setting(args.heartbeat_timeout, '--heartbeat_timeout', 2)
+  join_timeout = _int_setting(getattr(args, 'coordinator_timeout', 300),
+                              '--coordinator_timeout', 1)
   if settings[1] == 1:
     return 1  # Said to be alone.
   if None in settings and _detected_cluster() is None:
@@ -265,9 +287,82 @@ def init_distributed(args, environ=None):
   except (ImportError, AttributeError):
     internal = False
   if not internal:
-    init, heartbeats = jax.distributed.initialize, {}
-  init(*settings, **heartbeats)
+    init = jax.distributed.initialize
+    # Newer jax: one heartbeat timeout, in the public initialize.
+    accepted = inspect.signature(init).parameters
+    heartbeats = ({'heartbeat_timeout_seconds': timeout}
+                  if 'heartbeat_timeout_seconds' in accepted else {})
+  if 'initialization_timeout' in inspect.signature(init).parameters:
+    # jax aborts (a C++ stack dump) when it gives up: the watchdog below
+    # says it first, in one line.
+    heartbeats['initialization_timeout'] = join_timeout + 60
+  if settings[0] is not None and settings[2] == 0:
+    _check_coordinator_port_free(settings[0])
+  with _joining(settings, join_timeout):
+    init(*settings, **heartbeats)
   return jax.process_count()
+
+
+def _check_coordinator_port_free(address):
+  """Process 0 serves the coordinator on its port: refuse one in use (jax
+  aborts), e.g. by a second process given --process_id 0."""
+  port = int(address.rpartition(':')[2])
+  with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET,
+                     socket.SOCK_STREAM) as s:
+    try:
+      s.bind(('', port))  # All interfaces, as jax's service binds.
+    except OSError as e:
+      if e.errno != errno.EADDRINUSE:
+        return  # Not ours to judge (no IPv6 here, ...): jax will say.
+      raise ValueError(
+          f'--process_id=0 serves the coordinator at {address}, but port '
+          f'{port} is in use on this host: by another process 0 of this '
+          'run (give each process its own --process_id 0..num_processes-1) '
+          'or another program (pick a free port).') from None
+
+
+@contextlib.contextmanager
+def _joining(settings, timeout):
+  """Says what this process waits for; ends it with one line after `timeout`.
+
+  jax's initialize blocks (without the GIL) until every process has joined
+  the coordinator, and after its own timeout aborts the process with a C++
+  stack dump; an unreachable coordinator or a process id given twice are
+  both only that wait.
+  """
+  address, n, i = settings
+  where = address or 'the address the cluster gives'
+  if i == 0:
+    print(f'Process 0 of {n}: coordinating at {where}; waiting up to '
+          f'{timeout} s for the other {n - 1} process(es) to join '
+          '(--coordinator_timeout).', flush=True)
+    problem = (f'the other processes did not all join the coordinator at '
+               f'{where} within {timeout} s')
+  else:
+    who = f'Process {i} of {n}' if i is not None else 'This process'
+    print(f'{who}: joining the coordinator at {where} (process 0); waiting '
+          f'up to {timeout} s for all {n or "the"} processes '
+          '(--coordinator_timeout).', flush=True)
+    problem = (f'{who.lower()} could not join the coordinator at {where} '
+               f'with all the other processes within {timeout} s')
+
+  def give_up():
+    print(f'trainer: error: {problem}: start every process with the same '
+          '--coordinator_address (process 0\'s host:port, reachable from '
+          'every host) and --num_processes, each with its own --process_id '
+          '0..num_processes-1 (a second process given an id takes the '
+          'first one\'s place), or raise --coordinator_timeout.',
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # pylint: disable=protected-access
+
+  watchdog = threading.Timer(timeout, give_up)
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    yield
+  finally:
+    watchdog.cancel()
 
 
 def run(args):
@@ -314,7 +409,10 @@ def run(args):
 def _lost_a_process(error):
   """Whether `error` is a collective or the runtime failing on a lost peer."""
   text = str(error)
-  return type(error).__name__ == 'XlaRuntimeError' and any(
+  # jax raises XlaRuntimeError, JaxRuntimeError or (0.10: a gloo collective)
+  # ValueError: the text says.
+  return type(error).__name__ in ('XlaRuntimeError', 'JaxRuntimeError',
+                                  'ValueError', 'RuntimeError') and any(
       s in text for s in ('Gloo', 'gloo', 'Connection reset', 'heartbeat',
                           'coordination service', 'NCCL', 'DEADLINE_EXCEEDED'))
 
@@ -329,16 +427,21 @@ def _train(args):
   from trax.supervised import trainer_lib  # pylint: disable=g-import-not-at-top
 
   checkpoints.install()
-  bindings = list(args.config)
+  bindings = [(f'--config={b!r}', b) for b in args.config]
+  # Flag values reach gin as literals (repr), never as gin text.
   if args.dataset:
-    bindings.append(f"data_streams.dataset_name='{args.dataset}'")
+    bindings.append(('--dataset',
+                     f'data_streams.dataset_name={args.dataset!r}'))
   if args.data_dir:
     data.set_default_data_dir(os.path.expanduser(args.data_dir))
-    bindings.append(f"data_streams.data_dir='{args.data_dir}'")
+    bindings.append(('--data_dir', f'data_streams.data_dir={args.data_dir!r}'))
   if args.model:
-    bindings.append(f'train.model=@trax.models.{args.model}')
+    if not re.fullmatch(r'[A-Za-z_]\w*', args.model):
+      raise ValueError(f'--model={args.model!r} is not a model name; pass '
+                       'one of trax.models, e.g. TransformerLM')
+    bindings.append(('--model', f'train.model=@trax.models.{args.model}'))
   cli.check_gin_files(args.config_file)
-  gin.parse_config_files_and_bindings(args.config_file, bindings)
+  cli.parse_gin(args.config_file, bindings)
   _check_config()
   _bind_boundary_loss()
   _bind_dtype(args.dtype)
@@ -347,15 +450,32 @@ def _train(args):
   _print_devices(n_devices)
   if not jax.process_index():  # Other hosts of a run share its output dir.
     checkpoints.lock_output_dir(output_dir)
+  # Every process refuses alike (the same command, the same output dir).
+  runs.check_run_settings(
+      output_dir, runs.run_settings(),
+      resuming=checkpoints.committed_folder(output_dir) is not None,
+      write=not jax.process_index())
   _add_callback(runs.ProgressReporter)
+  _add_callback(runs.SaveOnSignal)  # After the progress line of its step.
+  # SIGTERM/SIGINT from here until the last checkpoint is committed: finish
+  # the step, save, stop (exit 128 + the signal).
   try:
-    loop = trainer_lib.train(output_dir=output_dir)
-  finally:
-    data.streams.set_vocab_size(None)  # Only this run's streams check it.
-  ckpt = checkpoints.committed_folder(output_dir)
-  if loop.step and (ckpt is None or not os.path.basename(ckpt).startswith(
-      f'step_{loop.step:09d}.')):
-    loop.save_checkpoint('model')  # trax saves only on its schedule.
+    with runs.saving_on_signals():
+      try:
+        loop = trainer_lib.train(output_dir=output_dir)
+      finally:
+        data.streams.set_vocab_size(None)  # Only this run's streams check it.
+      ckpt = checkpoints.committed_folder(output_dir)
+      if loop.step and (ckpt is None or not os.path.basename(ckpt).startswith(
+          f'step_{loop.step:09d}.')):
+        loop.save_checkpoint('model')  # trax saves only on its schedule.
+      if runs.stop_requested():  # It came after the last step.
+        raise runs.TrainingStopped(runs.stop_requested(), loop.step,
+                                   output_dir)
+  except runs.TrainingStopped as stopped:
+    print(f'trainer: {stopped.message}', file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    raise SystemExit(stopped.exit_code) from None
   print(f'Finished training at step {loop.step}; checkpoints in {output_dir}',
         flush=True)
   evals = loop.history.get('eval', 'metrics/loss')
