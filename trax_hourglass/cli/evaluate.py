@@ -188,7 +188,7 @@ def run(args):
   _check_writable(json_path)  # Now, not after minutes of scoring.
   if args.data_dir:
     hg_data.set_default_data_dir(os.path.expanduser(args.data_dir))
-  gin.parse_config_files_and_bindings(configs, args.config, skip_unknown=True)
+  runs.parse_config_safely(configs, args.config, finalize=True)  # As data.
   ckpt = checkpoints.read_checkpoint_at(output_dir)
   checkpoints.check_finite(
       checkpoints.from_bits(ckpt.flat_weights),

@@ -1,0 +1,222 @@
+"""A run or data directory is data, never code (issue 29).
+
+Someone who can write a run's directory (a shared file system) must not run
+code as whoever evaluates, samples or resumes it: its config.gin is read as
+data, planted links are never written through, a FIFO or device in a
+checkpoint is refused, a damaged manifest of any shape falls back to the
+intact checkpoint; and processes preparing the same data at once all end with
+the same verified file.
+"""
+
+import glob
+import gzip
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+
+import gin
+import numpy as np
+import pytest
+
+from trax_hourglass import checkpoints
+from trax_hourglass import decoding
+from trax_hourglass import runs
+from trax_hourglass.data import text
+
+from configurations import Payload  # pylint: disable=g-bad-import-order
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(REPO, 'gin', 'quickstart.gin')
+
+
+def _cli(script, *args, timeout=300):
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='3')
+  env.pop('TRAX_HOURGLASS_DEBUG', None)
+  return subprocess.run(
+      [sys.executable, '-m', f'trax_hourglass.cli.{script}', *args], cwd=REPO,
+      env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def _one_error_line(result, prog):
+  assert result.returncode != 0, result.stdout[-2000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-4000:]
+  errors = [l for l in result.stderr.splitlines()
+            if l.startswith(f'{prog}: error: ')]
+  assert len(errors) == 1, result.stderr[-4000:]
+  return errors[0]
+
+
+# --- 1. A run's config.gin is data. ----------------------------------------
+
+
+def _attacked_run(tmp_path):
+  """A run dir whose config.gin (quickstart's + 4 lines) makes trax's RLTask
+  unpickle `trajectories.pkl` beside it, which would create `marker`."""
+  run = tmp_path / 'run'
+  run.mkdir()
+  marker = str(tmp_path / 'RAN')
+  with open(run / 'trajectories.pkl', 'wb') as f:
+    pickle.dump({'all_epochs': [Payload(marker)]}, f)
+  config = open(QUICKSTART).read() + (
+      "\nRLTask.env = 'CartPole-v1'\nRLTask.max_steps = 0\n"
+      f"RLTask.initial_trajectories = '{run}'\n"
+      'trax_hourglass.HourglassLM.d_model = @trax.rl.task.RLTask()\n')
+  (run / 'config.gin').write_text(config)
+  # A committed checkpoint that reads (its weights need not fit: the attack
+  # fires when the model is built, before they are loaded).
+  data = pickle.dumps({'step': 1, 'flat_weights': [np.zeros(2, np.float32)],
+                       'flat_state': [], 'input_signature': None})
+  checkpoints.commit(str(run), 'model',
+                     {'model.pkl.gz': lambda f: f.write(gzip.compress(data))},
+                     1)
+  return str(run), marker
+
+
+def test_the_rltask_attack_is_refused_by_load_predict_model(tmp_path):
+  run, marker = _attacked_run(tmp_path)
+  with pytest.raises(runs.UnsafeConfigError,
+                     match=r'config\.gin:\d+: refers to @trax\.rl\.task\.'
+                           r'RLTask, refused'):
+    decoding.load_predict_model([np.zeros(2, np.float32)],
+                                config_file=os.path.join(run, 'config.gin'))
+  with pytest.raises(runs.UnsafeConfigError):
+    decoding.load_predict_model(run)  # Its config.gin by default.
+  assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize('script, prog, args', [
+    ('evaluate', 'hourglass-eval', ['--byte_file', QUICKSTART]),
+    ('sample', 'hourglass-sample', ['--n_tokens', '2']),
+])
+def test_the_rltask_attack_is_refused_by_eval_and_sample(tmp_path, script,
+                                                         prog, args):
+  run, marker = _attacked_run(tmp_path)
+  before = sorted(os.listdir(run))
+  error = _one_error_line(_cli(script, '--output_dir', run, *args), prog)
+  assert 'refers to @trax.rl.task.RLTask, refused' in error, error
+  assert 'config.gin:' in error, error
+  assert not os.path.exists(marker)
+  assert sorted(os.listdir(run)) == before
+
+
+@pytest.mark.parametrize('line, says', [
+    ('import os', "'import os'"),
+    ('from __gin__ import dynamic_registration', 'dynamic_registration'),
+    ("include '{outside}'", 'includes'),
+    ("RLTask.initial_trajectories = 'x'", 'binds trax.rl.task.RLTask'),
+    ('X = @trax.supervised.trainer_lib.train()', 'refers to @trax.supervised'),
+    ('train.model = @no_such_thing', 'no such configurable'),
+])
+def test_a_config_that_could_run_code_is_refused_naming_file_and_line(
+    tmp_path, line, says):
+  outside = tmp_path / 'outside.gin'
+  outside.write_text('train.steps = 1\n')
+  run = tmp_path / 'run'
+  run.mkdir()
+  config = run / 'config.gin'
+  config.write_text(open(QUICKSTART).read() + '\n' +
+                    line.format(outside=outside) + '\n')
+  n_lines = len(config.read_text().splitlines())
+  with pytest.raises(runs.UnsafeConfigError) as e:
+    runs.parse_run_config([str(config)])
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith(f'{config}:{n_lines}: '), message
+  assert says in message, message
+
+
+def test_every_gin_file_and_a_trained_runs_config_still_load(tmp_path):
+  for path in sorted(glob.glob(os.path.join(REPO, 'gin', '*.gin'))):
+    assert callable(runs.parse_run_config([path])), path
+  # What trax writes as a run's config.gin (every configurable it called).
+  run = tmp_path / 'run'
+  run.mkdir()
+  (run / 'config.gin').write_text(_OPERATIVE_CONFIG)
+  model_fn = runs.parse_run_config([str(run / 'config.gin')])
+  assert gin.query_parameter('trax_hourglass.HourglassLM.d_model') == 16
+  assert model_fn is not None
+  # An include inside the run is read (and checked) in its place.
+  (run / 'model.gin').write_text(
+      'trax_hourglass.HourglassLM.d_model = 24\n')
+  (run / 'top.gin').write_text(
+      _OPERATIVE_CONFIG + "include 'model.gin'\ntrain.steps = 9\n")
+  runs.parse_run_config([str(run / 'top.gin')])
+  assert gin.query_parameter('trax_hourglass.HourglassLM.d_model') == 24
+  assert gin.query_parameter('train.steps') == 9
+  (run / 'model.gin').write_text('import os\n')
+  with pytest.raises(runs.UnsafeConfigError, match=r'model\.gin:1: '):
+    runs.parse_run_config([str(run / 'top.gin')])
+
+
+# The start of a tiny run's config.gin as trax 1.4.1 writes it.
+_OPERATIVE_CONFIG = """import trax_hourglass
+
+# Parameters for Adam:
+# ==============================================================================
+Adam.b1 = 0.9
+Adam.clip_grad_norm = None
+Adam.learning_rate = 0.0001
+
+# Parameters for backend:
+# ==============================================================================
+backend.name = 'jax'
+
+# Parameters for byte_file_inputs:
+# ==============================================================================
+byte_file_inputs.batch_size = 2
+byte_file_inputs.path = '/tmp/low.txt'
+byte_file_inputs.splits = (0.9, 0.05, 0.05)
+
+# Parameters for debug_pipeline:
+# ==============================================================================
+debug_pipeline.debug = False
+
+# Parameters for EvalTask:
+# ==============================================================================
+EvalTask.export_prefix = None
+
+# Parameters for trax_hourglass.HourglassLM:
+# ==============================================================================
+trax_hourglass.HourglassLM.d_model = 16
+trax_hourglass.HourglassLM.ff_activation = @trax.layers.FastGelu
+trax_hourglass.HourglassLM.hierarchy = '2@4'
+trax_hourglass.HourglassLM.vocab_size = 64
+
+# Parameters for LayerNorm:
+# ==============================================================================
+LayerNorm.epsilon = 1e-06
+
+# Parameters for multifactor:
+# ==============================================================================
+multifactor.constant = 0.002
+
+# Parameters for num_devices:
+# ==============================================================================
+num_devices.value = None
+
+# Parameters for ProgressReporter:
+# ==============================================================================
+ProgressReporter.unit = 'byte'
+
+# Parameters for train:
+# ==============================================================================
+train.inputs = @trax_hourglass.byte_file_inputs
+train.model = @trax_hourglass.HourglassLM
+train.optimizer = @trax.optimizers.Adam
+train.steps = 4
+
+# Parameters for TrainTask:
+# ==============================================================================
+TrainTask.export_prefix = None
+
+# Parameters for WeightedCategoryCrossEntropy:
+# ==============================================================================
+WeightedCategoryCrossEntropy.cutoff = 0.0
+"""
