@@ -220,3 +220,65 @@ TrainTask.export_prefix = None
 # ==============================================================================
 WeightedCategoryCrossEntropy.cutoff = 0.0
 """
+
+
+# --- 4. Processes preparing one data dir at once. --------------------------
+
+_PREPARE = r'''
+import hashlib, os, sys, time
+from trax_hourglass.data import text
+data_dir, zip_sha256, sha256, n_bytes, ready, go = sys.argv[1:]
+open(ready, 'w').close()
+deadline = time.time() + 120
+while not os.path.exists(go) and time.time() < deadline:  # The barrier.
+  time.sleep(0.001)
+path = text.enwik8_path(data_dir, download=False, sha256=sha256,
+                        zip_sha256=zip_sha256, n_bytes=int(n_bytes))
+with open(path, 'rb') as f:
+  print(hashlib.sha256(f.read()).hexdigest())
+'''
+
+
+def test_processes_preparing_enwik8_at_once_all_get_the_whole_file(tmp_path):
+  rng = np.random.default_rng(0)
+  content = rng.integers(32, 48, 12_000_000).astype(np.uint8).tobytes()
+  with zipfile.ZipFile(tmp_path / 'enwik8.zip', 'w', zipfile.ZIP_DEFLATED,
+                       compresslevel=1) as z:
+    z.writestr('enwik8', content)
+  zip_sha256 = hashlib.sha256((tmp_path / 'enwik8.zip').read_bytes()).hexdigest()
+  sha256 = hashlib.sha256(content).hexdigest()
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='3')
+  go = str(tmp_path / 'go')
+  children = []
+  for i in range(3):
+    ready = str(tmp_path / f'ready{i}')
+    children.append((ready, subprocess.Popen(
+        [sys.executable, '-c', _PREPARE, str(tmp_path), zip_sha256, sha256,
+         str(len(content)), ready, go], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)))
+  try:
+    deadline = time.time() + 240
+    while (not all(os.path.exists(r) for r, _ in children) and
+           time.time() < deadline):
+      time.sleep(0.01)
+    open(go, 'w').close()  # All start unzipping at once.
+    results = [p.communicate(timeout=240) + (p.returncode,)
+               for _, p in children]
+  finally:
+    for _, p in children:
+      if p.poll() is None:
+        p.kill()
+  for out, err, code in results:
+    assert code == 0, err[-3000:]
+    assert out.split() == [sha256]
+  assert (tmp_path / 'enwik8').read_bytes() == content
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      ['enwik8', 'enwik8.zip', 'go'] + [f'ready{i}' for i in range(3)])
+  # A zip whose member is not what `sha256` says is refused, nothing kept.
+  (tmp_path / 'enwik8').unlink()
+  with pytest.raises(ValueError, match='unzips to 12,000,000 bytes with '
+                     'sha256 .*, expected'):
+    text.enwik8_path(str(tmp_path), download=False, sha256='0' * 64,
+                     zip_sha256=zip_sha256, n_bytes=len(content))
+  assert not os.path.exists(tmp_path / 'enwik8')
+  assert not [e for e in os.listdir(tmp_path) if '.tmp-' in e]
