@@ -282,3 +282,146 @@ def test_processes_preparing_enwik8_at_once_all_get_the_whole_file(tmp_path):
                      zip_sha256=zip_sha256, n_bytes=len(content))
   assert not os.path.exists(tmp_path / 'enwik8')
   assert not [e for e in os.listdir(tmp_path) if '.tmp-' in e]
+
+
+# --- 2. Files are created, never followed; 3. any damaged manifest. --------
+
+
+def _commit_two(out):
+  """Commits checkpoints of steps 1 and 2 (plain pickles) in `out`."""
+  for step in (1, 2):
+    data = pickle.dumps({'step': step, 'flat_weights': [np.full(3, step,
+                                                                np.float32)],
+                         'input_signature': None, 'slots': []})
+    checkpoints.commit(out, 'model', {
+        'model.pkl.gz': lambda f, data=data: f.write(gzip.compress(data)),
+        'extra.bin': lambda f: f.write(b'')}, step)
+  return checkpoints.committed_folder(out)
+
+
+def _edit_manifest(folder, edit):
+  path = os.path.join(folder, checkpoints.MANIFEST)
+  with open(path) as f:
+    manifest = json.load(f)
+  manifest = edit(manifest)
+  with open(path, 'w') as f:
+    json.dump(manifest, f)
+
+
+_BAD_MANIFESTS = {
+    'files a list': lambda m: dict(m, files=list(m['files'])),
+    'a record without bytes': lambda m: dict(m, files={
+        k: {'sha256': r['sha256']} for k, r in m['files'].items()}),
+    'a record a string': lambda m: dict(m, files={
+        k: 'x' for k in m['files']}),
+    'bytes a string': lambda m: dict(m, files={
+        k: dict(r, bytes=str(r['bytes'])) for k, r in m['files'].items()}),
+    'sha256 a number': lambda m: dict(m, files={
+        k: dict(r, sha256=7) for k, r in m['files'].items()}),
+    'a name outside the folder': lambda m: dict(m, files={
+        '../' + k: r for k, r in m['files'].items()}),
+    'step a string': lambda m: dict(m, step='2'),
+    'not an object': lambda m: [m],
+    'null': lambda m: None,
+}
+
+
+@pytest.mark.parametrize('damage', sorted(_BAD_MANIFESTS))
+def test_a_manifest_of_any_wrong_shape_falls_back_to_the_intact_one(
+    tmp_path, damage):
+  out = str(tmp_path / 'run')
+  newest = _commit_two(out)
+  _edit_manifest(newest, _BAD_MANIFESTS[damage])
+  ckpt = checkpoints.read_checkpoint(out)
+  assert ckpt.step == 1 and ckpt.path != newest
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'link to /dev/zero', 'link'])
+def test_a_checkpoint_file_that_is_not_a_regular_file_is_refused(tmp_path,
+                                                                 kind):
+  out = str(tmp_path / 'run')
+  newest = _commit_two(out)
+  extra = os.path.join(newest, 'extra.bin')  # The manifest says 0 bytes.
+  os.unlink(extra)
+  if kind == 'fifo':
+    os.mkfifo(extra)
+  elif kind == 'link to /dev/zero':
+    os.symlink('/dev/zero', extra)
+  else:  # A link to a file of the same (empty) content.
+    (tmp_path / 'empty').write_bytes(b'')
+    os.symlink(str(tmp_path / 'empty'), extra)
+  # Refused (never read: a FIFO would hang, /dev/zero never end), falling
+  # back to the intact checkpoint.
+  ckpt = checkpoints.read_checkpoint(out)
+  assert ckpt.step == 1
+  with pytest.raises(checkpoints.CheckpointError, match='not a regular file'):
+    checkpoints.store._verify_manifest(newest)  # pylint: disable=protected-access
+  os.unlink(extra)
+  os.mkfifo(extra)
+  with pytest.raises(checkpoints.CheckpointError, match='FIFO'):
+    checkpoints.read_arrays(extra)
+  with pytest.raises(checkpoints.CheckpointError, match='FIFO'):
+    checkpoints.safe_unpickle(extra)
+
+
+def test_a_pointer_out_of_the_checkpoints_folder_is_not_followed(tmp_path):
+  out = str(tmp_path / 'run')
+  newest = _commit_two(out)
+  elsewhere = str(tmp_path / 'elsewhere')
+  shutil.copytree(newest, elsewhere)
+  pointer = os.path.join(out, 'checkpoints', 'model', checkpoints.CURRENT)
+  os.unlink(pointer)
+  os.symlink(elsewhere, pointer)
+  ckpt = checkpoints.read_checkpoint(out)
+  assert ckpt.path == newest  # The newest folder beside it, not `elsewhere`.
+
+
+@pytest.mark.parametrize('kind', ['symlink', 'directory', 'fifo'])
+def test_a_planted_lock_is_refused_in_one_line_and_never_written(tmp_path,
+                                                                 kind):
+  out = tmp_path / 'run'
+  (out / 'checkpoints').mkdir(parents=True)
+  lock = out / 'checkpoints' / 'LOCK'
+  victim = tmp_path / 'victim'
+  victim.write_text('precious')
+  if kind == 'symlink':
+    os.symlink(victim, lock)
+  elif kind == 'directory':
+    lock.mkdir()
+  else:
+    os.mkfifo(lock)
+  with pytest.raises(ValueError) as e:
+    checkpoints.lock_output_dir(str(out))
+  message = str(e.value)
+  assert '\n' not in message and 'remove it' in message, message
+  assert 'pass a file, not a directory' not in message
+  assert {'symlink': 'symbolic link', 'directory': 'a directory',
+          'fifo': 'FIFO'}[kind] in message, message
+  assert victim.read_text() == 'precious'
+
+
+def test_written_files_replace_planted_links_never_write_through(tmp_path):
+  from trax.supervised import training  # pylint: disable=g-import-not-at-top
+  from trax_hourglass.cli import evaluate  # pylint: disable=g-import-not-at-top
+  victim = tmp_path / 'victim'
+  victim.write_text('precious')
+  # hourglass-eval's JSON: links at its name and at the old temporary name.
+  json_path = tmp_path / 'eval_test.json'
+  os.symlink(victim, json_path)
+  os.symlink(victim, str(json_path) + '.tmp')
+  evaluate._check_writable(str(json_path))  # pylint: disable=protected-access
+  evaluate._write_json(str(json_path), {'value': 1.5})  # pylint: disable=protected-access
+  assert not os.path.islink(json_path)
+  assert json.loads(json_path.read_text()) == {'value': 1.5}
+  # The trainer's config.gin (trax's Loop writes it) and data counters.
+  out = tmp_path / 'run'
+  out.mkdir()
+  os.symlink(victim, out / 'config.gin')
+  os.symlink(victim, out / 'data_counters0.pkl')
+  checkpoints.install()
+  loop = type('Loop', (), {'is_chief': True, '_output_dir': str(out)})()
+  training.Loop._save_gin(loop, None)  # pylint: disable=protected-access
+  checkpoints.loop.save_data_counters(str(out))
+  assert not os.path.islink(out / 'config.gin')
+  assert not os.path.islink(out / 'data_counters0.pkl')
+  assert victim.read_text() == 'precious'
