@@ -9,7 +9,10 @@
 `install()` (the `trainer` calls it) patches `_PATCHES` into trax, so every
 Loop, including `trainer_lib.train`'s, saves and loads this way. Output dirs
 that are not local (`gs://...`: no atomic rename, no symlinks) keep trax's
-own saving, with a warning, and are read safely.
+own saving, with a warning, and are read safely. `install_readers()` (called
+wherever a run is read: eval, sample, `load_predict_model`) replaces only
+trax's pickle readers, so that nothing a run's config reaches unpickles
+with trax's plain unpickler.
 """
 
 # pylint: disable=g-importing-member,unused-import
@@ -40,22 +43,32 @@ from trax_hourglass.checkpoints.store import read_checkpoint
 from trax_hourglass.checkpoints.store import read_checkpoint_at
 # pylint: enable=g-importing-member,unused-import
 
+# trax's readers of pickles, and ours that stand in for them.
+_READERS = (
+    (trax_inputs, 'load_data_counters', loop.load_data_counters),
+    (base.Layer, 'init_from_file', loop.init_from_file),
+    (training, 'unpickle_from_file', format.unpickle_from_file),
+)
 # What `install` replaces in trax, and trax's originals (for `uninstall`).
 _PATCHES = (
     (training.Loop, 'save_checkpoint', loop.save_loop_checkpoint),
     (training.Loop, 'load_checkpoint', loop.load_loop_checkpoint),
     (training.Loop, 'run_evals', loop.run_evals_apart),
+    (training.Loop, '_save_gin', loop.save_gin),
     (trax_inputs, 'save_data_counters', loop.save_data_counters),
-    (trax_inputs, 'load_data_counters', loop.load_data_counters),
-    (base.Layer, 'init_from_file', loop.init_from_file),
-    (training, 'unpickle_from_file', format.unpickle_from_file),
-)
+) + _READERS
 _TRAX_ORIGINALS = [getattr(owner, name) for owner, name, _ in _PATCHES]
 
 
 def install():
   """Makes every trax Loop save and load crash-safely (idempotent): `_PATCHES`."""
   for owner, name, ours in _PATCHES:
+    setattr(owner, name, ours)
+
+
+def install_readers():
+  """Makes trax's pickle readers safe (idempotent): `_READERS`."""
+  for owner, name, ours in _READERS:
     setattr(owner, name, ours)
 
 

@@ -15,6 +15,7 @@ else raises `CheckpointError` naming the file.
 import collections
 import gzip
 import io
+import os
 import pickle
 
 import jax
@@ -22,6 +23,8 @@ import numpy as np
 from numpy._core import multiarray as _np_multiarray
 from numpy._core import numeric as _np_numeric
 from trax import shapes
+
+from trax_hourglass import files as hg_files
 
 
 class CheckpointError(ValueError):
@@ -98,6 +101,12 @@ class SafeUnpickler(pickle.Unpickler):
                           f'persistent ids, found {pid!r}; not loading it.')
 
 
+def _open_checkpoint_file(path):
+  """`open(path, 'rb')` of a regular file: a FIFO or device is refused
+  (NotRegularFileError), never read (it could hang or never end)."""
+  return os.fdopen(hg_files.open_regular(path), 'rb')
+
+
 def safe_unpickle(path, compressed=True):
   """Reads a pickle written by trax (gzipped: `*.pkl.gz`) without running code.
 
@@ -105,10 +114,12 @@ def safe_unpickle(path, compressed=True):
   naming `path` when it is truncated, corrupt or holds anything else.
   """
   try:
-    with open(path, 'rb') as f:
+    with _open_checkpoint_file(path) as f:
       data = f.read()
   except FileNotFoundError:
     raise CheckpointError(f'{path}: checkpoint file is missing') from None
+  except hg_files.NotRegularFileError as e:
+    raise CheckpointError(f'{e}; not reading it as a checkpoint') from None
   except OSError as e:
     raise CheckpointError(
         f'{path}: truncated or corrupt checkpoint file ({e})') from e
@@ -173,11 +184,14 @@ def read_arrays(path):
   """
   arrays = []
   try:
-    with open(path, 'rb') as f, gzip.GzipFile(fileobj=f, mode='rb') as g:
+    with _open_checkpoint_file(path) as f, \
+        gzip.GzipFile(fileobj=f, mode='rb') as g:
       while g.peek(1):
         arrays.append(np.lib.format.read_array(g, allow_pickle=False))
   except FileNotFoundError:
     raise CheckpointError(f'{path}: checkpoint file is missing') from None
+  except hg_files.NotRegularFileError as e:
+    raise CheckpointError(f'{e}; not reading it as a checkpoint') from None
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(
         f'{path}: truncated or corrupt checkpoint array file after '

@@ -11,9 +11,11 @@ import collections
 import os
 
 from absl import logging
+import gin
 import jax
 import numpy as np
 from trax import fastmath
+from trax import jaxboard
 from trax import layers as tl
 from trax import shapes
 from trax.data import inputs as trax_inputs
@@ -46,6 +48,7 @@ TRAX_SAVE_CHECKPOINT = training.Loop.save_checkpoint
 TRAX_LOAD_CHECKPOINT = training.Loop.load_checkpoint
 TRAX_SAVE_DATA_COUNTERS = trax_inputs.save_data_counters
 TRAX_RUN_EVALS = training.Loop.run_evals
+TRAX_SAVE_GIN = training.Loop._save_gin  # pylint: disable=protected-access
 # Evals draw their keys from the training key folded with this, not split off it.
 _EVAL_KEYS = 0x6576616c  # 'eval'
 
@@ -246,6 +249,24 @@ def load_loop_checkpoint(loop, directory=None, filename=None):
     loop.update_weights_and_state(loop._model.weights,
                                   loop._model.state if restored_state else None)
   training._log('Checkpoint loaded from %s' % pkl_path, stdout=False)
+  # pylint: enable=protected-access
+
+
+def save_gin(loop, summary_writer):
+  """`Loop._save_gin`: the operative config written atomically to
+  `config.gin` (a link planted there is replaced, never written through)."""
+  # pylint: disable=protected-access
+  output_dir = loop._output_dir
+  if not loop.is_chief or output_dir is None:
+    return
+  if not is_local(output_dir):
+    return TRAX_SAVE_GIN(loop, summary_writer)
+  config_str = gin.operative_config_str()
+  write_file_atomically(os.path.join(output_dir, 'config.gin'),
+                        lambda f: f.write(config_str.encode()))
+  if summary_writer is not None:
+    summary_writer.text(
+        'gin_config', jaxboard.markdownify_operative_config_str(config_str))
   # pylint: enable=protected-access
 
 

@@ -35,12 +35,14 @@ import os
 import secrets
 import shutil
 import socket
+import stat
 import time
 import typing
 
 from absl import logging
 import jax
 
+from trax_hourglass import files as hg_files
 from trax_hourglass.checkpoints.format import CheckpointError
 from trax_hourglass.checkpoints.format import read_arrays
 from trax_hourglass.checkpoints.format import safe_unpickle
@@ -49,17 +51,13 @@ FORMAT = 'trax_hourglass.checkpoint/1'
 CHECKPOINTS_DIR = 'checkpoints'
 CURRENT = 'CURRENT'
 MANIFEST = 'MANIFEST.json'
-_TMP_PREFIX = '.tmp-'
+_TMP_PREFIX = hg_files.TMP_MARK
+# A manifest is a few hundred bytes; anything near this is not one.
+_MAX_MANIFEST_BYTES = 1 << 20
 
 
 class OutputDirInUseError(ValueError):
   """Another live process trains into the same output dir."""
-
-
-def sha256_of(path):
-  """Hex sha256 of a file."""
-  with open(path, 'rb') as f:
-    return hashlib.file_digest(f, 'sha256').hexdigest()
 
 
 class _HashingWriter:
@@ -79,17 +77,12 @@ class _HashingWriter:
     self._f.flush()
 
 
-def _fsync_dir(path):
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
+_fsync_dir = hg_files.fsync_dir
 
 
 def _write_durably(path, write_fn):
   """Writes a new file with `write_fn(fileobj)`, fsyncs it; returns its record."""
-  with open(path, 'xb') as f:
+  with hg_files.create_new(path) as f:
     w = _HashingWriter(f)
     write_fn(w)
     f.flush()
@@ -104,11 +97,7 @@ def _replace_symlink(target, link_path):
   os.replace(tmp, link_path)
 
 
-def write_file_atomically(path, write_fn):
-  tmp = f'{path}.{_TMP_PREFIX}{secrets.token_hex(4)}'
-  _write_durably(tmp, write_fn)
-  os.replace(tmp, path)
-  _fsync_dir(os.path.dirname(path) or '.')
+write_file_atomically = hg_files.write_atomically
 
 
 def is_local(path):
@@ -299,8 +288,7 @@ def _warn_once(message):
 
 def _manifest_time(folder):
   try:
-    with open(os.path.join(folder, MANIFEST), 'rb') as f:
-      return float(json.loads(f.read().decode()).get('time', 0))
+    return float(_read_manifest(os.path.join(folder, MANIFEST)).get('time', 0))
   except Exception:  # pylint: disable=broad-except
     return 0.0  # Damaged: verified (and refused) later.
 
@@ -318,9 +306,13 @@ def _locate(directory, basename, verify):
     return None, None
   pointer = os.path.join(root, CURRENT)
   damaged = None
-  if os.path.islink(pointer):
-    folder = os.path.join(root, os.readlink(pointer))
-    if os.path.isdir(folder):
+  target = os.readlink(pointer) if os.path.islink(pointer) else None
+  if target is not None and (step_of(target) is None or os.sep in target):
+    problem = (f'{pointer} points to {target!r}, not to a checkpoint folder '
+               'beside it')
+  elif target is not None:
+    folder = os.path.join(root, target)
+    if os.path.isdir(folder) and not os.path.islink(folder):
       if not verify:
         return folder, None
       try:
@@ -338,7 +330,8 @@ def _locate(directory, basename, verify):
   else:
     problem = f'{pointer} is missing'
   names = [e for e in os.listdir(root) if step_of(e) is not None and
-           os.path.isdir(os.path.join(root, e))]
+           os.path.isdir(os.path.join(root, e)) and
+           not os.path.islink(os.path.join(root, e))]
   candidates = sorted(
       (os.path.join(root, e) for e in names),
       key=lambda f: (step_of(os.path.basename(f)), _manifest_time(f)),
@@ -380,36 +373,102 @@ def _top_level_is_ours(directory, basename, manifest):
     return os.readlink(link).startswith(
         os.path.join(CHECKPOINTS_DIR, basename, CURRENT))
   record = (manifest or {}).get('files', {}).get(basename + '.pkl.gz')
-  return (record is not None and os.path.isfile(link) and
-          os.path.getsize(link) == record['bytes'] and
-          sha256_of(link) == record['sha256'])
+  if record is None:
+    return False
+  try:
+    _check_file(link, record)
+  except CheckpointError:
+    return False
+  return True
+
+
+def _read_manifest(path):
+  """The JSON of manifest `path`, read bounded from a regular file (no link)."""
+  data = hg_files.read_bounded(path, _MAX_MANIFEST_BYTES, follow_links=False)
+  if len(data) > _MAX_MANIFEST_BYTES:
+    raise ValueError(f'over {_MAX_MANIFEST_BYTES:,} bytes')
+  return json.loads(data.decode())
+
+
+def _is_count(x):
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_manifest_schema(manifest):
+  """Raises ValueError saying what is wrong unless `manifest` has the shape
+  `commit` writes: {'format': FORMAT, 'step': n, 'files': {name: {'bytes': n,
+  'sha256': 64 hex digits}}, ...}; `files` names plain files of the folder."""
+  if not isinstance(manifest, dict):
+    raise ValueError(f'a {type(manifest).__name__}, not an object')
+  if manifest.get('format') != FORMAT:
+    raise ValueError(f'unknown format {manifest.get("format")!r}')
+  if not _is_count(manifest.get('step')):
+    raise ValueError(f'step {manifest.get("step")!r} is not a count')
+  if not isinstance(manifest.get('time', 0), (int, float)):
+    raise ValueError(f'time {manifest.get("time")!r} is not a number')
+  files = manifest.get('files')
+  if not isinstance(files, dict):
+    raise ValueError(f'files is {type(files).__name__}, not an object')
+  for name, record in files.items():
+    if (not name or name in ('.', '..', MANIFEST) or os.sep in name or
+        (os.altsep and os.altsep in name)):
+      raise ValueError(f'{name!r} is not the name of a checkpoint file')
+    if not isinstance(record, dict):
+      raise ValueError(f'the record of {name} is {type(record).__name__}, '
+                       'not an object')
+    if not _is_count(record.get('bytes')):
+      raise ValueError(f'the record of {name} has bytes '
+                       f'{record.get("bytes")!r}, not a count')
+    digest = record.get('sha256')
+    if not (isinstance(digest, str) and len(digest) == 64 and
+            all(c in '0123456789abcdef' for c in digest)):
+      raise ValueError(f'the record of {name} has sha256 {digest!r}, not 64 '
+                       'hex digits')
+
+
+def _check_file(file_path, record):
+  """Raises CheckpointError unless `file_path` is a regular file (no link)
+  of the record's size and sha256; reads at most that size + 1 bytes."""
+  try:
+    fd = hg_files.open_regular(file_path, follow_links=False)
+  except FileNotFoundError:
+    raise CheckpointError(f'{file_path}: checkpoint file is missing') from None
+  except (hg_files.NotRegularFileError, OSError) as e:
+    raise CheckpointError(f'{file_path}: not readable as a checkpoint file '
+                          f'({e})') from None
+  expected = record['bytes']
+  with os.fdopen(fd, 'rb') as f:
+    size = os.fstat(f.fileno()).st_size
+    if size != expected:
+      raise CheckpointError(
+          f'{file_path}: has {size} bytes, its manifest says {expected} '
+          '(truncated or modified)')
+    digest, n = hashlib.sha256(), 0
+    while n <= expected:
+      chunk = f.read(min(1 << 20, expected + 1 - n))
+      if not chunk:
+        break
+      digest.update(chunk)
+      n += len(chunk)
+  if n != expected or digest.hexdigest() != record['sha256']:
+    raise CheckpointError(
+        f'{file_path}: sha256 differs from its manifest (modified or '
+        'corrupt)')
 
 
 def _verify_manifest(folder):
+  """The manifest of `folder`, its every file checked; else CheckpointError
+  (a damaged manifest of any shape is a damaged checkpoint)."""
   path = os.path.join(folder, MANIFEST)
   try:
-    with open(path, 'rb') as f:
-      manifest = json.loads(f.read().decode())
-    files = manifest['files']
-    if manifest.get('format') != FORMAT:
-      raise ValueError(f'unknown format {manifest.get("format")!r}')
+    manifest = _read_manifest(path)
+    _check_manifest_schema(manifest)
   except FileNotFoundError:
     raise CheckpointError(f'{path}: checkpoint manifest is missing') from None
-  except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+  except (ValueError, OSError, UnicodeDecodeError) as e:
     raise CheckpointError(f'{path}: corrupt checkpoint manifest ({e})') from e
-  for file_name, record in files.items():
-    file_path = os.path.join(folder, os.path.basename(file_name))
-    if not os.path.exists(file_path):
-      raise CheckpointError(f'{file_path}: checkpoint file is missing')
-    size = os.path.getsize(file_path)
-    if size != record['bytes']:
-      raise CheckpointError(
-          f'{file_path}: has {size} bytes, its manifest says '
-          f'{record["bytes"]} (truncated or modified)')
-    if sha256_of(file_path) != record['sha256']:
-      raise CheckpointError(
-          f'{file_path}: sha256 differs from its manifest (modified or '
-          'corrupt)')
+  for file_name, record in manifest['files'].items():
+    _check_file(os.path.join(folder, file_name), record)
   return manifest
 
 
@@ -493,6 +552,31 @@ LOCK = 'LOCK'
 _LOCKS = {}  # realpath of an output dir -> fd of this process's flock on it
 
 
+def _open_lock_file(path):
+  """An fd of lock file `path`, created if missing; never through a link, and
+  not a directory, FIFO or device (ValueError in one line)."""
+  flags = (os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK |
+           getattr(os, 'O_CLOEXEC', 0))
+  try:
+    fd = os.open(path, flags, 0o644)
+  except OSError as e:
+    if e.errno not in (errno.ELOOP, errno.EISDIR):
+      raise
+    kind = 'a symbolic link' if e.errno == errno.ELOOP else 'a directory'
+    raise ValueError(_planted_lock(path, kind)) from None
+  mode = os.fstat(fd).st_mode
+  if not stat.S_ISREG(mode):
+    os.close(fd)
+    raise ValueError(_planted_lock(path, hg_files.kind_of(mode)))
+  return fd
+
+
+def _planted_lock(path, kind):
+  return (f'{path} is {kind}, where the trainer keeps its lock file; move it '
+          'away or remove it (nothing was written through it), or pass another '
+          '--output_dir.')
+
+
 def lock_output_dir(directory):
   """Makes this process the only trainer of `directory` (created) until it exits.
 
@@ -508,12 +592,7 @@ def lock_output_dir(directory):
   key = os.path.realpath(directory)
   if key in _LOCKS:
     return
-  if os.path.isdir(os.path.join(lock_dir, LOCK)):
-    raise ValueError(
-        f'{os.path.join(lock_dir, LOCK)} is a directory, where the trainer '
-        'keeps its lock file; move it away or pass '
-        'another --output_dir.')
-  fd = os.open(os.path.join(lock_dir, LOCK), os.O_RDWR | os.O_CREAT, 0o644)
+  fd = _open_lock_file(os.path.join(lock_dir, LOCK))
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as e:

@@ -166,10 +166,19 @@ def _image_data(args):
 
 def _check_writable(path):
   """Raises OSError now if `path` cannot be written (removes the probe)."""
-  probe = f'{path}.probe-{os.getpid()}'
-  with open(probe, 'w'):
+  from trax_hourglass import files  # pylint: disable=g-import-not-at-top
+  probe = files.temporary_name(path)
+  with files.create_new(probe):  # Never through a link planted there.
     pass
   os.remove(probe)
+
+
+def _write_json(path, result):
+  """Writes `result` to `path` atomically, never through a link planted at
+  `path` or at a temporary name."""
+  from trax_hourglass import files  # pylint: disable=g-import-not-at-top
+  text = json.dumps(result, indent=1).encode()
+  files.write_atomically(path, lambda f: f.write(text))
 
 
 def run(args):
@@ -188,7 +197,7 @@ def run(args):
   _check_writable(json_path)  # Now, not after minutes of scoring.
   if args.data_dir:
     hg_data.set_default_data_dir(os.path.expanduser(args.data_dir))
-  gin.parse_config_files_and_bindings(configs, args.config, skip_unknown=True)
+  runs.parse_config_safely(configs, args.config, finalize=True)  # As data.
   ckpt = checkpoints.read_checkpoint_at(output_dir)
   checkpoints.check_finite(
       checkpoints.from_bits(ckpt.flat_weights),
@@ -231,9 +240,7 @@ def run(args):
             f'({n:,} subpixels) of {source}')
   result['seconds'] = time.time() - start
   print(f'step {ckpt.step}: {line}', flush=True)
-  with open(json_path + '.tmp', 'w') as f:
-    json.dump(result, f, indent=1)
-  os.replace(json_path + '.tmp', json_path)
+  _write_json(json_path, result)
   print(f'Wrote {json_path}', flush=True)
   return result
 

@@ -16,6 +16,7 @@ test. Any other byte file is split 90/5/5 by length: [0, floor(0.9 n)),
 import hashlib
 import os
 import shutil
+import stat
 import urllib.error
 import urllib.request
 import zipfile
@@ -23,6 +24,7 @@ import zipfile
 import gin
 import numpy as np
 
+from trax_hourglass import files
 from trax_hourglass.data import streams
 
 ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'
@@ -30,6 +32,9 @@ ENWIK8_ZIP_BYTES = 36_445_475
 ENWIK8_ZIP_SHA256 = (
     '547994d9980ebed1288380d652999f38a14fe291a6247c157c3d33d4932534bc')
 ENWIK8_BYTES = 100_000_000
+# sha256 of the unzipped `enwik8`; None: the unzipped bytes are checked by the
+# zip's sha256 (above), its CRC-32 and ENWIK8_BYTES.
+ENWIK8_SHA256 = None
 ENWIK8_SPLITS = {'train': (0, 90_000_000), 'valid': (90_000_000, 95_000_000),
                  'test': (95_000_000, 100_000_000)}
 SPLIT_NAMES = ('train', 'valid', 'test')
@@ -66,65 +71,137 @@ def tfds_examples(name, split, data_dir, download):
   return tfds.as_numpy(ds)
 
 
-def _offline_help(data_dir, reason):
+def _offline_help(data_dir, reason, zip_sha256):
   return (f'enwik8 is not in {data_dir} and {reason}. Fetch {ENWIK8_URL} '
-          f'({ENWIK8_ZIP_BYTES:,} bytes, sha256 {ENWIK8_ZIP_SHA256}) and put '
+          f'({ENWIK8_ZIP_BYTES:,} bytes, sha256 {zip_sha256}) and put '
           f'it, or the `enwik8` file unzipped from it ({ENWIK8_BYTES:,} bytes), '
           f'at {os.path.join(data_dir, "enwik8.zip")} (or .../enwik8), or pass '
           'another directory as --data_dir / enwik8_inputs.data_dir.')
 
 
-def _check_zip(zip_path):
-  with open(zip_path, 'rb') as f:
-    digest = hashlib.file_digest(f, 'sha256').hexdigest()
-  if digest != ENWIK8_ZIP_SHA256:
+def _sha256(path):
+  with os.fdopen(files.open_regular(path), 'rb') as f:
+    return hashlib.file_digest(f, 'sha256').hexdigest()
+
+
+def _check_zip(zip_path, expected):
+  digest = _sha256(zip_path)
+  if digest != expected:
     raise ValueError(
-        f'{zip_path}: sha256 is {digest}, expected {ENWIK8_ZIP_SHA256} (the '
+        f'{zip_path}: sha256 is {digest}, expected {expected} (the '
         f'canonical {ENWIK8_URL}); the file is damaged or not enwik8.zip. '
         'Delete it and fetch it again.')
 
 
-def _download(url, path):
-  """Downloads `url` to `path` (via a temporary name: never a partial file)."""
-  tmp = path + '.download'
-  with urllib.request.urlopen(url, timeout=60) as response, \
-      open(tmp, 'wb') as f:
-    shutil.copyfileobj(response, f, 1 << 20)
-  os.replace(tmp, path)
+def _publish(tmp, path, check):
+  """Renames the finished temporary file `tmp` to `path` once `check(tmp)`
+  passes; removes `tmp` whatever happens. Processes preparing the same file
+  at once each write their own `tmp`: every rename puts a whole, checked file
+  in place, and a reader keeps the one it opened."""
+  try:
+    check(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.lexists(tmp):
+      os.unlink(tmp)
 
 
-def enwik8_path(data_dir=None, download=True):
+def _download(url, path, zip_sha256):
+  """Downloads `url` to `path`, checked against `zip_sha256` before it gets
+  its name (via a temporary name of this process: never a partial file)."""
+  tmp = files.temporary_name(path)
+  try:
+    with urllib.request.urlopen(url, timeout=60) as response, \
+        files.create_new(tmp) as f:
+      shutil.copyfileobj(response, f, 1 << 20)
+  except BaseException:
+    if os.path.lexists(tmp):
+      os.unlink(tmp)
+    raise
+  _publish(tmp, path, lambda t: _check_zip(t, zip_sha256))
+
+
+def _unzip(zip_path, member, path, n_bytes, sha256):
+  """Unzips `member` of `zip_path` to `path`, checked (size, the zip's CRC-32,
+  `sha256` unless None) before it gets its name."""
+  tmp = files.temporary_name(path)
+  digest, n = hashlib.sha256(), 0
+  try:
+    with zipfile.ZipFile(zip_path) as z, z.open(member) as src, \
+        files.create_new(tmp) as dst:
+      for chunk in iter(lambda: src.read(1 << 20), b''):  # Checks the CRC.
+        digest.update(chunk)
+        n += len(chunk)
+        dst.write(chunk)
+      dst.flush()
+      os.fsync(dst.fileno())
+  except BaseException as e:
+    if os.path.lexists(tmp):
+      os.unlink(tmp)
+    if isinstance(e, (zipfile.BadZipFile, KeyError)):
+      raise ValueError(f'{zip_path}: cannot unzip {member} ({e}); delete it '
+                       'and fetch it again.') from e
+    raise
+
+  def check(_):
+    if n != n_bytes or (sha256 is not None and digest.hexdigest() != sha256):
+      raise ValueError(
+          f'{zip_path}: {member} unzips to {n:,} bytes with sha256 '
+          f'{digest.hexdigest()}, expected {n_bytes:,} bytes'
+          + (f' with sha256 {sha256}' if sha256 else '') +
+          '; delete the zip and fetch it again.')
+  _publish(tmp, path, check)
+
+
+def enwik8_path(data_dir=None, download=True, sha256=None, zip_sha256=None,
+                n_bytes=None):
   """Path of the unzipped 10^8-byte `enwik8` file, preparing it if needed.
 
   Looks for `enwik8`, then `enwik8.zip` (checked against its sha256 and
   unzipped beside it), in `data_dir` (`default_data_dir`); with `download`,
   fetches the zip once. Else FileNotFoundError saying what to fetch and where
-  to put it; ValueError for a damaged file.
+  to put it; ValueError for a damaged file. Downloads and unzips go to
+  temporary names of this process and are checked before they are renamed
+  into place, so processes preparing one data dir at once (every host of a
+  multi-host run) all end with the same whole file.
+
+  Args:
+    data_dir: where the files are (or go).
+    download: fetch the zip if missing.
+    sha256: of the unzipped file, checked when it is unzipped and when it is
+      found (default ENWIK8_SHA256; when that is None, the zip's sha256 and
+      CRC-32 vouch for the unzipped bytes).
+    zip_sha256: of the zip (default ENWIK8_ZIP_SHA256).
+    n_bytes: of the unzipped file (default ENWIK8_BYTES).
   """
+  sha256 = sha256 or ENWIK8_SHA256
+  zip_sha256 = zip_sha256 or ENWIK8_ZIP_SHA256
+  n_bytes = n_bytes or ENWIK8_BYTES
   data_dir = default_data_dir(data_dir)
   raw = os.path.join(data_dir, 'enwik8')
   zip_path = os.path.join(data_dir, 'enwik8.zip')
   if not os.path.exists(raw):
     if not os.path.exists(zip_path):
       if not download:
-        raise FileNotFoundError(_offline_help(data_dir,
-                                              'downloading is turned off'))
+        raise FileNotFoundError(_offline_help(
+            data_dir, 'downloading is turned off', zip_sha256))
       os.makedirs(data_dir, exist_ok=True)
       try:
-        _download(ENWIK8_URL, zip_path)
+        _download(ENWIK8_URL, zip_path, zip_sha256)
       except (urllib.error.URLError, OSError) as e:
         raise FileNotFoundError(_offline_help(
-            data_dir, f'downloading it failed ({e})')) from e
-    _check_zip(zip_path)
-    with zipfile.ZipFile(zip_path) as z, z.open('enwik8') as src, \
-        open(raw + '.unzip', 'wb') as dst:
-      shutil.copyfileobj(src, dst, 1 << 20)
-    os.replace(raw + '.unzip', raw)
+            data_dir, f'downloading it failed ({e})', zip_sha256)) from e
+    else:
+      _check_zip(zip_path, zip_sha256)
+    _unzip(zip_path, 'enwik8', raw, n_bytes, sha256)
   size = os.path.getsize(raw)
-  if size != ENWIK8_BYTES:
-    raise ValueError(f'{raw}: has {size:,} bytes, enwik8 has {ENWIK8_BYTES:,}; '
+  if size != n_bytes:
+    raise ValueError(f'{raw}: has {size:,} bytes, enwik8 has {n_bytes:,}; '
                      'delete it (and enwik8.zip) and fetch it again, or pass '
                      'a partial file with byte_file_inputs.path instead.')
+  if sha256 is not None and _sha256(raw) != sha256:
+    raise ValueError(f'{raw}: sha256 differs from enwik8\'s ({sha256}); '
+                     'delete it and fetch it again.')
   return raw
 
 
@@ -143,6 +220,10 @@ def load_bytes(path):
   """The file's bytes as a read-only uint8 array (memory-mapped)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'byte file {path} does not exist')
+  mode = os.stat(path).st_mode
+  if not stat.S_ISREG(mode):
+    raise ValueError(f'byte file {path} is {files.kind_of(mode)}, not a '
+                     'regular file; pass a file of bytes.')
   if os.path.getsize(path) == 0:
     raise ValueError(f'byte file {path} is empty')
   return np.memmap(path, dtype=np.uint8, mode='r')
@@ -331,8 +412,5 @@ def stdlib_corpus(max_bytes=8_000_000, cache_dir=None):
       raise FileNotFoundError('found no Python source under the standard '
                               'library path; pass a byte file instead.')
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, path)
+    files.write_atomically(path, lambda f: f.write(data), durable=False)
   return path
