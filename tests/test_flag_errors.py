@@ -26,11 +26,10 @@ from test_user_errors import QUICKSTART, _assert_one_line_error, _cli  # pylint:
 
 @pytest.fixture(autouse=True)
 def _clean_gin():
-  data_dir = data.default_data_dir() if hasattr(data, 'default_data_dir') else None
+  gin.clear_config()  # Unlocks a config an earlier test finalized.
   yield
   gin.clear_config()
-  if hasattr(data, 'set_default_data_dir'):
-    data.set_default_data_dir(data_dir)
+  data.set_default_data_dir(None)  # --data_dir sets it.
 
 
 def _one_line(capsys, *args):
