@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from trax.fastmath import numpy as jnp
 
+from trax_hourglass.layers import control_flow
+
 # A cache is kept in pieces whose ends are KEY_BLOCK, twice that, four
 # times, ... and its size; a step reads the fewest pieces that hold the keys
 # it sees, each whole (XLA:CPU copies any slice of an array before a product),
@@ -68,7 +70,10 @@ def check_room(n_done, length, max_len, on_overflow):
   turn their outputs to NaN.
   """
   past = n_done + length > max_len
-  if not _CHECKED_BY_CALLER.get():
+  if not control_flow.is_traced(past):  # Called outside jit: raise now.
+    if past:
+      on_overflow(n_done, length, max_len)
+  elif not _CHECKED_BY_CALLER.get():
     jax.lax.cond(past,
                  lambda: jax.debug.callback(on_overflow, n_done, length,
                                             max_len),
@@ -146,4 +151,4 @@ def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
   # The first piece that ends at or past the last key seen: a count, not
   # jnp.searchsorted, which loops (a while loop in every decode step).
   which = jnp.sum(jnp.asarray(ends) < n_visible[-1])
-  return jax.lax.switch(which, [read(i + 1) for i in range(len(ends))])
+  return control_flow.switch(which, [read(i + 1) for i in range(len(ends))])
