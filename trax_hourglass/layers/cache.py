@@ -7,10 +7,10 @@ that a decoding step costs what the position reached costs, not what the
 cache's size does.
 
 Overflow policy (relative and rotary attention alike): a step that would write
-past the cache calls the host through `jax.debug.callback`, which raises
-`PastMaxLenError` (eagerly inside trax's LayerError, under jit as an
-XlaRuntimeError carrying it, when the outputs are read), and the step returns
-NaNs, never plausible garbage. `HourglassLM` checks its token count on the host
+past the cache raises `PastMaxLenError` (inside trax's LayerError when called
+through a layer) at once outside jit; traced, it calls the host through
+`jax.debug.callback`, which raises it (an XlaRuntimeError carrying it, when
+the outputs are read), and the step returns NaNs, never plausible garbage. `HourglassLM` checks its token count on the host
 before any of its caches overflows, so its callers see the plain error; it
 traces its layers under `checked_by_caller()`, which leaves the callback out:
 a callback is an effect, and a compiled computation with one is dispatched by

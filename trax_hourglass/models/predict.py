@@ -99,8 +99,9 @@ def shortened_level_step(level, xs):
   """One token through `level`, a `ShortenedLevel`, in predict mode.
 
   Its `shifting` and `upsampling` parts run at every token. Its `shortening`
-  part runs (under `lax.cond`) only when the level's token count is a multiple
-  of k: then CausalShift's window, (batch, k, d_model), is the next complete
+  part runs (under `lax.cond`; a Python branch outside jit, see
+  `layers.control_flow`) only when the level's token count is a multiple of
+  k: then CausalShift's window, (batch, k, d_model), is the next complete
   shifted block. The k-1 tokens between take the shortened vector that
   LatestShortened holds in its state. Nested levels do the same at their own
   pace.
