@@ -40,8 +40,7 @@ jax.monitoring.register_event_duration_secs_listener(_count_compilation)
 
 # Both attentions (with positions of their own) at both kinds of level.
 MODELS = {
-    'fixed, nested': dict(hierarchy='1@2 1@4 1@2',
-                          vanilla_attn_type=ATTENTION['rotary']),
+    'fixed': dict(hierarchy='1@2', vanilla_attn_type=ATTENTION['rotary']),
     'whitespace': dict(hierarchy='1@3', boundaries='whitespace',
                        boundary_tokens=SPACES,
                        middle_attn_type=ATTENTION['rotary']),
