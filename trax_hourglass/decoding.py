@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from trax import shapes
+# The classes themselves: trax.layers' names are gin's wrappers of them.
+from trax.layers import attention as trax_attention
 
 from trax_hourglass import checkpoints
 from trax_hourglass import runs
@@ -157,6 +159,73 @@ def _own_buffers(state, kept):
   return jax.tree_util.tree_map(own, state)
 
 
+def check_sampling_settings(temperature, top_k, seed, names=None):
+  """Raises ValueError, naming the value and what works, for settings that
+  would sample garbage: a temperature that is not a finite number >= 0 (NaN
+  gives NUL bytes), top_k below 1, a seed outside 0..2**32-1 (jax takes 32
+  bits: larger ones alias smaller). `names` maps each to its flag name."""
+  names = names or {}
+  name = lambda key: names.get(key, key)
+  try:
+    finite = np.isfinite(float(temperature))
+  except (TypeError, ValueError):
+    finite = False
+  if not finite or float(temperature) < 0:
+    raise ValueError(f'{name("temperature")}={temperature}; use a finite '
+                     'number: 0 (greedy) or more, e.g. 1.0.')
+  if top_k is not None and not (
+      isinstance(top_k, (int, np.integer)) and top_k >= 1):
+    raise ValueError(f'{name("top_k")}={top_k}; use None (all tokens) or an '
+                     'integer >= 1.')
+  if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2**32):
+    raise ValueError(f'{name("seed")}={seed}; use an integer in 0..'
+                     f'{2**32 - 1}.')
+
+
+def max_decode_len(model):
+  """The most tokens (prompt + new, per sequence) `model` decodes, or None.
+
+  The least of our `HourglassLM`'s `max_len` and the sizes of trax's
+  predict-mode position tables and attention caches (`TransformerLM`'s
+  `max_len`), which clamp their write position silently: every token past
+  them would be garbage.
+  """
+  limits, seen, todo = [], set(), [model]
+  while todo:
+    layer = todo.pop()
+    if id(layer) in seen:
+      continue
+    seen.add(id(layer))
+    if isinstance(getattr(layer, 'max_len', None), int):  # Ours.
+      limits.append(layer.max_len)
+    elif (isinstance(layer, (trax_attention.PositionalEncoding,
+                             trax_attention.DotProductCausalAttention)) and
+          getattr(layer, '_mode', None) == 'predict'):
+      limits.append(layer._max_len)  # pylint: disable=protected-access
+    todo.extend(layer.sublayers)
+  return min(limits) if limits else None
+
+
+def check_room(model, prompt_len, n_tokens, what=None):
+  """Raises ValueError when prompt_len + n_tokens is past `max_decode_len`.
+
+  `what` names the request (default: the arguments of `sample`).
+  """
+  max_len = max_decode_len(model)
+  if max_len is None or prompt_len + n_tokens <= max_len:
+    return
+  if prompt_len >= max_len:
+    raise ValueError(
+        f'the prompt has {prompt_len} tokens, but the model decodes at most '
+        f'{max_len} (its max_len), its continuation included; use a prompt of '
+        f'at most {max_len - 1} tokens.')
+  raise ValueError(
+      f'{what or f"a prompt of {prompt_len} tokens + n_tokens={n_tokens}"} is '
+      f"past the model's max_len={max_len}: ask for at most "
+      f'{max_len - prompt_len} tokens, or use a model with max_len >= '
+      f'{prompt_len + n_tokens}.')
+
+
 def _prompt_batch(prompt, batch_size):
   """prompt None, (P,) or (batch, P) -> int32 (batch, P) (P may be 0)."""
   if batch_size < 1:
@@ -209,18 +278,10 @@ def sample(model, n_tokens, prompt=None, batch_size=1, temperature=1.0,
   n_tokens = int(n_tokens)
   if n_tokens < 1:
     raise ValueError(f'n_tokens={n_tokens}; ask for at least 1 token.')
-  if temperature < 0:
-    raise ValueError(f'temperature={temperature}; use 0 (greedy) or more.')
-  if top_k is not None and int(top_k) < 1:
-    raise ValueError(f'top_k={top_k}; use None (all tokens) or >= 1.')
+  check_sampling_settings(temperature, top_k, seed)
   prompt = _prompt_batch(prompt, batch_size)
   batch, prompt_len = prompt.shape
-  max_len = getattr(model, 'max_len', None)  # HourglassLM(mode='predict').
-  if max_len is not None and prompt_len + n_tokens > max_len:
-    raise ValueError(
-        f'a prompt of {prompt_len} tokens + n_tokens={n_tokens} is past the '
-        f"model's max_len={max_len}: ask for at most {max_len - prompt_len} "
-        f'tokens, or build the model with max_len >= {prompt_len + n_tokens}.')
+  check_room(model, prompt_len, n_tokens)
   prefill, run = _compiled(model)
   weights = predict_weights.decoding_weights(model)
   # Traced arguments: other values do not recompile.

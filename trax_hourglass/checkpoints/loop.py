@@ -318,6 +318,7 @@ def init_from_file(layer, file_name, weights_only=False, input_signature=None):
   if weights_only and input_signature is not None:
     layer.init(input_signature)
   sig = layer.weights_and_state_signature(input_signature)
+  check_fits(layer, sig[0], ckpt)
   weights, state = tl.unflatten_weights_and_state(
       from_bits(ckpt.flat_weights), from_bits(d.get('flat_state', ())), sig,
       weights_only=weights_only)
@@ -325,6 +326,46 @@ def init_from_file(layer, file_name, weights_only=False, input_signature=None):
     layer.state = state
   layer.weights = weights
   return (layer.weights, layer.state)
+
+
+def check_fits(layer, weights_signature, ckpt):
+  """Raises CheckpointError unless `ckpt`'s weights fit `layer` one to one.
+
+  trax's loader fills a model with whatever arrays it is given, so a model
+  built from another config (another d_model: the checkpoint's own shapes
+  win, and its numbers are reported; another layer count: a traceback deep
+  in trax) must be refused here, naming what differs.
+  """
+  where = f'{ckpt.path} (step {ckpt.step})'
+  fix = ("the config does not match the checkpoint; use the run's own "
+         'config (drop --config bindings that change the model).')
+  expected = _flat_weights(weights_signature)
+  saved = ckpt.flat_weights
+  if len(expected) != len(saved):
+    raise CheckpointError(
+        f'{where} holds {len(saved)} weight arrays, the model built from the '
+        f'config has {len(expected)} (another number or kind of layers): '
+        f'{fix}')
+  names = _weight_names(layer, weights_signature)
+  for i, (want, got) in enumerate(zip(expected, saved)):
+    if tuple(want.shape) != tuple(got.shape):
+      name = f' ({names[i]})' if len(names) == len(expected) else ''
+      raise CheckpointError(
+          f'weight array {i}{name} of {where} has shape {tuple(got.shape)}, '
+          f'the model built from the config expects {tuple(want.shape)}: '
+          f'{fix}')
+
+
+def _weight_names(layer, weights):
+  """The name of the innermost layer holding each of _flat_weights(weights)."""
+  if not fastmath.tree_flatten(weights) or (
+      isinstance(weights, dict) and weights == base.GET_WEIGHTS_FROM_CACHE):
+    return []
+  if (layer.sublayers and isinstance(weights, (tuple, list)) and
+      len(weights) == len(layer.sublayers)):
+    return [name for sublayer, w in zip(layer.sublayers, weights)
+            for name in _weight_names(sublayer, w)]
+  return [layer.name] * len(_flat_weights(weights))
 
 
 def _flat_weights(weights):

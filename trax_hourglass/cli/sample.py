@@ -167,6 +167,12 @@ def _load_test_images(path, n_images):
   return images[:n_images]
 
 
+def _prompt_bytes(prompt):
+  """--prompt as the bytes given: Python reads bytes of the command line that
+  are not UTF-8 as surrogates, which give them back unchanged."""
+  return prompt.encode('utf-8', errors='surrogateescape')
+
+
 def run(args):
   """Samples; returns the text samples (list of str) or the grid (uint8)."""
   from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
@@ -176,11 +182,9 @@ def run(args):
     raise ValueError(f'--n_tokens={args.n_tokens}; use 1 or more.')
   if args.batch_size < 1:
     raise ValueError(f'--batch_size={args.batch_size}; use 1 or more.')
-  if args.top_k is not None and args.top_k < 1:
-    raise ValueError(f'--top_k={args.top_k}; use 1 or more (or leave it out).')
-  if args.temperature < 0:
-    raise ValueError(f'--temperature={args.temperature}; use 0 (greedy) or '
-                     'more.')
+  decoding.check_sampling_settings(
+      args.temperature, args.top_k, args.seed,
+      {k: f'--{k}' for k in ('temperature', 'top_k', 'seed')})
   if args.images and args.prompt:
     raise ValueError('--prompt is for text mode; image mode keeps the top '
                      'half of each of --images as its prompt.')
@@ -207,7 +211,7 @@ def run(args):
     _check_memory(runs.parse_run_config(configs), 0, length, batch,
                   f'--n_images={batch} of {length} subpixels')
   else:
-    prompt = np.frombuffer(args.prompt.encode('utf-8'), np.uint8)
+    prompt = np.frombuffer(_prompt_bytes(args.prompt), np.uint8)
     length = len(prompt) + args.n_tokens
     batch = args.batch_size
     _check_memory(runs.parse_run_config(configs), len(prompt),
@@ -217,6 +221,17 @@ def run(args):
       source, config_file=configs, max_len=length, batch_size=batch,
       original=args.original)
   vocab = cli.vocab_size(model)
+  if args.top_k is not None and args.top_k > vocab:
+    raise ValueError(f'--top_k={args.top_k} is more than the model\'s '
+                     f'{vocab} tokens; use 1..{vocab} (or leave it out).')
+  # A model whose own max_len is shorter (trax's TransformerLM): refused
+  # now, before its position tables clamp and decode garbage.
+  if images is None:
+    decoding.check_room(model, len(prompt), args.n_tokens,
+                        f'--n_tokens={args.n_tokens} after a prompt of '
+                        f'{len(prompt)} bytes')
+  else:
+    decoding.check_room(model, 0, length, f'--images of {length} subpixels')
 
   if images is not None:
     if vocab != 256:
@@ -240,7 +255,7 @@ def run(args):
       top_k=args.top_k, seed=args.seed, progress=_Progress('bytes'))
   texts = []
   for i, row in enumerate(tokens):
-    text = (args.prompt.encode('utf-8') + bytes(row.astype(np.uint8))).decode(
+    text = (_prompt_bytes(args.prompt) + bytes(row.astype(np.uint8))).decode(
         'utf-8', errors='replace')
     texts.append(text)
     if args.batch_size > 1:

@@ -7,10 +7,10 @@ that a decoding step costs what the position reached costs, not what the
 cache's size does.
 
 Overflow policy (relative and rotary attention alike): a step that would write
-past the cache calls the host through `jax.debug.callback`, which raises
-`PastMaxLenError` (eagerly inside trax's LayerError, under jit as an
-XlaRuntimeError carrying it, when the outputs are read), and the step returns
-NaNs, never plausible garbage. `HourglassLM` checks its token count on the host
+past the cache raises `PastMaxLenError` (inside trax's LayerError when called
+through a layer) at once outside jit; traced, it calls the host through
+`jax.debug.callback`, which raises it (an XlaRuntimeError carrying it, when
+the outputs are read), and the step returns NaNs, never plausible garbage. `HourglassLM` checks its token count on the host
 before any of its caches overflows, so its callers see the plain error; it
 traces its layers under `checked_by_caller()`, which leaves the callback out:
 a callback is an effect, and a compiled computation with one is dispatched by
@@ -24,6 +24,8 @@ import contextvars
 import jax
 import numpy as np
 from trax.fastmath import numpy as jnp
+
+from trax_hourglass.layers import control_flow
 
 # A cache is kept in pieces whose ends are KEY_BLOCK, twice that, four
 # times, ... and its size; a step reads the fewest pieces that hold the keys
@@ -68,7 +70,10 @@ def check_room(n_done, length, max_len, on_overflow):
   turn their outputs to NaN.
   """
   past = n_done + length > max_len
-  if not _CHECKED_BY_CALLER.get():
+  if not control_flow.is_traced(past):  # Called outside jit: raise now.
+    if past:
+      on_overflow(n_done, length, max_len)
+  elif not _CHECKED_BY_CALLER.get():
     jax.lax.cond(past,
                  lambda: jax.debug.callback(on_overflow, n_done, length,
                                             max_len),
@@ -147,4 +152,4 @@ def attend(logits_fn, keys, values, n_visible, extra_logits_fn=None):
   # The first piece that ends at or past the last key seen: a count, not
   # jnp.searchsorted, which loops (a while loop in every decode step).
   which = jnp.sum(jnp.asarray(ends) < n_visible[-1])
-  return jax.lax.switch(which, [read(i + 1) for i in range(len(ends))])
+  return control_flow.switch(which, [read(i + 1) for i in range(len(ends))])

@@ -22,6 +22,7 @@ from trax_hourglass.layers.attention_types import SelfAttention
 from trax_hourglass.layers.attention_types import constructor_parameters
 from trax_hourglass.layers.attention_types import has_positions
 from trax_hourglass.layers import boundaries as dynamic
+from trax_hourglass.layers import control_flow
 from trax_hourglass.layers import segmentation
 from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers import precision
@@ -100,7 +101,7 @@ class ShortenedLevel(tl.Serial):
       return run
 
     choice = jax.random.randint(choice_rng, (), 0, len(self._factor_dropout))
-    return jax.lax.switch(choice, [branch(level)
+    return control_flow.switch(choice, [branch(level)
                                    for level in self._factor_dropout], xs)
 
 

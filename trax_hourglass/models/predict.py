@@ -6,6 +6,7 @@ dynamic pooling), and the model.
 """
 
 import jax
+import numpy as np
 import trax.layers as tl
 from trax import shapes
 from trax.fastmath import numpy as jnp
@@ -15,6 +16,7 @@ from trax.layers.combinators import outputs_onto_stack
 
 from trax_hourglass.layers.boundaries import LEARNED
 from trax_hourglass.layers import cache
+from trax_hourglass.layers import control_flow
 from trax_hourglass.layers.cache import PastMaxLenError
 
 
@@ -97,8 +99,9 @@ def shortened_level_step(level, xs):
   """One token through `level`, a `ShortenedLevel`, in predict mode.
 
   Its `shifting` and `upsampling` parts run at every token. Its `shortening`
-  part runs (under `lax.cond`) only when the level's token count is a multiple
-  of k: then CausalShift's window, (batch, k, d_model), is the next complete
+  part runs (under `lax.cond`; a Python branch outside jit, see
+  `layers.control_flow`) only when the level's token count is a multiple of
+  k: then CausalShift's window, (batch, k, d_model), is the next complete
   shifted block. The k-1 tokens between take the shortened vector that
   LatestShortened holds in its state. Nested levels do the same at their own
   pace.
@@ -121,7 +124,7 @@ def shortened_level_step(level, xs):
     _, states = window_and_states
     return states[-1], states  # LatestShortened's state: its latest input.
 
-  short, states = jax.lax.cond(
+  short, states = control_flow.cond(
       n_done % level.shorten_factor == 0, shorten, remember,
       (window, tuple(state[i] for i in every_kth)))
   for i, layer_state in zip(every_kth, states):
@@ -215,7 +218,7 @@ def dynamic_level_step(level, xs):
         _in_structure_of(one, new))
     return i + 1, middle_state, latest.at[example].set(out[0, 0])
 
-  _, state[i_middle], latest = jax.lax.while_loop(
+  _, state[i_middle], latest = control_flow.while_loop(
       lambda carry: carry[0] < jnp.sum(todo), body,
       (jnp.zeros((), jnp.int32), state[i_middle], latest))
   keep = ~ends[:, None]
@@ -326,6 +329,14 @@ class Autoregressive(tl.Serial):
   def forward(self, toks):
     if toks.shape[1] == 1:
       return super().forward(toks)
+    if not control_flow.is_traced(toks, self.state[self._counter]):
+      # Called outside jit: a Python loop of the one-token step, whose
+      # operations jax compiled once (a lax.scan over this call's fresh
+      # `step` would compile anew). Sliced on the host: slicing a jax array
+      # compiles one program per position.
+      toks = np.asarray(toks)
+      return jnp.concatenate([super(Autoregressive, self).forward(
+          toks[:, i:i + 1]) for i in range(toks.shape[1])], axis=1)
 
     def step(state, tok):
       self.state = state
