@@ -1,14 +1,14 @@
 """The trainer's flags and gin files as a user gets them wrong (issue 29).
 
 Flag values reach gin as literals, never as gin text; a gin syntax error, a
-zero eval frequency, a `LOCK` directory, a prompt that is not UTF-8 and a
-missing temporary directory are one line each; a run resumed with another
+zero eval frequency, a `LOCK` directory and a missing temporary directory are one line each; a run resumed with another
 model, data file or batch size than it started with is refused in one line.
 Refused before anything compiles: in-process, cheap (one subprocess where the
 error comes before any handler).
 """
 
 import os
+import re
 import resource
 import signal
 
@@ -18,7 +18,6 @@ import pytest
 from trax_hourglass import checkpoints
 from trax_hourglass import data
 from trax_hourglass import runs
-from trax_hourglass.cli import sample
 from trax_hourglass.cli import trainer
 
 from test_user_errors import QUICKSTART, _assert_one_line_error, _cli  # pylint: disable=g-bad-import-order
@@ -76,7 +75,9 @@ def test_gin_syntax_errors_name_the_flag_or_file_and_line(capsys, tmp_path):
                  '= (1,\n')
   line = _one_line(capsys, '--config_file', str(bad), '--output_dir',
                    str(tmp_path / 'run'))
-  assert f'gin syntax error in {bad}' in line and 'line 3' in line, line
+  # Python 3.13's tokenizer names the line the bracket opened in, 3.11's the end.
+  assert f'gin syntax error in {bad}' in line, line
+  assert re.search(r'line [23]\b', line), line
   assert 'unclosed bracket' in line
 
 
@@ -95,18 +96,6 @@ def test_a_lock_directory_says_what_it_is(tmp_path):
   with pytest.raises(ValueError, match=r'checkpoints/LOCK is a directory, '
                      'where the trainer keeps its lock file; move it away'):
     checkpoints.lock_output_dir(str(tmp_path / 'run'))
-
-
-def test_a_prompt_that_is_not_utf8_is_one_line(capsys):
-  bad = os.fsdecode(b'caf\xe9')  # Latin-1, as argv holds it.
-  with pytest.raises(SystemExit) as e:
-    sample._parse_args(['--output_dir', 'x', f'--prompt={bad}'])  # pylint: disable=protected-access
-  assert e.value.code == 2
-  err = capsys.readouterr().err.strip().splitlines()
-  assert err == ["hourglass-sample: error: argument --prompt: b'caf\\xe9' is "
-                 'not UTF-8 text (byte 0xe9 at character 3); pass the prompt '
-                 'as UTF-8 text, in a UTF-8 locale (see hourglass-sample '
-                 '--help)'], err
 
 
 def _no_temporary_directory():

@@ -11,7 +11,6 @@ the same verified file.
 import glob
 import gzip
 import hashlib
-import io
 import json
 import os
 import pickle

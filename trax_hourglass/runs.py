@@ -535,6 +535,18 @@ def _read_config_text(path):
     raise ValueError(f'gin config {path} is not UTF-8 text ({e})') from None
 
 
+def _included_path(path, filename):
+  """Where an `include` of `filename` in config `path` points: beside `path`,
+  else from the folder above (the repository's variants name their base as
+  'gin/enwik8_hourglass.gin', which gin finds from the repository's root)."""
+  here = os.path.dirname(os.path.realpath(path))
+  for folder in (here, os.path.dirname(here)):
+    candidate = os.path.realpath(os.path.join(folder, filename))
+    if os.path.exists(candidate):
+      return candidate
+  return os.path.realpath(os.path.join(here, filename))
+
+
 def _checked_parts(path, root, depth=0):
   """[(text, path)] of gin config `path` in order, each text free of
   `include`s (the files they name, inside `root`, checked and in their place)
@@ -564,8 +576,7 @@ def _checked_parts(path, root, depth=0):
       if depth >= _MAX_INCLUDE_DEPTH:
         _refuse(path, location, 'includes files more than '
                 f'{_MAX_INCLUDE_DEPTH} deep (a cycle?)')
-      included = os.path.join(os.path.dirname(path), statement.filename)
-      real = os.path.realpath(included)
+      real = _included_path(path, statement.filename)
       if os.path.commonpath([real, root]) != root:
         _refuse(path, location, f'includes {statement.filename}, outside '
                 f'{root}')

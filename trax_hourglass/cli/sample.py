@@ -27,18 +27,6 @@ from trax_hourglass import cli
 from trax_hourglass.cli import run_command
 
 
-def _utf8_text(value):
-  """argparse type of --prompt: text whose UTF-8 bytes start the sample."""
-  try:
-    value.encode('utf-8')
-  except UnicodeEncodeError as e:  # Python keeps argv's bytes as surrogates.
-    raise argparse.ArgumentTypeError(
-        f'{os.fsencode(value)!r} is not UTF-8 text (byte '
-        f'{os.fsencode(value[e.start])[0]:#04x} at character {e.start}); pass the '
-        'prompt as UTF-8 text, in a UTF-8 locale') from None
-  return value
-
-
 def _parse_args(argv):
   parser = cli.ArgumentParser(
       prog='hourglass-sample', description=__doc__.split('\n')[0],
@@ -52,7 +40,7 @@ def _parse_args(argv):
                            'the run)')
   parser.add_argument('--original', action='store_true',
                       help="the checkpoint is of trax's own HourglassLM")
-  parser.add_argument('--prompt', default='', type=_utf8_text,
+  parser.add_argument('--prompt', default='',
                       help='text mode: the text to continue')
   parser.add_argument('--n_tokens', type=int, default=200,
                       help='text mode: bytes to generate')
