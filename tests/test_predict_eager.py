@@ -56,7 +56,9 @@ def _decode_eagerly(model, tokens):
   return np.concatenate(outputs, axis=1)
 
 
-@pytest.mark.parametrize('name', sorted(MODELS))
+@pytest.mark.parametrize('name', [  # Dynamic levels: in the slow suite.
+    pytest.param(n, marks=pytest.mark.slow) if n == 'whitespace' else n
+    for n in sorted(MODELS)])
 def test_eager_decoding_compiles_nothing_once_warm_and_equals_eval(
     name, monkeypatch):
   # Keys in pieces of 4: the 12-slot caches read 1, 2 or 3 of them (a

@@ -102,6 +102,7 @@ def test_sigterm_saves_the_current_step_even_when_repeated(stopped):
   assert 'Finished training' not in stdout
 
 
+@pytest.mark.slow  # SIGTERM above covers the default suite.
 def test_sigint_after_a_resume_saves_and_the_rerun_resumes_there(
     stopped, tmp_path):
   first, data, (_, _, stderr) = stopped
