@@ -125,7 +125,7 @@ def test_loads_a_checkpoint_written_by_trax_training_loop(tmp_path):
       optimizer=trax.optimizers.Adam(1e-3), n_steps_per_checkpoint=1)
   loop = trax.supervised.training.Loop(
       _original(hierarchy, vanilla, names, mode='train'), [task],
-      output_dir=str(tmp_path))
+      output_dir=str(tmp_path), random_seed=0)
   loop.run(1)  # Writes model.pkl.gz + model.weights.npy.gz at step 1.
   original = _original(hierarchy, vanilla, names)
   original.init_from_file(str(tmp_path / 'model.pkl.gz'), weights_only=True,
