@@ -81,9 +81,16 @@ def test_notebook_is_committed_without_outputs(name):
   assert 'REPO_URL' in nb.cells[1].source  # The Colab install cell.
 
 
-@pytest.mark.parametrize('name', [  # One in the smoke subset: -m smoke.
-    pytest.param(n, marks=pytest.mark.smoke) if n == 'hourglass_enwik8.ipynb'
-    else n for n in NOTEBOOKS])
+# enwik8 by default and in the smoke subset (-m smoke). The others repeat its
+# steps (train with trax's Loop, evaluate, sample) on other data or for every
+# attention (test_swaps.py trains those by default): -m slow.
+_MARKS = {'hourglass_enwik8.ipynb': pytest.mark.smoke,
+          'attention_swaps.ipynb': pytest.mark.slow,
+          'hourglass_images.ipynb': pytest.mark.slow}
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=_MARKS[n]) if n in _MARKS else n for n in NOTEBOOKS])
 def test_notebook_runs_in_smoke_mode(name, tmp_path, monkeypatch):
   work = tmp_path / 'work'
   work.mkdir()
