@@ -43,10 +43,11 @@ def _number(cell):
   return float(cell.replace(',', '').rstrip('%x'))
 
 
-@pytest.mark.parametrize('models,seq_lens', [  # Baselines' path: -m slow.
+@pytest.mark.parametrize('models,seq_lens', [  # Baselines, 2 lengths: -m slow.
     pytest.param('original,transformer6,ours_tl_dense', '48',
                  marks=pytest.mark.slow),
-    ('ours', '48,96')])
+    pytest.param('ours', '48,96', marks=pytest.mark.slow),
+    ('ours', '48')])
 def test_train_speed_quick(models, seq_lens, tmp_path):
   json_path = tmp_path / 'train_speed.json'
   result = subprocess.run(
@@ -222,6 +223,7 @@ def test_train_step_flops_matches_hand_count():
   assert flops > hand  # Elementwise ops come on top.
 
 
+@pytest.mark.slow  # 3 workers; the script's counting and trace reading below.
 def test_sample_speed_quick(tmp_path):
   # Both decoding paths and a baseline (each worker costs ~10 s of imports).
   models = ['ours', 'ours_sample', 'original']
