@@ -10,6 +10,7 @@ import functools
 import hypothesis
 from hypothesis import strategies as st
 import numpy as np
+import pytest
 import trax.layers as tl
 from trax import shapes
 
@@ -49,25 +50,33 @@ def _assert_causal(model, tokens, t, rng):
     assert np.abs(out[1, t + 1:] - out[0, t + 1:]).max() > 1e-4
 
 
-@hypothesis.settings(max_examples=8, deadline=None, derandomize=True)
-@hypothesis.given(
-    hierarchy=st.sampled_from(HIERARCHIES),
-    vanilla=st.tuples(st.integers(0, 1), st.integers(0, 1)),
-    shortening=st.sampled_from(sorted(SHORTENING)),
-    upsampling=st.sampled_from(sorted(UPSAMPLING)),
-    vanilla_attn=st.sampled_from(sorted(ATTENTION)),
-    middle_attn=st.sampled_from(sorted(ATTENTION)),
-    t=st.integers(0, LENGTH - 1),
-    seed=st.integers(0, 2**16),
-)
-def test_changing_token_t_leaves_outputs_up_to_t_unchanged(
-    hierarchy, vanilla, shortening, upsampling, vanilla_attn, middle_attn, t,
-    seed):
-  model = _model(hierarchy, vanilla, shortening, upsampling, vanilla_attn,
-                 middle_attn)
-  rng = np.random.RandomState(seed)
-  _assert_causal(model, rng.randint(VOCAB, size=LENGTH).astype(np.int32), t,
-                 rng)
+def _causality_property(max_examples):
+  @hypothesis.settings(max_examples=max_examples, deadline=None,
+                       derandomize=True)
+  @hypothesis.given(
+      hierarchy=st.sampled_from(HIERARCHIES),
+      vanilla=st.tuples(st.integers(0, 1), st.integers(0, 1)),
+      shortening=st.sampled_from(sorted(SHORTENING)),
+      upsampling=st.sampled_from(sorted(UPSAMPLING)),
+      vanilla_attn=st.sampled_from(sorted(ATTENTION)),
+      middle_attn=st.sampled_from(sorted(ATTENTION)),
+      t=st.integers(0, LENGTH - 1),
+      seed=st.integers(0, 2**16),
+  )
+  def test(hierarchy, vanilla, shortening, upsampling, vanilla_attn,
+           middle_attn, t, seed):
+    model = _model(hierarchy, vanilla, shortening, upsampling, vanilla_attn,
+                   middle_attn)
+    rng = np.random.RandomState(seed)
+    _assert_causal(model, rng.randint(VOCAB, size=LENGTH).astype(np.int32), t,
+                   rng)
+  return test
+
+
+# A model per example (most of the time): 4 examples by default (each
+# resampling type is checked below), 30 with -m slow.
+test_changing_token_t_leaves_outputs_up_to_t_unchanged = _causality_property(4)
+test_causality_more_examples = pytest.mark.slow(_causality_property(30))
 
 
 def test_every_shortening_and_upsampling_is_causal():
