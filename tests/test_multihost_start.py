@@ -162,3 +162,35 @@ def test_the_parent_relays_everything_else_as_it_is():
   assert _relayed(_DUMP, 0) == (0, b''.join(_DUMP).decode())
   assert _relayed([b'trainer: stopped by SIGTERM\n'], 143) == (
       143, 'trainer: stopped by SIGTERM\n')
+
+
+def test_a_signal_to_one_process_stops_all_after_the_same_step(
+    tmp_path, corpus):
+  """SIGTERM to process 1 only: both processes finish the same step, process 0
+  commits its checkpoint, and each says so in one line (exit 143)."""
+  out = str(tmp_path / 'run')
+  args = ['--config_file', gin_file(tmp_path, 100000, 2, eval_frequency=1000),
+          '--output_dir', out, f"--config=byte_file_inputs.path='{corpus}'"]
+  procs = start(2, 1, args, out)
+  try:
+    deadline = time.time() + 180
+    while 'step 5/' not in open(procs[0][1]).read():
+      assert time.time() < deadline and procs[0][0].poll() is None, (
+          open(procs[0][1]).read()[-3000:])
+      time.sleep(0.2)
+    os.kill(procs[1][0].pid, signal.SIGTERM)
+    for p, _ in procs:
+      p.wait(timeout=90)  # A hang fails here.
+  finally:
+    results = wait_all(procs, 1)
+  steps = set()
+  for rc, log in results:
+    stopped = re.findall(r'^trainer: stopped by SIGTERM: saved the checkpoint '
+                         r'of step (\d+) in ', log, re.M)
+    assert rc == 143 and len(stopped) == 1, (rc, log[-3000:])
+    assert 'Traceback' not in log and 'trainer: error' not in log, log[-3000:]
+    steps.add(int(stopped[0]))
+  assert len(steps) == 1, steps
+  # The checkpoint committed is that step's.
+  from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
+  assert checkpoints.read_checkpoint(out).step == steps.pop()
