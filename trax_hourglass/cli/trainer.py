@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import errno
 import inspect
+import io
 import math
 import os
 import re
@@ -34,6 +35,7 @@ import gin
 import numpy as np
 
 from trax_hourglass import cli
+from trax_hourglass.cli import supervise
 from trax_hourglass.cli import run_command
 
 
@@ -303,6 +305,15 @@ def init_distributed(args, environ=None):
   return jax.process_count()
 
 
+def lost_contact_line(i, n, detail):
+  """The one line a process prints when another one of the run is gone."""
+  first_line = (str(detail).strip().splitlines() or [''])[0].rstrip('.') + '.'
+  return (f'trainer: error: process {i} of {n} lost contact with another '
+          'training process (it stopped or its host is unreachable): '
+          f'{first_line} Relaunch all the processes to resume from the last '
+          'checkpoint.')
+
+
 def _check_coordinator_port_free(address):
   """Process 0 serves the coordinator on its port: refuse one in use (jax
   aborts), e.g. by a second process given --process_id 0."""
@@ -395,11 +406,8 @@ def run(args):
       raise
     if cli.wants_traceback(args):
       traceback.print_exc()
-    first_line = (str(e).strip().splitlines() or [''])[0].rstrip('.') + '.'
-    print(f'trainer: error: process {jax.process_index()} of {n_processes} '
-          'lost contact with another training process (it stopped or its '
-          f'host is unreachable): {first_line} Relaunch all the processes to '
-          'resume from the last checkpoint.', file=sys.stderr, flush=True)
+    print(lost_contact_line(jax.process_index(), n_processes, e),
+          file=sys.stderr, flush=True)
     sys.stdout.flush()
     # Exiting normally would wait on jax's shutdown barrier for the lost
     # process, and then abort.
@@ -515,7 +523,28 @@ def _print_sample(loop, settings):
 
 def main(argv=None):
   """Console entry point: `trainer --config_file=... --output_dir=...`."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  who = _one_of_several(argv)
+  if who:  # jax aborts on a lost process: a parent reports it in one line.
+    return supervise.run(argv, who if None not in who else None,
+                         lost_contact_line, debug='--debug' in argv)
   return run_command('trainer', _parse_args, run, argv)
+
+
+def _one_of_several(argv):
+  """(process index, count) when this process should be supervised, else
+  None: a multi-process run, not yet under its parent (`cli.supervise`)."""
+  if os.environ.get(supervise.CHILD_ENV):
+    return None
+  try:
+    with contextlib.redirect_stderr(io.StringIO()):
+      args = _parse_args(argv)
+    _, n, i = distributed_settings(args)
+    if n is None and i is None and _detected_cluster() is not None:
+      return (None, None)
+  except (Exception, SystemExit):  # pylint: disable=broad-except
+    return None  # The unsupervised run says what is wrong, in one line.
+  return (i, n) if n is not None and n > 1 else None
 
 
 if __name__ == '__main__':
