@@ -112,7 +112,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 import boundaries  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SHORTENING = {'avg': 'AveragePooling', 'linear': 'LinearPooling',
@@ -185,7 +185,7 @@ LEAK_BATCHES = 2  # Test batches probed for the leak (a forward per position).
 def _hierarchy(hierarchy):
   """`hierarchy` parsed (`trax_hourglass.hierarchy`), or SystemExit."""
   try:
-    return _common.parse_hierarchy(hierarchy)
+    return harness.parse_hierarchy(hierarchy)
   except ValueError as e:
     raise SystemExit(f'--hierarchy: {e}') from None
 
@@ -433,7 +433,7 @@ def _text_data(cfg, record):
   bounds = text.byte_file_splits(len(data))
   inputs = text.byte_file_inputs(
       cfg['data'], batch_size=cfg['batch'], sequence_length=cfg['seq_len'],
-      seed=_common.SEED)
+      seed=harness.SEED)
 
   def windows(split, n_batches):
     """Batches of consecutive windows of `split` (0: every whole window)."""
@@ -460,7 +460,7 @@ def _image_data(cfg, record):
   n_valid = _valid_images(len(train))
   train, valid = train[:-n_valid], train[-n_valid:]
   inputs = images.array_image_inputs(train, valid, 'equal_time',
-                                     cfg['batch'], seed=_common.SEED)
+                                     cfg['batch'], seed=harness.SEED)
 
   def batches(split, part, n_batches):
     """Batches of consecutive images of `part` (0: every whole batch)."""
@@ -484,7 +484,7 @@ def _same_params_depth(cfg):
   def count(hierarchy):
     model = _model_fn('hourglass', dict(cfg, hierarchy=hierarchy))(mode='eval')
     model.init(shapes.ShapeDtype((1, 6), np.int32))
-    return _common.count_params(model.weights)
+    return harness.count_params(model.weights)
 
   # Parameters grow by the same block per flat layer.
   target, one, two = count(cfg['hierarchy']), count('1@1'), count('2@1')
@@ -516,19 +516,19 @@ def _train(variant, cfg, trax, record):
           constant=cfg['learning_rate'], factors='constant * linear_warmup',
           warmup_steps=cfg['warmup_steps']))
   loop = training.Loop(model_fn(mode='train'), [task], output_dir=None,
-                       checkpoint_at=_common.never,
-                       permanent_checkpoint_at=_common.never,
-                       eval_at=_common.never, n_devices=1,
-                       random_seed=_common.SEED)
-  _common.block(loop.model.weights)
+                       checkpoint_at=harness.never,
+                       permanent_checkpoint_at=harness.never,
+                       eval_at=harness.never, n_devices=1,
+                       random_seed=harness.SEED)
+  harness.block(loop.model.weights)
   record['init_s'] = time.perf_counter() - start
-  record['n_params'] = _common.count_params(loop.model.weights)
+  record['n_params'] = harness.count_params(loop.model.weights)
   evaluate = _Evaluator(model_fn, valid_batches, cfg['seq_len'])
 
   # Untimed: the step that compiles the training step.
   start = time.perf_counter()
   loop.run(COMPILE_STEPS)
-  _common.block((loop.model.weights, loop.model.state))
+  harness.block((loop.model.weights, loop.model.state))
   record['compile_s'] = time.perf_counter() - start
   log = lambda msg: print(f'[{variant}] {msg}', file=sys.stderr, flush=True)
 
@@ -557,7 +557,7 @@ def _train(variant, cfg, trax, record):
     nonlocal train_s, timed_steps, step_s, wall_s, cpu_s
     wall, cpu = time.perf_counter(), time.process_time()
     loop.run(n)
-    _common.block((loop.model.weights, loop.model.state))
+    harness.block((loop.model.weights, loop.model.state))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     wall_s += wall
     cpu_s += cpu
@@ -593,7 +593,7 @@ def _train(variant, cfg, trax, record):
   t = time.perf_counter()
   test = _Evaluator(model_fn, test_batches, cfg['seq_len'])
   record['test_bits_per_byte'] = test(loop.model.weights)
-  positions = np.sort(np.random.default_rng(_common.SEED).choice(
+  positions = np.sort(np.random.default_rng(harness.SEED).choice(
       cfg['seq_len'], min(cfg['probe_positions'], cfg['seq_len']),
       replace=False))
   forced, hidden = test.leak(loop.model.weights, positions)
@@ -632,7 +632,7 @@ def _train(variant, cfg, trax, record):
       train_cpu_s=cpu_s, steps=loop.step, timed_steps=timed_steps,
       tokens_per_s=timed_steps * cfg['batch'] * cfg['seq_len'] / train_s,
       step_ms=1000. * train_s / timed_steps, eval_s=eval_s,
-      xla_threads=_common.xla_threads(), load_after=os.getloadavg())
+      xla_threads=harness.xla_threads(), load_after=os.getloadavg())
 
 
 def _complete(variant, cfg, trax, record):
@@ -652,7 +652,7 @@ def _complete(variant, cfg, trax, record):
       weights, model_fn=_model_fn(variant, cfg), max_len=cfg['seq_len'],
       batch_size=len(originals))
   start = time.perf_counter()
-  rows = [decoding.complete_images(model, originals, seed=_common.SEED + i)
+  rows = [decoding.complete_images(model, originals, seed=harness.SEED + i)
           for i in range(COMPLETION_ROWS)]
   record['sample_s'] = time.perf_counter() - start
   grid = decoding.image_grid(originals, np.stack(rows))
@@ -666,10 +666,10 @@ def _worker(name, cfg):
   """Trains one variant in this (fresh) process, or with 'complete:VARIANT'
   completes images with its saved weights; prints one result line."""
   if cfg['clock'] == 'cpu':
-    _common.one_xla_thread()
+    harness.one_xla_thread()
   variant = name.split(':')[-1]
   job = _complete if name.startswith('complete:') else _train
-  return _common.work(functools.partial(job, variant, cfg), 'ours',
+  return harness.work(functools.partial(job, variant, cfg), 'ours',
                       variant=variant, load_before=os.getloadavg())
 
 
@@ -677,7 +677,7 @@ def _worker(name, cfg):
 
 
 def _parser():
-  parser = _common.benchmark_parser(
+  parser = harness.benchmark_parser(
       __doc__, quick='Smoke test: tiny sizes, ~10 s per variant, XLA '
       'optimization off; explicit flags below still override.',
       timeout='2 * --seconds + 1200; 10 * with --clock cpu; none with --steps')
@@ -699,7 +699,7 @@ def _parser():
   parser.add_argument('--out', metavar='DIR',
                       help='Write equal_time.json and equal_time.png '
                       '(validation bits/byte vs training time) here.')
-  _common.add_config_flags(parser, REFERENCE, QUICK, [
+  harness.add_config_flags(parser, REFERENCE, QUICK, [
       ('seconds', float),
       ('steps', int, 'Train this many steps each instead (0: --seconds).'),
       ('seq_len', int, 'Images: their H * W * C.'), ('batch', int), ('d_model', int),
@@ -733,7 +733,7 @@ def _image_length(args, cfg):
 
 def _resolve_config(args, variants):
   suite = SUITE_CONFIG.get(args.suite, {})
-  cfg = _common.config_from_args(
+  cfg = harness.config_from_args(
       args, dict(REFERENCE, **suite),
       dict(QUICK, steps=QUICK_STEPS if suite.get('steps') else 0))
   if not args.data:
@@ -783,7 +783,7 @@ def _resolve_config(args, variants):
 
 
 def _command_line(argv):
-  script = os.path.relpath(os.path.abspath(__file__), _common.REPO_ROOT)
+  script = os.path.relpath(os.path.abspath(__file__), harness.REPO_ROOT)
   return ' '.join(shlex.quote(a) for a in ['python', script] + list(argv))
 
 
@@ -805,23 +805,23 @@ def _table(variants, results, cfg):
   for v in variants:
     r = results[v]
     if r['status'] != 'ok':
-      rows.append([_label(v, r), _common.fmt(r.get('n_params'), ','),
+      rows.append([_label(v, r), harness.fmt(r.get('n_params'), ','),
                    'FAILED'] + ['n/a'] * 7)
       continue
-    rows.append([_label(v, r), _common.fmt(r['n_params'], ','),
-                 _common.fmt(r['test_bits_per_byte'], '.3f'),
-                 _common.fmt(r['leak_bits_per_byte'], '.3f'),
-                 _common.fmt(r['valid_bits_per_byte'], '.3f'),
-                 _common.fmt(r['tokens_per_s']),
-                 _common.fmt(r['steps'], ','),
-                 _common.fmt(r['train_s'], '.0f'),
-                 _common.fmt(r['peak_rss_mib']),
-                 _common.fmt(r['compile_s'], '.0f')])
+    rows.append([_label(v, r), harness.fmt(r['n_params'], ','),
+                 harness.fmt(r['test_bits_per_byte'], '.3f'),
+                 harness.fmt(r['leak_bits_per_byte'], '.3f'),
+                 harness.fmt(r['valid_bits_per_byte'], '.3f'),
+                 harness.fmt(r['tokens_per_s']),
+                 harness.fmt(r['steps'], ','),
+                 harness.fmt(r['train_s'], '.0f'),
+                 harness.fmt(r['peak_rss_mib']),
+                 harness.fmt(r['compile_s'], '.0f')])
     for other in _factors(r['variant'], cfg)[1]:
-      rows.append([f'{v}@{other}', _common.fmt(r['n_params'], ','),
-                   _common.fmt(r[f'test_bits_per_byte_at_{other}'], '.3f')]
+      rows.append([f'{v}@{other}', harness.fmt(r['n_params'], ','),
+                   harness.fmt(r[f'test_bits_per_byte_at_{other}'], '.3f')]
                   + ['same run'] * 7)
-  return _common.markdown_table(headers, rows)
+  return harness.markdown_table(headers, rows)
 
 
 def _factor_table(variants, results, cfg):
@@ -839,15 +839,15 @@ def _factor_table(variants, results, cfg):
   factors = sorted({f for s in scored.values() for f in s})
   trained = lambda v: (f'{v}: k in {{{", ".join(map(str, factors))}}}'
                        if v == 'sfd' else f'{v}: k = {_factors(v, cfg)[0]}')
-  return _common.markdown_table(
+  return harness.markdown_table(
       ['trained with'] + [f'eval at k={f}' for f in factors],
-      [[trained(v)] + [_common.fmt(s.get(f), '.3f') for f in factors]
+      [[trained(v)] + [harness.fmt(s.get(f), '.3f') for f in factors]
        for v, s in scored.items()])
 
 
 def _plot(variants, results, cfg, title, path):
   """valid bits/byte vs training seconds, one line per variant; False if no matplotlib."""
-  plt = _common.pyplot()
+  plt = harness.pyplot()
   if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(8, 5))
@@ -867,12 +867,12 @@ def _plot(variants, results, cfg, title, path):
   ax.set_title(f'{title}: d_model {cfg["d_model"]}, {cfg["batch"]} x '
                f'{cfg["seq_len"]} {"dims" if _is_images(cfg) else "bytes"}/'
                f'step, {os.path.basename(cfg["data"])}', fontsize=10)
-  return _common.save_figure(fig, path)
+  return harness.save_figure(fig, path)
 
 
 def _run_variant(variant, cfg, timeout_s):
-  record = _common.measure(__file__, variant, cfg, timeout_s, key='variant')
-  _common.log(f'{variant}: ' + _common.record_line(
+  record = harness.measure(__file__, variant, cfg, timeout_s, key='variant')
+  harness.log(f'{variant}: ' + harness.record_line(
       record, lambda r: f'test {r["test_bits_per_byte"]:.4f} bits/byte, leak '
       f'{r["leak_bits_per_byte"]:.4f}, {r["tokens_per_s"]:,.0f} tokens/s, '
       f'{r["steps"]} steps'))
@@ -898,18 +898,18 @@ def _complete_best(results, cfg, out, timeout_s):
   ok = [v for v, r in results.items() if r['status'] == 'ok']
   best = min(ok, key=lambda v: results[v]['test_bits_per_byte'])
   png = os.path.join(os.path.abspath(out), 'completions.png')
-  record = _common.measure(__file__, f'complete:{results[best]["variant"]}',
+  record = harness.measure(__file__, f'complete:{results[best]["variant"]}',
                            dict(cfg, completion_png=png, flat_layers=results[
                                best].get('flat_layers')), timeout_s,
                            key='variant')
-  _common.log(f'completions by {best}: ' + _common.record_line(
+  harness.log(f'completions by {best}: ' + harness.record_line(
       record, lambda r: f'{r["png"]}, sampled in {r["sample_s"]:.0f} s'))
   return record
 
 
 def _parent(args):
   variants = (list(SUITES[args.suite]) if args.variants is None else
-              _common.parse_names(args.variants, ALL_VARIANTS, '--variants'))
+              harness.parse_names(args.variants, ALL_VARIANTS, '--variants'))
   cfg = _resolve_config(args, variants)
   title = (f'Equal training {"steps" if cfg["steps"] else "time"}'
            + (f', suite {args.suite!r}' if args.variants is None else ''))
@@ -925,7 +925,7 @@ def _parent(args):
   def run(v):
     record = _run_variant(v, cfg, timeout_s)
     if v == 'lsh' and record['status'] != 'ok':
-      _common.log('lsh: PureLSHSelfAttentionWrapper failed; running '
+      harness.log('lsh: PureLSHSelfAttentionWrapper failed; running '
                   'LSHSelfAttention.')
       record = dict(_run_variant(LSH_FALLBACK, cfg, timeout_s),
                     wrapper_error=record['reason'])
@@ -956,10 +956,10 @@ def _parent(args):
         f'heads, dropout {cfg["dropout"]:g}, {cfg["batch"]} x '
         f'{cfg["seq_len"]} {"dims" if _is_images(cfg) else "bytes"}/step, '
         f'Adam {cfg["learning_rate"]:g} after '
-        f'{cfg["warmup_steps"]} warmup steps, seed {_common.SEED}'
+        f'{cfg["warmup_steps"]} warmup steps, seed {harness.SEED}'
         + (f', on {ok[0]["backend"]} ({ok[0]["device_kind"]}, '
            f'{os.cpu_count()} CPUs)' if ok else '')
-        + (_common.QUICK_NOTE if cfg['fast_compile'] else '') + ':\n')
+        + (harness.QUICK_NOTE if cfg['fast_compile'] else '') + ':\n')
   print(_table(variants, results, cfg))
   print()
   factor_table = _factor_table(variants, results, cfg)
@@ -1000,12 +1000,12 @@ def _parent(args):
   for name, reason in failed.items():
     print(f'\n{name}: FAILED, {reason}')
   print(f'\nCommand: {_command_line(args.argv)}')
-  _common.log(f'total {time.perf_counter() - start:.0f} s')
+  harness.log(f'total {time.perf_counter() - start:.0f} s')
 
   if args.out:
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, 'equal_time.json')
-    _common.write_json(
+    harness.write_json(
         json_path, benchmark='equal_time', command=_command_line(args.argv),
         clock=cfg['clock'], config=cfg, variants=variants, results=results,
         descriptions={v: describe(results[v]['variant'], dict(
@@ -1020,7 +1020,7 @@ def _parent(args):
 
 
 def main(argv=None):
-  return _common.main(_parser(), _worker, _parent, argv)
+  return harness.main(_parser(), _worker, _parent, argv)
 
 
 if __name__ == '__main__':

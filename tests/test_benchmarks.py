@@ -8,7 +8,7 @@ as a subprocess (as a user would) and check that it exits 0 and prints a
 markdown table with a positive tokens/s (and GFLOP/s) for every requested
 model and length. Each model costs roughly 20-60 s on a 2-core CPU, mostly
 trax import and XLA compilation. The length search of max_length.py, the
-memory guard of `_common.run_worker` and the FLOP count are unit-tested
+memory guard of `harness.run_worker` and the FLOP count are unit-tested
 without workers.
 """
 
@@ -180,7 +180,7 @@ def test_max_length_rejects_bad_flags():
 
 
 def test_run_worker_memory_guard():
-  common = benchmark_scripts.load('_common')
+  common = benchmark_scripts.harness()
   hog = ('import time; x = bytearray(b"x") * (300 << 20); '
          'print("allocated", flush=True); time.sleep(60)')
   proc = common.run_worker([sys.executable, '-c', hog], timeout_s=120,
@@ -203,7 +203,7 @@ def test_train_step_flops_matches_hand_count():
   # TransformerLM: 6 x (matmul weights) x tokens + 3 x the attention matmuls'
   # 4 B L^2 d per layer (forward + 2x for backward); XLA also counts
   # elementwise ops, a few % at these sizes.
-  common = benchmark_scripts.load('_common')
+  common = benchmark_scripts.harness()
   trax = common.import_trax('transformer6')
   import numpy as np  # pylint: disable=g-import-not-at-top
   from trax import shapes  # pylint: disable=g-import-not-at-top
@@ -342,7 +342,7 @@ def test_sample_speed_counts_the_weights_a_token_reads(ff_sparsity):
 
 
 def test_common_helpers():
-  common = benchmark_scripts.load('_common')
+  common = benchmark_scripts.harness()
   assert common.parse_int_tuple('2,2') == (2, 2)
   assert common.parse_int_tuple('(1, 3)') == (1, 3)
   assert common.max_shorten_factor('8@3') == 3
