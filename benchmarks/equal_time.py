@@ -294,8 +294,8 @@ def describe(variant, cfg):
             + ', '.join(f'{f} as {variant}@{f}' for f in others)
             + ' with the same weights')
   if variant == 'no_shift':
-    return ('CausalShift replaced by the identity (not causal: shortened '
-            'vector i sees its whole block)')
+    return ("the shortening reads the unshifted vectors, not CausalShift's "
+            '(not causal: shortened vector i sees its whole block)')
   if variant == 'rotary':
     return both + '@trax_hourglass.RotaryCausalAttention'
   if variant == 'softmax':
@@ -341,7 +341,6 @@ def _model_fn(variant, cfg):
   from trax.layers.research import sparsity  # pylint: disable=g-import-not-at-top
   import trax_hourglass  # pylint: disable=g-import-not-at-top
   from trax_hourglass import layers as L  # pylint: disable=g-import-not-at-top
-  from trax_hourglass.models import hourglass  # pylint: disable=g-import-not-at-top
   width = dict(vocab_size=cfg['vocab_size'], d_model=cfg['d_model'],
                d_ff=cfg['d_ff'], n_heads=cfg['n_heads'],
                dropout=cfg['dropout'],
@@ -388,10 +387,23 @@ def _model_fn(variant, cfg):
     factor = _single_level(cfg['hierarchy'], 'sfd').total_factor
     kwargs.update(shorten_factor_dropout=(2, factor))
   if variant == 'no_shift':
-    # The ablation only: every level built in this process skips the shift.
-    hourglass.CausalShift = lambda factor, mode='train': tl.Fn(
-        'NoShift', lambda x: x)
+    kwargs.update(downsampling_fn=_UnshiftedShortening)
   return functools.partial(trax_hourglass.HourglassLM, **kwargs)
+
+
+def _UnshiftedShortening(shorten_factor, max_inference_length=2048,  # pylint: disable=invalid-name
+                         ff_sparsity=0, **kwargs):
+  """no_shift's shortening: the default one, of the level's unshifted vectors.
+
+  A level shortens (shifted, vecs), its input shifted right by k-1 and itself;
+  this drops the shifted copy, so shortened vector i sees its whole block.
+  """
+  from trax import layers as tl  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import layers as L  # pylint: disable=g-import-not-at-top
+  return [tl.Drop(), tl.Dup(),  # vecs, vecs
+          L.AttentionResampling(  # short: (batch, len/k, d_model), vecs
+              shorten_factor, max_inference_length=max_inference_length,
+              ff_sparsity=ff_sparsity, **kwargs)]
 
 
 class _Evaluator:

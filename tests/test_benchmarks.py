@@ -12,7 +12,10 @@ memory guard of `harness.run_worker` and the FLOP count are unit-tested
 without workers.
 """
 
+import ast
+import glob
 import json
+import os
 import subprocess
 import sys
 
@@ -358,3 +361,36 @@ def test_common_helpers():
   assert common.parse_result(f'noise\n{line}\nmore noise\n') == {
       'model': 'a', 'status': 'ok'}
   assert common.parse_result('no result here') is None
+
+
+def _root_name(node):
+  """'a' of an expression a.b.c (None if it does not start with a name)."""
+  while isinstance(node, ast.Attribute):
+    node = node.value
+  return node.id if isinstance(node, ast.Name) else None
+
+
+def test_no_benchmark_replaces_attributes_of_what_it_imports():
+  # Benchmarks reach the package through its arguments and options, never by
+  # assigning to (monkeypatching) a module or class they import.
+  paths = glob.glob(os.path.join(benchmark_scripts.BENCHMARKS, '**', '*.py'),
+                    recursive=True)
+  assert len(paths) > 10
+  patches = []
+  for path in paths:
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    imported = {(a.asname or a.name).split('.')[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                for a in node.names}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Assign):
+        targets = node.targets
+      elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        targets = [node.target]
+      else:
+        continue
+      patches += [f'{path}:{node.lineno}' for t in targets
+                  if isinstance(t, ast.Attribute)
+                  and _root_name(t) in imported]
+  assert not patches

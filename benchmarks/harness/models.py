@@ -6,8 +6,9 @@ Model names understood by `make_model`:
   transformer6  -- `trax.models.TransformerLM`, 6 layers, same width,
   transformer12 -- `trax.models.TransformerLM`, 12 layers, same width.
 and one ablation, never run by default:
-  ours_tl_dense -- `ours` with trax's `tl.Dense` backward pass instead of
-                   `trax_hourglass.layers.Dense`'s (the one difference).
+  ours_tl_dense -- `ours` built inside `trax_hourglass.layers.dense.
+                   jax_backward()`: its Dense layers take jax's derived
+                   backward pass, as `tl.Dense` (the one difference).
 
 Workers import trax (and build these); parents only parse hierarchies
 (`parse_hierarchy`, without importing trax).
@@ -42,11 +43,10 @@ def make_model(name, cfg, mode='train'):
   width = dict(d_model=cfg['d_model'], d_ff=cfg['d_ff'],
                n_heads=cfg['n_heads'], dropout=cfg['dropout'], mode=mode)
   max_len = cfg.get('max_len') or max(2048, cfg['seq_len'])
-  if name == 'ours_tl_dense':  # This worker process only: trax's forward,
-    import trax.layers as tl  # pylint: disable=g-import-not-at-top
+  if name == 'ours_tl_dense':  # `ours`, every Dense differentiated as tl's.
     from trax_hourglass.layers import dense  # pylint: disable=g-import-not-at-top
-    dense.Dense.forward = tl.Dense.forward  # hence jax's derived backward.
-    name = 'ours'
+    with dense.jax_backward():
+      return make_model('ours', cfg, mode)
   if name in ('ours', 'original'):
     if name == 'ours':
       from trax_hourglass import HourglassLM  # pylint: disable=g-import-not-at-top
