@@ -106,14 +106,16 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import boundaries  # pylint: disable=g-import-not-at-top,wrong-import-position
-from equal_time_lib import config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from equal_time_lib import report  # pylint: disable=g-import-not-at-top,wrong-import-position
-from equal_time_lib import run  # pylint: disable=g-import-not-at-top,wrong-import-position
-from equal_time_lib import variants  # pylint: disable=g-import-not-at-top,wrong-import-position
-from equal_time_lib.variants import FIXED  # pylint: disable=g-import-not-at-top,wrong-import-position
-from equal_time_lib.variants import RESAMPLING  # pylint: disable=g-import-not-at-top,wrong-import-position
-from equal_time_lib.variants import SWAPS  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import boundaries
+from equal_time_lib import config
+from equal_time_lib import report
+from equal_time_lib import run
+from equal_time_lib import variants
+from equal_time_lib.variants import FIXED
+from equal_time_lib.variants import RESAMPLING
+from equal_time_lib.variants import SWAPS
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 SUITES = {
     'claim': ('hourglass', 'vanilla', 'transformer6', 'transformer12'),

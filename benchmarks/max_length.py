@@ -100,8 +100,8 @@ def _parser():
 
 def _resolve_config(args):
   cfg = harness.config_from_args(args, REFERENCE, QUICK)
-  train_speed.check_lengths([cfg['granularity']], cfg['hierarchy'],
-                            flag='--granularity')
+  harness.check_lengths([cfg['granularity']], cfg['hierarchy'],
+                        flag='--granularity')
   for name in ('start', 'max_seq_len'):
     if cfg[name] < 1 or cfg[name] % cfg['granularity']:
       raise SystemExit(f'--{name} {cfg[name]} must be a positive multiple of '

@@ -38,9 +38,6 @@ Quick smoke run (tiny sizes, XLA optimization off; numbers mean nothing):
 import functools
 import os
 import sys
-import tempfile
-import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -62,68 +59,11 @@ QUICK = dict(REFERENCE, seq_lens=(48,), tokens_per_step=96, d_model=32,
 LIMIT_STATUSES = ('over memory', 'timeout', 'error')
 
 
-def _train(model_name, cfg, trax, record):
-  """Times `cfg['steps']` training steps of `model_name` into `record`."""
-  from trax import layers as tl  # pylint: disable=g-import-not-at-top
-  from trax.supervised import training  # pylint: disable=g-import-not-at-top
-
-  start = time.perf_counter()
-  model = harness.make_model(model_name, cfg, mode='train')
-  batches = harness.random_lm_batches(
-      cfg['vocab_size'], cfg['batch'], cfg['seq_len'])
-  task = training.TrainTask(
-      labeled_data=batches,
-      loss_layer=tl.WeightedCategoryCrossEntropy(),
-      optimizer=trax.optimizers.Adam(cfg['learning_rate']),
-      lr_schedule=trax.lr.constant(cfg['learning_rate']))
-  with tempfile.TemporaryDirectory() as output_dir:
-    loop = training.Loop(model, [task], output_dir=output_dir,
-                         checkpoint_at=harness.never,
-                         permanent_checkpoint_at=harness.never,
-                         n_devices=1, random_seed=harness.SEED)
-    harness.block(loop.model.weights)
-    record['init_s'] = time.perf_counter() - start
-    record['n_params'] = harness.count_params(loop.model.weights)
-
-    # Untimed: compilation (step 1) and a warm step.
-    start = time.perf_counter()
-    loop.run(cfg['warmup'])
-    harness.block((loop.model.weights, loop.model.state))
-    record['warmup_s'] = time.perf_counter() - start
-
-    # Timed: JAX dispatches asynchronously, so stop the clock only once the
-    # last step's weights exist (they depend on every earlier step).
-    start = time.perf_counter()
-    loop.run(cfg['steps'])
-    harness.block((loop.model.weights, loop.model.state))
-    elapsed = time.perf_counter() - start
-
-    # After the timing, so it cannot disturb it; lowering only traces.
-    if cfg.get('count_flops', True):
-      start = time.perf_counter()
-      try:
-        record['flops_per_step'] = harness.train_step_flops(
-            loop.model, next(batches))
-      except Exception as e:  # pylint: disable=broad-except
-        # Throughput is still a result; report why FLOPs are missing.
-        traceback.print_exc()
-        record['flops_error'] = f'{type(e).__name__}: {e}'
-      record['cost_analysis_s'] = time.perf_counter() - start
-
-  tokens = cfg['steps'] * cfg['batch'] * cfg['seq_len']
-  record.update(timed_s=elapsed, steps=cfg['steps'],
-                tokens_per_s=tokens / elapsed,
-                step_ms=1000. * elapsed / cfg['steps'])
-  if record.get('flops_per_step'):
-    record['gflops_per_s'] = (
-        record['flops_per_step'] * cfg['steps'] / elapsed / 1e9)
-
-
 def _worker(model_name, cfg):
   """Measures one model in this (fresh) process; prints one result line."""
   if model_name == 'matmul_peak':
     return harness.matmul_peak_worker(size=cfg['size'])
-  return harness.work(functools.partial(_train, model_name, cfg), model_name,
+  return harness.work(functools.partial(harness.train_throughput, model_name, cfg), model_name,
                       model=model_name, seq_len=cfg['seq_len'],
                       batch=cfg['batch'])
 
@@ -227,19 +167,8 @@ def _resolve_config(args):
     if cfg[name] not in allowed:
       raise SystemExit(f'--{name} {cfg[name]} must be one of '
                        f'{", ".join(allowed)}.')
-  check_lengths(cfg['seq_lens'], cfg['hierarchy'])
+  harness.check_lengths(cfg['seq_lens'], cfg['hierarchy'])
   return cfg
-
-
-def check_lengths(lengths, hierarchy, flag='--seq_lens'):
-  """SystemExit naming the first length the Hourglass models cannot take."""
-  factor = harness.max_shorten_factor(hierarchy) or 1
-  for length in lengths:
-    if length < 1 or length % factor:
-      raise SystemExit(
-          f'{flag}: sequence length {length} must be a positive multiple of '
-          f'{factor}, the shortening factor of hierarchy {hierarchy!r} '
-          f'(e.g. {factor * 256}, {factor * 512}).')
 
 
 def _summarize(models, seq_lens, runs, peak_gflops):
@@ -365,18 +294,6 @@ def _plot(models, seq_lens, summary, cfg, path):
   return harness.save_figure(fig, path)
 
 
-def _matmul_peak(cfg, when):
-  """`harness.matmul_peak_worker`'s record, in a fresh worker; None if size 0."""
-  if not cfg['matmul_size']:
-    return None
-  record = harness.measure(__file__, 'matmul_peak', dict(
-      size=cfg['matmul_size'], fast_compile=cfg['fast_compile']), 300)
-  harness.log(f'matmul peak ({when}): ' + harness.record_line(
-      record, lambda r: f'{r["gflops_per_s"]:,.1f} GFLOP/s (float32 '
-      f'{cfg["matmul_size"]}^2 x {cfg["matmul_size"]})'))
-  return record
-
-
 def _describe(record):
   return (f'{record["tokens_per_s"]:,.0f} tokens/s, '
           f'{record["step_ms"]:,.1f} ms/step, warmup '
@@ -392,7 +309,8 @@ def _parent(args):
   seq_lens = cfg['seq_lens']
   timeout_s = args.worker_timeout or (600 if args.quick else 3600)
 
-  peaks = [_matmul_peak(cfg, 'before')]
+  peaks = [harness.matmul_peak(__file__, cfg['matmul_size'],
+                               cfg['fast_compile'], 'before')]
   runs, stopped = [], {}
   for length in seq_lens:  # A model stopped at one length skips the longer.
     batch = batch_for(cfg, length)
@@ -400,7 +318,8 @@ def _parent(args):
         models, cfg['rounds'],
         lambda m: measure(m, cfg, length, batch, timeout_s),  # pylint: disable=cell-var-from-loop
         _describe, stopped, label=f'{length} x {batch}, ')
-  peaks.append(_matmul_peak(cfg, 'after'))
+  peaks.append(harness.matmul_peak(__file__, cfg['matmul_size'],
+                                   cfg['fast_compile'], 'after'))
   stopped = {m: dict(seq_len=r['seq_len'], status=r['status'],
                      reason=r['reason']) for m, r in stopped.items()}
 

@@ -73,8 +73,8 @@ def model_fn(variant, cfg):
   return functools.partial(trax_hourglass.HourglassLM, **kwargs)
 
 
-def _UnshiftedShortening(shorten_factor, max_inference_length=2048,  # pylint: disable=invalid-name
-                         ff_sparsity=0, **kwargs):
+def _UnshiftedShortening(  # pylint: disable=invalid-name
+    shorten_factor, max_inference_length=2048, ff_sparsity=0, **kwargs):
   """no_shift's shortening: the default one, of the level's unshifted vectors.
 
   A level shortens (shifted, vecs), its input shifted right by k-1 and itself;

@@ -65,8 +65,9 @@ def factor_table(variants, results, cfg):
   if len(scored) < 2:
     return None
   factors = sorted({f for s in scored.values() for f in s})
-  trained = lambda v: (f'{v}: k in {{{", ".join(map(str, factors))}}}'
-                       if v == 'sfd' else f'{v}: k = {variant_registry.factors(v, cfg)[0]}')
+  trained = lambda v: (
+      f'{v}: k in {{{", ".join(map(str, factors))}}}' if v == 'sfd' else
+      f'{v}: k = {variant_registry.factors(v, cfg)[0]}')
   return harness.markdown_table(
       ['trained with'] + [f'eval at k={f}' for f in factors],
       [[trained(v)] + [harness.fmt(s.get(f), '.3f') for f in factors]
@@ -74,7 +75,8 @@ def factor_table(variants, results, cfg):
 
 
 def plot(variants, results, cfg, title, path):
-  """valid bits/byte vs training seconds, one line per variant; False if no matplotlib."""
+  """Validation bits/byte vs training seconds, one line per variant; False
+  if matplotlib is not installed."""
   plt = harness.pyplot()
   if plt is None:
     return False

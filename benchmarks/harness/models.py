@@ -129,6 +129,17 @@ def max_shorten_factor(hierarchy):
     return None
 
 
+def check_lengths(lengths, hierarchy, flag='--seq_lens'):
+  """SystemExit naming the first length the Hourglass models cannot take."""
+  factor = max_shorten_factor(hierarchy) or 1
+  for length in lengths:
+    if length < 1 or length % factor:
+      raise SystemExit(
+          f'{flag}: sequence length {length} must be a positive multiple of '
+          f'{factor}, the shortening factor of hierarchy {hierarchy!r} '
+          f'(e.g. {factor * 256}, {factor * 512}).')
+
+
 def parse_hierarchy(hierarchy, vanilla_layers=(1, 1)):
   """`trax_hourglass.hierarchy.parse_hierarchy`, without importing trax.
 

@@ -20,6 +20,14 @@ def block(tree):
   return tree
 
 
+def run_steps(loop, n):
+  """Seconds `loop.run(n)` takes until the weights it trains are computed."""
+  start = time.perf_counter()
+  loop.run(n)
+  block((loop.model.weights, loop.model.state))
+  return time.perf_counter() - start
+
+
 def median(xs):
   return statistics.median(xs) if xs else None
 
@@ -102,6 +110,19 @@ def xla_threads():
                for tid in os.listdir('/proc/self/task'))
   except OSError:
     return 0
+
+
+def matmul_peak(script, size, fast_compile, when):
+  """`matmul_peak_worker`'s record, in a fresh worker of `script` (which runs
+  it for the name 'matmul_peak'); None if `size` is 0."""
+  if not size:
+    return None
+  record = workers.measure(script, 'matmul_peak', dict(
+      size=size, fast_compile=fast_compile), 300)
+  workers.log(f'matmul peak ({when}): ' + workers.record_line(
+      record, lambda r: f'{r["gflops_per_s"]:,.1f} GFLOP/s (float32 '
+      f'{size}^2 x {size})'))
+  return record
 
 
 def matmul_peak_worker(size=2048, reps=10, warmup=3):
