@@ -37,7 +37,7 @@ import tempfile
 
 import numpy as np
 
-import _common  # pylint: disable=g-bad-import-order
+import harness  # pylint: disable=g-bad-import-order
 
 KINDS = ('fixed', 'whitespace', 'entropy', 'gumbel', 'unigram')
 # The unigram variant's SentencePiece model: trained on this much of the
@@ -191,13 +191,13 @@ def record_boundaries(model_fn, weights, batches, k, path, record):
 
 def table(variants, results):
   """Markdown: each variant's bits/byte and the shortening it achieved."""
-  rows = [[v, _common.fmt(r['test_bits_per_byte'], '.3f'),
-           _common.fmt(r['segment_length'], '.2f'),
-           _common.fmt(r['shortened_length']),
-           _common.fmt(100 * r['past_bound'], '.2f', suffix='%')]
+  rows = [[v, harness.fmt(r['test_bits_per_byte'], '.3f'),
+           harness.fmt(r['segment_length'], '.2f'),
+           harness.fmt(r['shortened_length']),
+           harness.fmt(100 * r['past_bound'], '.2f', suffix='%')]
           for v, r in ((v, results[v]) for v in variants)
           if 'segment_length' in r]
-  return _common.markdown_table(
+  return harness.markdown_table(
       ['variant', 'test bits/byte', 'bytes/segment (shortening)',
        'shortened length', 'positions past it'], rows)
 
@@ -210,7 +210,7 @@ def marked(text, ends):
 
 def draw(rows, path, title, width=84):
   """One block of lines per (label, text, ends): segments shaded, ends marked."""
-  plt = _common.pyplot()
+  plt = harness.pyplot()
   n_lines = max(math.ceil(len(text) / width) for _, text, _ in rows)
   height = len(rows) * (n_lines + 1.5)
   fig, ax = plt.subplots(figsize=(width * 0.13 + 1.5, height * 0.24 + 0.8))

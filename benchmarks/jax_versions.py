@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 
-import _common
+import harness
 
 TRAIN_SPEED = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                            'train_speed.py')
@@ -49,7 +49,7 @@ def _round(python, i, r, args):
   if not os.path.exists(path):
     subprocess.run([python, TRAIN_SPEED, '--models', 'ours', '--rounds', '1',
                     '--steps', str(args.steps), '--matmul_size', '0',
-                    '--json', path], env=_common.worker_env(), check=True)
+                    '--json', path], env=harness.worker_env(), check=True)
   with open(path) as f:
     runs = [run for run in json.load(f)['runs'] if run['status'] == 'ok']
   if not runs:
@@ -64,22 +64,22 @@ def main(argv=None):
   for r in range(args.rounds):
     for i, python in enumerate(args.pythons):
       runs[i].append(_round(python, i, r, args))
-  base_speed = _common.median([x['tokens_per_s'] for x in runs[0]])
-  base_warmup = _common.median([x['warmup_s'] for x in runs[0]])
+  base_speed = harness.median([x['tokens_per_s'] for x in runs[0]])
+  base_warmup = harness.median([x['warmup_s'] for x in runs[0]])
   rows = []
   for python, rs in zip(args.pythons, runs):
-    speed = _common.median([x['tokens_per_s'] for x in rs])
-    warmup = _common.median([x['warmup_s'] for x in rs])
+    speed = harness.median([x['tokens_per_s'] for x in rs])
+    warmup = harness.median([x['warmup_s'] for x in rs])
     rows.append([
-        rs[0]['jax'], python, _common.fmt(speed),
-        f"{_common.fmt(min(x['tokens_per_s'] for x in rs))}–"
-        f"{_common.fmt(max(x['tokens_per_s'] for x in rs))}",
-        f'{speed / base_speed:.2f}×', _common.fmt(warmup, ',.1f'),
+        rs[0]['jax'], python, harness.fmt(speed),
+        f"{harness.fmt(min(x['tokens_per_s'] for x in rs))}–"
+        f"{harness.fmt(max(x['tokens_per_s'] for x in rs))}",
+        f'{speed / base_speed:.2f}×', harness.fmt(warmup, ',.1f'),
         f'{warmup / base_warmup:.2f}×'])
   cfg = runs[0][0]
   print(f"\n`ours`, {cfg['batch']} x {cfg['seq_len']} tokens per step, "
         f'{args.rounds} rounds each (medians), interpreters alternating:\n')
-  print(_common.markdown_table(
+  print(harness.markdown_table(
       ['jax', 'python', 'tokens/s', 'min–max', 'vs first',
        'warmup s (compiles)', 'vs first'], rows))
 

@@ -22,7 +22,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_speed  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Search settings on top of train_speed's sizes; one timed step at batch 1.
@@ -82,14 +82,14 @@ def search_max_length(fits, start, max_len, granularity, bisect_steps):
 
 
 def _parser():
-  parser = _common.benchmark_parser(
+  parser = harness.benchmark_parser(
       __doc__, quick='Smoke test: train_speed.py --quick sizes, lengths 48 '
       'and 96, XLA optimization off.', timeout='1800, 600 with --quick; an '
       'attempt killed counts as not fitting',
-      models=_common.ALL_MODELS,
+      models=harness.ALL_MODELS,
       json_help='config, every attempt and the result',
       plot_help='peak RSS vs length')
-  _common.add_config_flags(parser, REFERENCE, QUICK, [
+  harness.add_config_flags(parser, REFERENCE, QUICK, [
       ('start', int, 'First length tried.'),
       ('granularity', int, 'Bisection step; every length is a multiple.'),
       ('max_seq_len', int, 'Longest length tried.'),
@@ -99,9 +99,9 @@ def _parser():
 
 
 def _resolve_config(args):
-  cfg = _common.config_from_args(args, REFERENCE, QUICK)
-  train_speed.check_lengths([cfg['granularity']], cfg['hierarchy'],
-                            flag='--granularity')
+  cfg = harness.config_from_args(args, REFERENCE, QUICK)
+  harness.check_lengths([cfg['granularity']], cfg['hierarchy'],
+                        flag='--granularity')
   for name in ('start', 'max_seq_len'):
     if cfg[name] < 1 or cfg[name] % cfg['granularity']:
       raise SystemExit(f'--{name} {cfg[name]} must be a positive multiple of '
@@ -141,18 +141,18 @@ def _table(models, results, cfg):
     r = results[m]
     best = r['longest_info'] or {}
     rows.append([
-        m, _common.fmt(r['longest'], ',', missing='none'),
-        _common.fmt(best.get('peak_rss_mib'), ',.0f'),
-        _common.fmt(best.get('step_ms'), ',.0f'),
-        _common.fmt(r['first_failure'], ',', missing='none'),
+        m, harness.fmt(r['longest'], ',', missing='none'),
+        harness.fmt(best.get('peak_rss_mib'), ',.0f'),
+        harness.fmt(best.get('step_ms'), ',.0f'),
+        harness.fmt(r['first_failure'], ',', missing='none'),
         _why(r, cfg).replace('|', '/'),
         ' '.join(f'{n}{"" if ok else "x"}' for n, ok, _ in r['tried'])])
-  return _common.markdown_table(headers, rows, align='lrrrrll')
+  return harness.markdown_table(headers, rows, align='lrrrrll')
 
 
 def _plot(models, results, cfg, path):
   """Peak RSS vs length (log-log) with the limit; False if no matplotlib."""
-  plt = _common.pyplot()
+  plt = harness.pyplot()
   if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(8, 5))
@@ -182,18 +182,18 @@ def _plot(models, results, cfg, path):
   ax.set_yscale('log')  # The limit line is always there: log has data.
   doubling = sorted(n for n in lengths if (n // cfg['start']) & (
       n // cfg['start'] - 1) == 0)  # Powers of two times --start.
-  _common.length_axis(ax, doubling, 'sequence length (batch 1)')
+  harness.length_axis(ax, doubling, 'sequence length (batch 1)')
   ax.set_ylabel('worker peak RSS (MiB); x: did not fit')
   ax.set_title(f'Training memory vs length, d_model {cfg["d_model"]}, '
                f'hierarchy {cfg["hierarchy"]!r}'
-               + (_common.QUICK_NOTE if cfg['fast_compile'] else ''),
+               + (harness.QUICK_NOTE if cfg['fast_compile'] else ''),
                fontsize=10)
-  return _common.save_figure(fig, path)
+  return harness.save_figure(fig, path)
 
 
 def _parent(args):
-  models = _common.parse_names(
-      args.models, _common.ALL_MODELS + _common.ABLATION_MODELS)
+  models = harness.parse_names(
+      args.models, harness.ALL_MODELS + harness.ABLATION_MODELS)
   cfg = _resolve_config(args)
   timeout_s = args.worker_timeout or (600 if args.quick else 1800)
 
@@ -201,7 +201,7 @@ def _parent(args):
   for m in models:
     def fits(length, m=m):
       record = train_speed.measure(m, cfg, length, 1, timeout_s)
-      _common.log(f'{m} at {length:,}: ' + _common.record_line(
+      harness.log(f'{m} at {length:,}: ' + harness.record_line(
           record, lambda r: f'fits, {r["step_ms"]:,.0f} ms/step'))
       return record['status'] == 'ok', record
     results[m] = search_max_length(fits, cfg['start'], cfg['max_seq_len'],
@@ -214,16 +214,16 @@ def _parent(args):
         f'{cfg["hierarchy"]!r}; lengths {cfg["start"]} x 2^n up to '
         f'{cfg["max_seq_len"]}, then {cfg["bisect_steps"]} bisection steps in '
         f'multiples of {cfg["granularity"]}'
-        + (_common.QUICK_NOTE if cfg['fast_compile'] else '') + '.\n')
+        + (harness.QUICK_NOTE if cfg['fast_compile'] else '') + '.\n')
   print(_table(models, results, cfg))
   print('\n"lengths tried": in order; x = did not fit.')
 
-  plot_path = _common.plot_path(args)
+  plot_path = harness.plot_path(args)
   if plot_path:
-    _common.write_plot(lambda path: _plot(models, results, cfg, path),
+    harness.write_plot(lambda path: _plot(models, results, cfg, path),
                        plot_path)
   if args.json:
-    _common.write_json(args.json, benchmark='max_length', config=cfg,
+    harness.write_json(args.json, benchmark='max_length', config=cfg,
                        models=models, results=results,
                        plot=plot_path)
   # An error (not over memory / timeout) at the very first length is a bug.
@@ -233,7 +233,7 @@ def _parent(args):
 
 
 def main(argv=None):
-  return _common.main(_parser(), None, _parent, argv)
+  return harness.main(_parser(), None, _parent, argv)
 
 
 if __name__ == '__main__':

@@ -59,17 +59,14 @@ nothing; used by tests/test_benchmarks.py):
 """
 
 import functools
-import glob
-import gzip
-import json
 import os
-import re
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
+from harness.profiling import device_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 ARCHITECTURES = ('ours', 'ours_rotary', 'ours_sparse', 'original',
                  'transformer12')
@@ -118,7 +115,7 @@ def _parse_model(name):
 
 def _buffer_len(cfg):
   """The original's fixed buffer: n_tokens rounded up to its shorten factor."""
-  factor = _common.max_shorten_factor(cfg['hierarchy']) or 1
+  factor = harness.max_shorten_factor(cfg['hierarchy']) or 1
   return -(-cfg['n_tokens'] // factor) * factor
 
 
@@ -131,7 +128,7 @@ def _build(arch, cfg):
     gin.bind_parameter('trax.layers.CausalAttention.max_inference_length',
                        cfg['max_len'])
   if arch in ('original', 'transformer12'):
-    return _common.make_model(arch, dict(cfg, seq_len=_buffer_len(cfg)),
+    return harness.make_model(arch, dict(cfg, seq_len=_buffer_len(cfg)),
                               mode='eval' if arch == 'original' else 'predict')
   import trax_hourglass as th  # pylint: disable=g-import-not-at-top
   extra = {}
@@ -202,66 +199,7 @@ def _profile_sample(decoding, model, cfg):
                       temperature=cfg['temperature'])
       wall_s = time.perf_counter() - start
     ops = device_ops(trace_dir)
-  n = cfg['n_tokens']
-  by_name = {}
-  for name, _, dur_us in ops:
-    kind = re.sub(r'([._]\d+)+$', '', name)  # fusion.12 -> fusion
-    count, total = by_name.get(kind, (0, 0.))
-    by_name[kind] = (count + 1, total + dur_us)
-  top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:cfg['profile']]
-  return dict(
-      wall_ms_per_token=1000. * wall_s / n, ops_per_token=len(ops) / n,
-      busy_ms_per_token=sum(d for *_, d in ops) / 1000. / n,
-      top=[(name, count / n, total / 1000. / n)
-           for name, (count, total) in top])
-
-
-def device_ops(trace_dir):
-  """[(name, start µs, duration µs)]: the device operations of a trace.
-
-  Reads the perfetto trace `jax.profiler.trace(create_perfetto_trace=True)`
-  writes. On an accelerator these are the events of its device planes' GPU
-  streams (kernels, copies; untested here) or else their 'XLA Ops' lines
-  (TPUs), not the lines derived from them; on the CPU, those of XLA's own
-  threads, less its runtime functions (named with '::') and the
-  'end: <operation>' mark inside each operation. Only innermost events count:
-  a loop or a conditional is counted as the operations it runs.
-  """
-  path, = glob.glob(os.path.join(trace_dir, '**', 'perfetto_trace.json.gz'),
-                    recursive=True)
-  with gzip.open(path, 'rt') as f:
-    events = json.load(f)
-  events = events['traceEvents'] if isinstance(events, dict) else events
-  names = {(e['name'], e.get('pid'), e.get('tid')): e.get('args', {}).get(
-      'name', '') for e in events if e.get('ph') == 'M'}
-  devices = {pid for (kind, pid, _), name in names.items()
-             if kind == 'process_name' and name.startswith('/device:')}
-  lines = {(pid, tid): name for (kind, pid, tid), name in names.items()
-           if kind == 'thread_name'}
-  device_lines = {k: n for k, n in lines.items() if k[0] in devices}
-  line = ('Stream' if any(n.startswith('Stream') for n in
-                          device_lines.values()) else 'XLA Ops')
-
-  def is_device(e):
-    name = lines.get((e.get('pid'), e.get('tid')), '')
-    if devices:
-      return e.get('pid') in devices and name.startswith(line)
-    return (name.startswith('tf_XLA') and '::' not in e['name']
-            and not e['name'].startswith('end: '))
-
-  lanes = {}
-  for e in events:
-    if e.get('ph') == 'X' and is_device(e):
-      lanes.setdefault((e['pid'], e['tid']), []).append(
-          (float(e['ts']), float(e.get('dur', 0.)), e['name']))
-  ops = []
-  for lane in lanes.values():
-    lane.sort(key=lambda x: (x[0], -x[1]))  # Enclosing events first.
-    for i, (ts, dur, name) in enumerate(lane):
-      inner = i + 1 < len(lane) and lane[i + 1][0] < ts + dur
-      if not inner:
-        ops.append((name, ts, dur))
-  return ops
+  return harness.per_unit(ops, wall_s, cfg['n_tokens'], cfg['profile'])
 
 
 def _time_original(trax, model, cfg):
@@ -269,8 +207,8 @@ def _time_original(trax, model, cfg):
   import numpy as np  # pylint: disable=g-import-not-at-top
   fwd = trax.fastmath.jit(lambda x, w, s, r: model.pure_fn(x, w, s, r)[0])
   weights, state = model.weights, model.state
-  rng = trax.fastmath.random.get_prng(_common.SEED)
-  sampler = np.random.default_rng(_common.SEED)
+  rng = trax.fastmath.random.get_prng(harness.SEED)
+  sampler = np.random.default_rng(harness.SEED)
   buffer = np.zeros((1, _buffer_len(cfg)), np.int32)
 
   def next_token(t):
@@ -331,9 +269,9 @@ def _measure(model_name, cfg, trax, record):
   batch = 1 if arch == 'original' else cfg['batch']
   length = _buffer_len(cfg) if arch == 'original' else 1
   model.init(trax.shapes.ShapeDtype((batch, length), np.int32))
-  _common.block(model.weights)
+  harness.block(model.weights)
   record['init_s'] = time.perf_counter() - start
-  record['n_params'] = _common.count_params(model.weights)
+  record['n_params'] = harness.count_params(model.weights)
   if arch in ('ours', 'ours_sparse'):
     record['weight_bytes_per_token'] = weight_bytes_per_token(model)
   if arch == 'original':
@@ -350,13 +288,13 @@ def _measure(model_name, cfg, trax, record):
 def _worker(model_name, cfg):
   """Measures one model in this (fresh) process; prints one result line."""
   arch = _parse_model(model_name)[0]
-  return _common.work(functools.partial(_measure, model_name, cfg),
+  return harness.work(functools.partial(_measure, model_name, cfg),
                       'ours' if arch.startswith('ours') else arch,
                       model=model_name)
 
 
 def _parser():
-  parser = _common.benchmark_parser(
+  parser = harness.benchmark_parser(
       __doc__, quick='Smoke test: tiny sizes, 1 round, XLA optimization off; '
       'explicit flags below still override.', timeout='1800, 600 with --quick',
       models=None, json_help='config, every run and the summary',
@@ -366,9 +304,9 @@ def _parser():
   parser.add_argument('--models', default=None,
                       help="Comma-separated subset of the suite's models "
                       '(default: all of them).')
-  _common.add_config_flags(parser, REFERENCE, QUICK, [
+  harness.add_config_flags(parser, REFERENCE, QUICK, [
       ('d_model', int), ('d_ff', int), ('n_heads', int), ('hierarchy', str),
-      ('vanilla_layers', _common.parse_int_tuple), ('n_tokens', int),
+      ('vanilla_layers', harness.parse_int_tuple), ('n_tokens', int),
       ('original_tokens', int), ('max_len', int), ('batch', int),
       ('ff_sparsity', int), ('warmup', int), ('temperature', float),
       ('rounds', int), ('repeats', int),
@@ -380,7 +318,7 @@ def _parser():
 
 def _resolve_config(args):
   overrides = SUITES[args.suite][0]
-  cfg = _common.config_from_args(
+  cfg = harness.config_from_args(
       args, dict(REFERENCE, **overrides),
       dict(QUICK, **{k: v for k, v in overrides.items() if k == 'batch'}))
   if cfg['warmup'] < 1 or cfg['n_tokens'] <= cfg['warmup']:
@@ -406,15 +344,15 @@ def _summarize(models, runs):
   for m in models:
     ok = [r for r in runs if r['model'] == m and r['status'] == 'ok']
     summary[m] = dict(
-        n_runs=len(ok), **_common.spread(ok, 'tokens_per_s'),
-        ms_per_token_median=_common.median([r['ms_per_token'] for r in ok]),
-        compile_s_median=_common.median(
+        n_runs=len(ok), **harness.spread(ok, 'tokens_per_s'),
+        ms_per_token_median=harness.median([r['ms_per_token'] for r in ok]),
+        compile_s_median=harness.median(
             [sum(r['first_tokens_ms']) / 1000. for r in ok]),
         peak_rss_mib_max=max((r['peak_rss_mib'] for r in ok), default=None),
         n_params=ok[0]['n_params'] if ok else None,
         weight_bytes_per_token=ok[0].get('weight_bytes_per_token') if ok
         else None)
-  _common.add_ratios(summary, models)
+  harness.add_ratios(summary, models)
   return summary
 
 
@@ -426,26 +364,16 @@ def _table(models, summary, baselines):
   for m in models:
     s = summary[m]
     rows.append(
-        [m, _common.fmt(s['n_params'], ','),
-         _common.fmt(s['tokens_per_s_median'], ',.1f'),
-         _common.fmt(s['tokens_per_s_min'], ',.1f'),
-         _common.fmt(s['tokens_per_s_max'], ',.1f')]
-        + [_common.fmt(s[f'ratio_vs_{b}'], '.2f', suffix='x')
+        [m, harness.fmt(s['n_params'], ','),
+         harness.fmt(s['tokens_per_s_median'], ',.1f'),
+         harness.fmt(s['tokens_per_s_min'], ',.1f'),
+         harness.fmt(s['tokens_per_s_max'], ',.1f')]
+        + [harness.fmt(s[f'ratio_vs_{b}'], '.2f', suffix='x')
            for b in baselines]
-        + [_common.fmt(s['ms_per_token_median'], ',.2f'),
-           _common.fmt(s['peak_rss_mib_max'], ',.0f'),
-           _common.fmt(s['compile_s_median'], '.1f'), s['n_runs']])
-  return _common.markdown_table(headers, rows)
-
-
-def _profile_table(model, profile):
-  """A traced call of `model` (its median run), per generated token."""
-  rows = [[name, _common.fmt(count, ',.1f'), _common.fmt(ms, ',.3f')]
-          for name, count, ms in profile['top']]
-  return (f'\n{model}, one traced call, per token: {profile["wall_ms_per_token"]:.2f}'
-          f' ms wall, {profile["ops_per_token"]:,.0f} device operations busy '
-          f'for {profile["busy_ms_per_token"]:.2f} ms; the longest:\n\n'
-          + _common.markdown_table(['operation', 'count', 'ms'], rows))
+        + [harness.fmt(s['ms_per_token_median'], ',.2f'),
+           harness.fmt(s['peak_rss_mib_max'], ',.0f'),
+           harness.fmt(s['compile_s_median'], '.1f'), s['n_runs']])
+  return harness.markdown_table(headers, rows)
 
 
 def _median_run(runs, model, field):
@@ -471,7 +399,7 @@ def _plot(runs, models, cfg, path):
   if not any(lines.values()):
     # Progress comes about once a second: a shorter call has no interval.
     return 'the timed calls were too short for progress reports to plot'
-  plt = _common.pyplot()
+  plt = harness.pyplot()
   if plt is None:
     return False
   fig, ax = plt.subplots(figsize=(7, 4))
@@ -483,24 +411,24 @@ def _plot(runs, models, cfg, path):
   ax.set_ylim(bottom=0)
   ax.set_title(f'batch {cfg["batch"]}, max_len {cfg["max_len"]}, '
                f'd_model {cfg["d_model"]}', fontsize=9)
-  return _common.save_figure(fig, path)
+  return harness.save_figure(fig, path)
 
 
 def _parent(args):
   cfg = _resolve_config(args)
   suite_models, ratios = SUITES[args.suite][1], SUITES[args.suite][2]
   models = (suite_models if args.models is None else
-            _common.parse_names(args.models, suite_models))
+            harness.parse_names(args.models, suite_models))
   timeout_s = args.worker_timeout or (600 if args.quick else 1800)
   stopped = {}
-  runs = _common.run_rounds(
+  runs = harness.run_rounds(
       models, cfg['rounds'],
-      lambda m: _common.measure(__file__, m, cfg, timeout_s),
+      lambda m: harness.measure(__file__, m, cfg, timeout_s),
       lambda r: (f'{r["tokens_per_s"]:,.1f} tokens/s ({r["timed_tokens"]} '
                  'timed), first tokens '
                  + ', '.join(f'{x:,.0f}' for x in r['first_tokens_ms'])
                  + ' ms'), stopped)
-  skipped, failed = _common.split_stopped(stopped)
+  skipped, failed = harness.split_stopped(stopped)
   failed = {m: r['reason'] for m, r in failed.items()}
   summary = _summarize(models, runs)
   ran = [m for m in models if m not in skipped]
@@ -518,7 +446,7 @@ def _parent(args):
            else '') + f', {cfg["rounds"]} rounds'
         + (f', on {runs[0]["backend"]} ({runs[0]["device_kind"]})'
            if runs and 'backend' in runs[0] else '')
-        + (_common.QUICK_NOTE if cfg['fast_compile'] else '') + ':\n')
+        + (harness.QUICK_NOTE if cfg['fast_compile'] else '') + ':\n')
   print(_table(ran, summary, baselines))
   lines = [f'{m} / {base}: {summary[m][f"ratio_vs_{base}"]:.2f}x'
            for m, base in ratios
@@ -541,23 +469,23 @@ def _parent(args):
     print('\n' + '\n'.join(lines))
   for m in ran:
     if run := _median_run(runs, m, 'profile'):
-      print(_profile_table(m, run['profile']))
+      print(harness.per_unit_table(m, run['profile']))
   for m, reason in skipped.items():
     print(f'\n{m}: skipped, {reason}')
   for m, reason in failed.items():
     print(f'\n{m}: FAILED, {reason}')
   if args.json:
-    _common.write_json(args.json, benchmark='sample_speed', suite=args.suite,
+    harness.write_json(args.json, benchmark='sample_speed', suite=args.suite,
                        config=cfg, models=models, summary=summary, runs=runs,
                        skipped=skipped, failed=failed)
-  plot = _common.plot_path(args)
+  plot = harness.plot_path(args)
   if plot and any(_parse_model(m)[1] for m in ran):
-    _common.write_plot(functools.partial(_plot, runs, ran, cfg), plot)
+    harness.write_plot(functools.partial(_plot, runs, ran, cfg), plot)
   return 1 if failed or not any(r['status'] == 'ok' for r in runs) else 0
 
 
 def main(argv=None):
-  return _common.main(_parser(), _worker, _parent, argv)
+  return harness.main(_parser(), _worker, _parent, argv)
 
 
 if __name__ == '__main__':

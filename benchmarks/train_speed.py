@@ -1,7 +1,7 @@
 """Training throughput (tokens/s) of Hourglass vs. the original and Transformers.
 
 Tokens per second of a real `trax.supervised.training.Loop` (forward, backward
-and Adam update, dropout on) for the models of `_common.make_model`: ours, the
+and Adam update, dropout on) for the models of `harness.make_model`: ours, the
 original (trax 1.4.1's), TransformerLM with 6 and 12 layers of the same width.
 
 Reference configuration (the defaults): vocab 256, vanilla_layers (2, 2),
@@ -18,7 +18,7 @@ steps (the first compiles), then `loop.run(--steps)` timed until the weights
 are computed. Rounds rotate the models' order; the table has medians, min/max,
 ratios to `original` and `transformer6`, and each worker's peak RSS. GFLOP/s:
 XLA's cost analysis of one lowered forward + backward step
-(`_common.train_step_flops`) x steps / seconds; "% of matmul peak" divides it
+(`harness.train_step_flops`) x steps / seconds; "% of matmul peak" divides it
 by a float32 `--matmul_size`^2 matmul timed in its own worker before and after
 the models (the larger of the two).
 
@@ -38,12 +38,9 @@ Quick smoke run (tiny sizes, XLA optimization off; numbers mean nothing):
 import functools
 import os
 import sys
-import tempfile
-import time
-import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Sizes: the paper-style reference, and a tiny one that compiles in seconds.
 # batch None: max(1, tokens_per_step // seq_len) at each length.
@@ -54,7 +51,7 @@ REFERENCE = dict(vocab_size=256, seq_lens=(768,), tokens_per_step=6144,
                  steps=10, warmup=2, rounds=3, fast_compile=False,
                  max_rss_gib=20., matmul_size=2048, count_flops=True,
                  dtype='float32', remat='none')
-# fast_compile: `_common.FAST_COMPILE_XLA_FLAGS`.
+# fast_compile: `harness.workers.FAST_COMPILE_XLA_FLAGS`.
 QUICK = dict(REFERENCE, seq_lens=(48,), tokens_per_step=96, d_model=32,
              d_ff=64, n_heads=2, vanilla_layers=(1, 1), hierarchy='1@3',
              steps=2, warmup=2, rounds=1, fast_compile=True, matmul_size=512)
@@ -62,68 +59,11 @@ QUICK = dict(REFERENCE, seq_lens=(48,), tokens_per_step=96, d_model=32,
 LIMIT_STATUSES = ('over memory', 'timeout', 'error')
 
 
-def _train(model_name, cfg, trax, record):
-  """Times `cfg['steps']` training steps of `model_name` into `record`."""
-  from trax import layers as tl  # pylint: disable=g-import-not-at-top
-  from trax.supervised import training  # pylint: disable=g-import-not-at-top
-
-  start = time.perf_counter()
-  model = _common.make_model(model_name, cfg, mode='train')
-  batches = _common.random_lm_batches(
-      cfg['vocab_size'], cfg['batch'], cfg['seq_len'])
-  task = training.TrainTask(
-      labeled_data=batches,
-      loss_layer=tl.WeightedCategoryCrossEntropy(),
-      optimizer=trax.optimizers.Adam(cfg['learning_rate']),
-      lr_schedule=trax.lr.constant(cfg['learning_rate']))
-  with tempfile.TemporaryDirectory() as output_dir:
-    loop = training.Loop(model, [task], output_dir=output_dir,
-                         checkpoint_at=_common.never,
-                         permanent_checkpoint_at=_common.never,
-                         n_devices=1, random_seed=_common.SEED)
-    _common.block(loop.model.weights)
-    record['init_s'] = time.perf_counter() - start
-    record['n_params'] = _common.count_params(loop.model.weights)
-
-    # Untimed: compilation (step 1) and a warm step.
-    start = time.perf_counter()
-    loop.run(cfg['warmup'])
-    _common.block((loop.model.weights, loop.model.state))
-    record['warmup_s'] = time.perf_counter() - start
-
-    # Timed: JAX dispatches asynchronously, so stop the clock only once the
-    # last step's weights exist (they depend on every earlier step).
-    start = time.perf_counter()
-    loop.run(cfg['steps'])
-    _common.block((loop.model.weights, loop.model.state))
-    elapsed = time.perf_counter() - start
-
-    # After the timing, so it cannot disturb it; lowering only traces.
-    if cfg.get('count_flops', True):
-      start = time.perf_counter()
-      try:
-        record['flops_per_step'] = _common.train_step_flops(
-            loop.model, next(batches))
-      except Exception as e:  # pylint: disable=broad-except
-        # Throughput is still a result; report why FLOPs are missing.
-        traceback.print_exc()
-        record['flops_error'] = f'{type(e).__name__}: {e}'
-      record['cost_analysis_s'] = time.perf_counter() - start
-
-  tokens = cfg['steps'] * cfg['batch'] * cfg['seq_len']
-  record.update(timed_s=elapsed, steps=cfg['steps'],
-                tokens_per_s=tokens / elapsed,
-                step_ms=1000. * elapsed / cfg['steps'])
-  if record.get('flops_per_step'):
-    record['gflops_per_s'] = (
-        record['flops_per_step'] * cfg['steps'] / elapsed / 1e9)
-
-
 def _worker(model_name, cfg):
   """Measures one model in this (fresh) process; prints one result line."""
   if model_name == 'matmul_peak':
-    return _common.matmul_peak_worker(size=cfg['size'])
-  return _common.work(functools.partial(_train, model_name, cfg), model_name,
+    return harness.matmul_peak_worker(size=cfg['size'])
+  return harness.work(functools.partial(harness.train_throughput, model_name, cfg), model_name,
                       model=model_name, seq_len=cfg['seq_len'],
                       batch=cfg['batch'])
 
@@ -140,7 +80,7 @@ def measure(model_name, cfg, seq_len, batch, timeout_s):
   (killed by the `cfg['max_rss_gib']` guard), 'timeout' or 'error'; it
   carries the worker's peak RSS (at the kill, if killed).
   """
-  record = _common.measure(__file__, model_name,
+  record = harness.measure(__file__, model_name,
                            dict(cfg, seq_len=seq_len, batch=batch), timeout_s,
                            max_rss_mib=cfg['max_rss_gib'] * 1024. or None)
   record.update(seq_len=seq_len, batch=batch)
@@ -160,11 +100,11 @@ def parse_lengths(text, flag='--seq_lens'):
 
 
 def _parser():
-  parser = _common.benchmark_parser(
+  parser = harness.benchmark_parser(
       __doc__, quick='Smoke test: tiny sizes, 1 round, 2 steps, XLA '
       'optimization off; explicit flags below still override.',
       timeout='3600, 600 with --quick',
-      models=_common.ALL_MODELS,
+      models=harness.ALL_MODELS,
       json_help='config, every run and the summary',
       plot_help='ms per 1k tokens and peak RSS vs length')
   parser.add_argument('--seq_lens', default=None,
@@ -178,10 +118,10 @@ def _parser():
   parser.add_argument('--batch', type=int, default=None,
                       help='Sequences per step at every length (default: '
                       'max(1, --tokens_per_step // length)).')
-  _common.add_config_flags(parser, REFERENCE, QUICK, [
+  harness.add_config_flags(parser, REFERENCE, QUICK, [
       ('tokens_per_step', int, 'Tokens per step when --batch is not given.'),
       ('d_model', int), ('d_ff', int), ('n_heads', int), ('hierarchy', str),
-      ('vanilla_layers', _common.parse_int_tuple),
+      ('vanilla_layers', harness.parse_int_tuple),
       ('dropout', float), ('learning_rate', float),
       ('steps', int), ('warmup', int), ('rounds', int),
       ('max_rss_gib', float, 'A worker whose resident memory exceeds this is '
@@ -195,7 +135,7 @@ def _parser():
 
 
 def _resolve_config(args):
-  cfg = _common.config_from_args(args, REFERENCE, QUICK, skip=('seq_lens',))
+  cfg = harness.config_from_args(args, REFERENCE, QUICK, skip=('seq_lens',))
   if args.seq_len is not None and args.seq_lens is not None:
     raise SystemExit(f'Give --seq_len {args.seq_len} or --seq_lens '
                      f'{args.seq_lens}, not both.')
@@ -227,19 +167,8 @@ def _resolve_config(args):
     if cfg[name] not in allowed:
       raise SystemExit(f'--{name} {cfg[name]} must be one of '
                        f'{", ".join(allowed)}.')
-  check_lengths(cfg['seq_lens'], cfg['hierarchy'])
+  harness.check_lengths(cfg['seq_lens'], cfg['hierarchy'])
   return cfg
-
-
-def check_lengths(lengths, hierarchy, flag='--seq_lens'):
-  """SystemExit naming the first length the Hourglass models cannot take."""
-  factor = _common.max_shorten_factor(hierarchy) or 1
-  for length in lengths:
-    if length < 1 or length % factor:
-      raise SystemExit(
-          f'{flag}: sequence length {length} must be a positive multiple of '
-          f'{factor}, the shortening factor of hierarchy {hierarchy!r} '
-          f'(e.g. {factor * 256}, {factor * 512}).')
 
 
 def _summarize(models, seq_lens, runs, peak_gflops):
@@ -254,8 +183,8 @@ def _summarize(models, seq_lens, runs, peak_gflops):
     for m in models:
       mine = [r for r in runs if r['model'] == m and r['seq_len'] == length]
       ok = [r for r in mine if r['status'] == 'ok']
-      tps = _common.spread(ok, 'tokens_per_s')
-      gflops_median = _common.median(
+      tps = harness.spread(ok, 'tokens_per_s')
+      gflops_median = harness.median(
           [r['gflops_per_s'] for r in ok if r.get('gflops_per_s')])
       failed = [r for r in mine if r['status'] != 'ok']
       stop = next((r for r in runs if r['model'] == m
@@ -268,10 +197,10 @@ def _summarize(models, seq_lens, runs, peak_gflops):
               else 'skipped'),
           reason=failed[0].get('reason') if failed else None,
           n_runs=len(ok), **tps,
-          step_ms_median=_common.median([r['step_ms'] for r in ok]),
+          step_ms_median=harness.median([r['step_ms'] for r in ok]),
           ms_per_1k_tokens=(1e6 / tps['tokens_per_s_median']
                             if tps['tokens_per_s_median'] else None),
-          warmup_s_median=_common.median([r['warmup_s'] for r in ok]),
+          warmup_s_median=harness.median([r['warmup_s'] for r in ok]),
           # Of ok runs; of the killed run if none (its RSS at the kill).
           peak_rss_mib_max=max((r['peak_rss_mib'] for r in ok or mine),
                                default=None),
@@ -280,7 +209,7 @@ def _summarize(models, seq_lens, runs, peak_gflops):
           gflops_per_s_median=gflops_median,
           pct_of_matmul_peak=(100. * gflops_median / peak_gflops
                               if gflops_median and peak_gflops else None))
-    _common.add_ratios(rows, _common.BASELINES)
+    harness.add_ratios(rows, harness.BASELINES)
   return summary
 
 
@@ -294,28 +223,28 @@ def _table(models, seq_lens, summary):
     for m in models:
       s = summary[str(length)][m]
       rows.append([
-          length, m, _common.fmt(s['batch'], ','),
-          _common.fmt(s['n_params'], ','),
-          _common.fmt(s['tokens_per_s_median']),
-          _common.fmt(s['tokens_per_s_min']),
-          _common.fmt(s['tokens_per_s_max']),
-          _common.fmt(s['ratio_vs_original'], '.2f', suffix='x'),
-          _common.fmt(s['ratio_vs_transformer6'], '.2f', suffix='x'),
-          _common.fmt(s['step_ms_median'], ',.1f'),
-          _common.fmt(s['ms_per_1k_tokens'], ',.1f'),
-          _common.fmt(s['peak_rss_mib_max'], ',.0f'),
-          _common.fmt(s['flops_per_step'] and s['flops_per_step'] / 1e9,
+          length, m, harness.fmt(s['batch'], ','),
+          harness.fmt(s['n_params'], ','),
+          harness.fmt(s['tokens_per_s_median']),
+          harness.fmt(s['tokens_per_s_min']),
+          harness.fmt(s['tokens_per_s_max']),
+          harness.fmt(s['ratio_vs_original'], '.2f', suffix='x'),
+          harness.fmt(s['ratio_vs_transformer6'], '.2f', suffix='x'),
+          harness.fmt(s['step_ms_median'], ',.1f'),
+          harness.fmt(s['ms_per_1k_tokens'], ',.1f'),
+          harness.fmt(s['peak_rss_mib_max'], ',.0f'),
+          harness.fmt(s['flops_per_step'] and s['flops_per_step'] / 1e9,
                       ',.3g'),
-          _common.fmt(s['gflops_per_s_median'], ',.2f'),
-          _common.fmt(s['pct_of_matmul_peak'], '.1f', suffix='%'),
-          _common.fmt(s['warmup_s_median'], '.1f'),
+          harness.fmt(s['gflops_per_s_median'], ',.2f'),
+          harness.fmt(s['pct_of_matmul_peak'], '.1f', suffix='%'),
+          harness.fmt(s['warmup_s_median'], '.1f'),
           s['n_runs'], s['status']])
-  return _common.markdown_table(headers, rows, align='rl' + 'r' * 15 + 'l')
+  return harness.markdown_table(headers, rows, align='rl' + 'r' * 15 + 'l')
 
 
 def _plot(models, seq_lens, summary, cfg, path):
   """ms per 1k tokens and peak RSS vs length (log-log); False if no matplotlib."""
-  plt = _common.pyplot()
+  plt = harness.pyplot()
   if plt is None:
     return False
   fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 5))
@@ -352,7 +281,7 @@ def _plot(models, seq_lens, summary, cfg, path):
            f'{cfg["tokens_per_step"]:,} tokens/step')
   for ax, ylabel in [(ax_t, 'ms per 1,000 training tokens'),
                      (ax_m, 'worker peak RSS (MiB)')]:
-    _common.length_axis(ax, seq_lens, 'sequence length (tokens)')
+    harness.length_axis(ax, seq_lens, 'sequence length (tokens)')
     if any(y > 0 for l in ax.get_lines() for y in l.get_ydata()
            if l.get_transform() == ax.transData):  # Log of nothing fails.
       ax.set_yscale('log')
@@ -360,21 +289,9 @@ def _plot(models, seq_lens, summary, cfg, path):
   fig.suptitle(f'Training step, {batch}, d_model {cfg["d_model"]}, '
                f'hierarchy {cfg["hierarchy"]!r}, vanilla_layers '
                f'{tuple(cfg["vanilla_layers"])}'
-               + (_common.QUICK_NOTE if cfg['fast_compile'] else ''),
+               + (harness.QUICK_NOTE if cfg['fast_compile'] else ''),
                fontsize=10)
-  return _common.save_figure(fig, path)
-
-
-def _matmul_peak(cfg, when):
-  """`_common.matmul_peak_worker`'s record, in a fresh worker; None if size 0."""
-  if not cfg['matmul_size']:
-    return None
-  record = _common.measure(__file__, 'matmul_peak', dict(
-      size=cfg['matmul_size'], fast_compile=cfg['fast_compile']), 300)
-  _common.log(f'matmul peak ({when}): ' + _common.record_line(
-      record, lambda r: f'{r["gflops_per_s"]:,.1f} GFLOP/s (float32 '
-      f'{cfg["matmul_size"]}^2 x {cfg["matmul_size"]})'))
-  return record
+  return harness.save_figure(fig, path)
 
 
 def _describe(record):
@@ -386,21 +303,23 @@ def _describe(record):
 
 
 def _parent(args):
-  models = _common.parse_names(
-      args.models, _common.ALL_MODELS + _common.ABLATION_MODELS)
+  models = harness.parse_names(
+      args.models, harness.ALL_MODELS + harness.ABLATION_MODELS)
   cfg = _resolve_config(args)
   seq_lens = cfg['seq_lens']
   timeout_s = args.worker_timeout or (600 if args.quick else 3600)
 
-  peaks = [_matmul_peak(cfg, 'before')]
+  peaks = [harness.matmul_peak(__file__, cfg['matmul_size'],
+                               cfg['fast_compile'], 'before')]
   runs, stopped = [], {}
   for length in seq_lens:  # A model stopped at one length skips the longer.
     batch = batch_for(cfg, length)
-    runs += _common.run_rounds(
+    runs += harness.run_rounds(
         models, cfg['rounds'],
         lambda m: measure(m, cfg, length, batch, timeout_s),  # pylint: disable=cell-var-from-loop
         _describe, stopped, label=f'{length} x {batch}, ')
-  peaks.append(_matmul_peak(cfg, 'after'))
+  peaks.append(harness.matmul_peak(__file__, cfg['matmul_size'],
+                                   cfg['fast_compile'], 'after'))
   stopped = {m: dict(seq_len=r['seq_len'], status=r['status'],
                      reason=r['reason']) for m, r in stopped.items()}
 
@@ -415,14 +334,14 @@ def _parent(args):
         f'{cfg["n_heads"]}, vanilla_layers {tuple(cfg["vanilla_layers"])}, '
         f'hierarchy {cfg["hierarchy"]!r}, {cfg["steps"]} timed steps x '
         f'{cfg["rounds"]} rounds{device}'
-        + (_common.QUICK_NOTE if cfg['fast_compile'] else '') + '.')
+        + (harness.QUICK_NOTE if cfg['fast_compile'] else '') + '.')
   if cfg['matmul_size']:
     before, after = (
-        _common.fmt(p and p.get('gflops_per_s'), ',.1f') for p in peaks)
+        harness.fmt(p and p.get('gflops_per_s'), ',.1f') for p in peaks)
     print(f'Matmul peak (float32 {cfg["matmul_size"]}^2 x '
           f'{cfg["matmul_size"]}, median of 10): {before} GFLOP/s before, '
           f'{after} after the models; "% of matmul peak" uses '
-          f'{_common.fmt(peak_gflops, ",.1f")}. GFLOP/step: XLA cost analysis '
+          f'{harness.fmt(peak_gflops, ",.1f")}. GFLOP/step: XLA cost analysis '
           'of forward + backward (no optimizer update).')
   if cfg['max_rss_gib']:
     print(f'Memory limit: a worker over {cfg["max_rss_gib"]:g} GiB resident '
@@ -434,12 +353,12 @@ def _parent(args):
     print(f'\n{m}: {stop["status"]} at length {stop["seq_len"]}, '
           f'{stop["reason"]}')
 
-  plot_path = _common.plot_path(args)
+  plot_path = harness.plot_path(args)
   if plot_path:
-    _common.write_plot(
+    harness.write_plot(
         lambda path: _plot(models, seq_lens, summary, cfg, path), plot_path)
   if args.json:
-    _common.write_json(
+    harness.write_json(
         args.json, benchmark='train_speed', config=cfg, models=models,
         seq_lens=list(seq_lens), matmul_peak=dict(
             before=peaks[0], after=peaks[1], gflops_per_s=peak_gflops),
@@ -451,7 +370,7 @@ def _parent(args):
 
 
 def main(argv=None):
-  return _common.main(_parser(), _worker, _parent, argv)
+  return harness.main(_parser(), _worker, _parent, argv)
 
 
 if __name__ == '__main__':

@@ -13,14 +13,24 @@ def path(name):
   return os.path.join(BENCHMARKS, name + '.py')
 
 
+def _on_path():
+  if BENCHMARKS not in sys.path:
+    sys.path.insert(0, BENCHMARKS)  # The scripts do `import harness`.
+
+
 def load(name):
   """Imports benchmarks/<name>.py (benchmarks/ is not a package); no trax."""
-  if BENCHMARKS not in sys.path:
-    sys.path.insert(0, BENCHMARKS)  # The scripts do `import _common`.
+  _on_path()
   spec = importlib.util.spec_from_file_location(name, path(name))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def harness():
+  """The scripts' shared plumbing, the package benchmarks/harness; no trax."""
+  _on_path()
+  return importlib.import_module('harness')
 
 
 def table_rows(stdout, first_header):

@@ -8,11 +8,14 @@ as a subprocess (as a user would) and check that it exits 0 and prints a
 markdown table with a positive tokens/s (and GFLOP/s) for every requested
 model and length. Each model costs roughly 20-60 s on a 2-core CPU, mostly
 trax import and XLA compilation. The length search of max_length.py, the
-memory guard of `_common.run_worker` and the FLOP count are unit-tested
+memory guard of `harness.run_worker` and the FLOP count are unit-tested
 without workers.
 """
 
+import ast
+import glob
 import json
+import os
 import subprocess
 import sys
 
@@ -181,7 +184,7 @@ def test_max_length_rejects_bad_flags():
 
 
 def test_run_worker_memory_guard():
-  common = benchmark_scripts.load('_common')
+  common = benchmark_scripts.harness()
   hog = ('import time; x = bytearray(b"x") * (300 << 20); '
          'print("allocated", flush=True); time.sleep(60)')
   proc = common.run_worker([sys.executable, '-c', hog], timeout_s=120,
@@ -204,7 +207,7 @@ def test_train_step_flops_matches_hand_count():
   # TransformerLM: 6 x (matmul weights) x tokens + 3 x the attention matmuls'
   # 4 B L^2 d per layer (forward + 2x for backward); XLA also counts
   # elementwise ops, a few % at these sizes.
-  common = benchmark_scripts.load('_common')
+  common = benchmark_scripts.harness()
   trax = common.import_trax('transformer6')
   import numpy as np  # pylint: disable=g-import-not-at-top
   from trax import shapes  # pylint: disable=g-import-not-at-top
@@ -344,7 +347,7 @@ def test_sample_speed_counts_the_weights_a_token_reads(ff_sparsity):
 
 
 def test_common_helpers():
-  common = benchmark_scripts.load('_common')
+  common = benchmark_scripts.harness()
   assert common.parse_int_tuple('2,2') == (2, 2)
   assert common.parse_int_tuple('(1, 3)') == (1, 3)
   assert common.max_shorten_factor('8@3') == 3
@@ -360,3 +363,36 @@ def test_common_helpers():
   assert common.parse_result(f'noise\n{line}\nmore noise\n') == {
       'model': 'a', 'status': 'ok'}
   assert common.parse_result('no result here') is None
+
+
+def _root_name(node):
+  """'a' of an expression a.b.c (None if it does not start with a name)."""
+  while isinstance(node, ast.Attribute):
+    node = node.value
+  return node.id if isinstance(node, ast.Name) else None
+
+
+def test_no_benchmark_replaces_attributes_of_what_it_imports():
+  # Benchmarks reach the package through its arguments and options, never by
+  # assigning to (monkeypatching) a module or class they import.
+  paths = glob.glob(os.path.join(benchmark_scripts.BENCHMARKS, '**', '*.py'),
+                    recursive=True)
+  assert len(paths) > 10
+  patches = []
+  for path in paths:
+    with open(path) as f:
+      tree = ast.parse(f.read(), path)
+    imported = {(a.asname or a.name).split('.')[0] for node in ast.walk(tree)
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+                for a in node.names}
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Assign):
+        targets = node.targets
+      elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        targets = [node.target]
+      else:
+        continue
+      patches += [f'{path}:{node.lineno}' for t in targets
+                  if isinstance(t, ast.Attribute)
+                  and _root_name(t) in imported]
+  assert not patches

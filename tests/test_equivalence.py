@@ -189,3 +189,22 @@ def test_dense_matches_tl_dense_in_value_and_gradient(shape, use_bias):
   expected = jax.tree_util.tree_leaves(loss(reference)(reference.weights, x))
   for g, e in zip(got, expected, strict=True):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_dense_built_in_jax_backward_differentiates_as_tl_dense():
+  # The train_speed ablation `ours_tl_dense`: the same layer and weights, with
+  # jax deriving the backward pass (no custom rule in the computation).
+  from trax_hourglass.layers import dense  # pylint: disable=g-import-not-at-top
+  x = np.random.RandomState(0).normal(size=(2, 3, 5)).astype(np.float32)
+  ours = th.layers.Dense(7)
+  with dense.jax_backward():
+    plain = th.layers.Dense(7)
+  after = th.layers.Dense(7)  # The context ended: ours again.
+  for layer in (ours, plain, after):
+    layer.init(shapes.signature(x))
+    layer.weights = ours.weights
+  custom = lambda layer: 'custom_vjp' in str(jax.make_jaxpr(
+      lambda w: layer.pure_fn(x, w, (), None)[0])(layer.weights))
+  assert [custom(l) for l in (ours, plain, after)] == [True, False, True]
+  assert isinstance(plain, th.layers.Dense)
+  np.testing.assert_array_equal(plain(x), ours(x))
