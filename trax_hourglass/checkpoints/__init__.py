@@ -1,10 +1,13 @@
 """Crash-safe checkpoints for trax's `training.Loop`, in trax's own file format.
 
-  format  trax's files, read without executing code (and written)
-  store   a checkpoint as one unit: durable files, an atomic commit, found
-          again after any crash; one trainer per output dir
-  loop    the Loop's save/load (and data counters) through it, its evals
-          kept off the training key, and the loaders of a model's weights
+  format    trax's files, read without executing code (and written)
+  manifest  a committed folder's MANIFEST.json, every file checked
+  store     a checkpoint as one unit: durable files, an atomic commit
+  reader    found again and read after any crash
+  lock      one trainer per output dir
+  loop      the Loop's save/load (and data counters) through them, its
+            evals kept off the training key
+  weights   the loaders of a model's weights
 
 `install()` (the `trainer` calls it) patches `_PATCHES` into trax, so every
 Loop, including `trainer_lib.train`'s, saves and loads this way. Output dirs
@@ -23,30 +26,32 @@ from trax.supervised import training
 from trax_hourglass.checkpoints import format  # pylint: disable=redefined-builtin
 from trax_hourglass.checkpoints import loop
 from trax_hourglass.checkpoints import store
+from trax_hourglass.checkpoints import weights
 from trax_hourglass.checkpoints.format import check_finite
 from trax_hourglass.checkpoints.format import CheckpointError
 from trax_hourglass.checkpoints.format import from_bits
 from trax_hourglass.checkpoints.format import NonFiniteWeightsError
 from trax_hourglass.checkpoints.format import read_arrays
 from trax_hourglass.checkpoints.format import safe_unpickle
-from trax_hourglass.checkpoints.loop import init_from_file
-from trax_hourglass.checkpoints.loop import load_trax_hourglass_weights
+from trax_hourglass.checkpoints.lock import lock_output_dir
+from trax_hourglass.checkpoints.lock import OutputDirInUseError
+from trax_hourglass.checkpoints.manifest import MANIFEST
+from trax_hourglass.checkpoints.reader import checkpoint_location
+from trax_hourglass.checkpoints.reader import Checkpoint
+from trax_hourglass.checkpoints.reader import committed_folder
+from trax_hourglass.checkpoints.reader import read_checkpoint
+from trax_hourglass.checkpoints.reader import read_checkpoint_at
 from trax_hourglass.checkpoints.store import CHECKPOINTS_DIR
-from trax_hourglass.checkpoints.store import checkpoint_location
 from trax_hourglass.checkpoints.store import commit
-from trax_hourglass.checkpoints.store import committed_folder
 from trax_hourglass.checkpoints.store import CURRENT
-from trax_hourglass.checkpoints.store import lock_output_dir
-from trax_hourglass.checkpoints.store import MANIFEST
-from trax_hourglass.checkpoints.store import OutputDirInUseError
-from trax_hourglass.checkpoints.store import read_checkpoint
-from trax_hourglass.checkpoints.store import read_checkpoint_at
+from trax_hourglass.checkpoints.weights import init_from_file
+from trax_hourglass.checkpoints.weights import load_trax_hourglass_weights
 # pylint: enable=g-importing-member,unused-import
 
 # trax's readers of pickles, and ours that stand in for them.
 _READERS = (
     (trax_inputs, 'load_data_counters', loop.load_data_counters),
-    (base.Layer, 'init_from_file', loop.init_from_file),
+    (base.Layer, 'init_from_file', weights.init_from_file),
     (training, 'unpickle_from_file', format.unpickle_from_file),
 )
 # What `install` replaces in trax, and trax's originals (for `uninstall`).
