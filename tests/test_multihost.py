@@ -19,6 +19,7 @@ import pytest
 from trax_hourglass import checkpoints
 from trax_hourglass import compat
 from trax_hourglass import data
+from trax_hourglass.cli import distributed
 from trax_hourglass.cli import trainer
 from trax_hourglass.data import streams
 from trax.data import inputs as trax_inputs
@@ -322,7 +323,7 @@ def test_bad_settings_are_named(flags, env, message):
 
 
 def test_incomplete_settings_say_what_is_missing(monkeypatch):
-  monkeypatch.setattr(trainer, '_detected_cluster', lambda: None)
+  monkeypatch.setattr(distributed, '_detected_cluster', lambda: None)
   with pytest.raises(ValueError, match=r'missing --num_processes '
                      r'\(\$JAX_NUM_PROCESSES\), --process_id'):
     trainer.init_distributed(_args(coordinator_address='h:1'), environ={})
