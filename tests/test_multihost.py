@@ -212,6 +212,7 @@ import jax
 import trax
 from trax import layers as tl
 from trax.supervised import training
+import trax_hourglass as th
 
 def stream():
   rng = np.random.default_rng(jax.process_index())  # Each its own data.
@@ -225,8 +226,8 @@ def weights():
 
 task = training.TrainTask(stream(), tl.WeightedCategoryCrossEntropy(),
                           trax.optimizers.Adam(0.01))
-loop = training.Loop(tl.Serial(tl.Embedding(16, 8), tl.Dense(16)), [task],
-                     random_seed=None)  # Each process its own init.
+loop = th.Loop(tl.Serial(tl.Embedding(16, 8), tl.Dense(16)), [task],
+               random_seed=None)  # Each process its own init.
 print('INIT', json.dumps(weights()))
 loop.run(3)
 print('TRAINED', json.dumps(weights()))

@@ -13,7 +13,6 @@ import gin
 from gin import config as gin_config
 from gin import config_parser
 
-from trax_hourglass import checkpoints
 from trax_hourglass import files as hg_files
 
 
@@ -170,10 +169,8 @@ def parse_config_safely(config_files, bindings=(), finalize=False):
   models, their data and training and import trax_hourglass; an `include` is
   read (and checked) only inside the including file's directory. Anything
   else is UnsafeConfigError naming the file and line; unknown configurables
-  are skipped (another program's). trax's pickle readers are made safe too
-  (`checkpoints.install_readers`).
+  are skipped (another program's).
   """
-  checkpoints.install_readers()
   for path in config_files:
     path = os.fspath(path)
     root = os.path.realpath(os.path.dirname(path) or '.')

@@ -1,11 +1,12 @@
 """What a training run prints and how it stops: progress, signals, a sample.
 
-`ProgressReporter` is the trainer's compact progress line (a trax training
-callback), `final_sample` what it samples at the end; `SaveOnSignal` (with
-`saving_on_signals`) makes SIGTERM and SIGINT end a run after its current
-step with a committed checkpoint. They are gin configurables under
-`trax_hourglass`, registered on `import trax_hourglass`, so a run's gin
-files parse anywhere (a notebook, trax's own trainer).
+`ProgressReporter` is the trainer's compact progress line, `SaveOnSignal`
+(with `saving_on_signals`) makes SIGTERM and SIGINT end a run after its
+current step with a committed checkpoint, `final_sample` what the trainer
+samples at the end. They are trax training callbacks that `trax_hourglass.Loop`
+also calls after each step with its loss (`after_step`), and gin
+configurables under `trax_hourglass`, registered on `import trax_hourglass`,
+so a run's gin files parse anywhere.
 """
 
 import contextlib
@@ -41,32 +42,6 @@ def _format_rate(x):
 def _n_params(model):
   return int(sum(np.prod(w.shape) for w in fastmath.tree_flatten(model.weights)
                  if hasattr(w, 'shape')))
-
-
-def _all_processes_mean():
-  """A function: this process's per-device losses -> the mean over all.
-
-  The Loop averages the loss over this process's devices only; the progress
-  line reports the whole global batch's. Every process calls it each step (a
-  collective, kept on the devices: nothing waits for it until printed).
-  """
-  if jax.process_count() == 1:
-    return lambda loss: loss
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('devices',))
-  sharding = jax.sharding.NamedSharding(mesh,
-                                        jax.sharding.PartitionSpec('devices'))
-  mean = jax.jit(jnp.mean, out_shardings=jax.sharding.NamedSharding(
-      mesh, jax.sharding.PartitionSpec()))
-
-  def all_processes_mean(loss):
-    # One value per local device (a scalar with one device per process).
-    parts = [jnp.reshape(s.data, (1,))
-             for s in jnp.asarray(loss).addressable_shards]
-    global_loss = jax.make_array_from_single_device_arrays(
-        (len(parts) * jax.process_count(),), sharding, parts)
-    return mean(global_loss).addressable_data(0)
-
-  return all_processes_mean
 
 
 @gin.configurable(module='trax_hourglass')
@@ -107,19 +82,6 @@ class ProgressReporter(callbacks.TrainingStepCallback):
     self._start_step = loop.step
     self._first = None  # (time, step) when the first step (compile) ended.
     self._precision = precision.activation_dtype(loop.model)
-    # Keep each step's loss (a device array, read only when printing) and
-    # report after the step: callbacks run before the Loop sees the loss.
-    run_one_step = loop._run_one_step  # pylint: disable=protected-access
-    all_processes_mean = _all_processes_mean()
-    def run_one_step_and_report(*args, **kwargs):
-      if self._last_time is None:
-        self._last_time = time.time()
-      loss, stats = run_one_step(*args, **kwargs)
-      loss = all_processes_mean(loss)  # The Loop logs it too.
-      self._losses.append(loss)
-      self._maybe_print(loop.step)
-      return loss, stats
-    loop._run_one_step = run_one_step_and_report  # pylint: disable=protected-access
     shape = tuple(batch[0].shape)
     if n_processes > 1:
       shape = f'{n_processes} x {shape} (one per process)'
@@ -138,7 +100,19 @@ class ProgressReporter(callbacks.TrainingStepCallback):
                                    'metrics/WeightedCategoryCrossEntropy'))
 
   def call_at(self, step):
-    return False  # All work happens in run_one_step_and_report.
+    return self._last_time is None  # Only to start the clock.
+
+  def on_step_begin(self, step):
+    self._last_time = time.time()  # Before the first step (and its compile).
+
+  def on_step_end(self, step):
+    pass
+
+  def after_step(self, step, loss):
+    """`trax_hourglass.Loop` calls it after each step with the loss (a device
+    array, the mean over every process; read only when printing)."""
+    self._losses.append(loss)
+    self._maybe_print(step)
 
   def _maybe_print(self, step):
     now = time.time()
@@ -278,21 +252,17 @@ class SaveOnSignal(callbacks.TrainingStepCallback):
 
   def __init__(self, loop):
     super().__init__(loop)
-    run_one_step = loop._run_one_step  # pylint: disable=protected-access
-    agreed_stop = _agreed_stop()
-
-    def run_one_step_or_stop(*args, **kwargs):
-      result = run_one_step(*args, **kwargs)
-      signum = agreed_stop(stop_requested())
-      if signum:
-        loop.save_checkpoint('model')
-        raise TrainingStopped(signum, loop.step, loop.output_dir)
-      return result
-
-    loop._run_one_step = run_one_step_or_stop  # pylint: disable=protected-access
+    self._agreed_stop = _agreed_stop()
 
   def call_at(self, step):
-    return False  # All work happens in run_one_step_or_stop.
+    return False  # All work happens in after_step.
+
+  def after_step(self, step, loss):  # pylint: disable=unused-argument
+    """`trax_hourglass.Loop` calls it after each step (and the progress line)."""
+    signum = self._agreed_stop(stop_requested())
+    if signum:
+      self._loop.save_checkpoint('model')
+      raise TrainingStopped(signum, step, self._loop.output_dir)
 
 
 @gin.configurable(module='trax_hourglass')

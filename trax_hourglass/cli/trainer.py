@@ -1,4 +1,4 @@
-"""`trainer`: trains a gin-configured model with trax's `trainer_lib.train`.
+"""`trainer`: trains a gin-configured model (`trax_hourglass.train`).
 
     trainer --config_file=gin/quickstart.gin --output_dir=~/runs/quick
     trainer --config_file=gin/enwik8_hourglass.gin --data_dir=~/data \
@@ -19,9 +19,6 @@ compute precision, `--dtype`):
 
 import argparse
 import contextlib
-import datetime
-import inspect
-import math
 import os
 import re
 import sys
@@ -82,109 +79,6 @@ def _parse_args(argv):
   return parser.parse_args(argv)
 
 
-def _print_devices(n_devices):
-  import jax  # pylint: disable=g-import-not-at-top
-  devices = jax.devices()
-  kinds = sorted({f'{d.platform}:{d.device_kind}' for d in devices})
-  where = (f'{n_devices} per process x {jax.process_count()} processes'
-           if jax.process_count() > 1 else f'{n_devices}')
-  print(f'Devices: {len(devices)} x {", ".join(kinds)}; training on '
-        f'{where} (data parallel).', flush=True)
-
-
-def _output_dir_or_default(output_dir):
-  if output_dir:
-    return os.path.expanduser(output_dir)
-  try:
-    model_name = gin.query_parameter('train.model').configurable.name
-  except (ValueError, AttributeError):
-    model_name = 'model'
-  name = f'{model_name}_{datetime.datetime.now().strftime("%Y%m%d_%H%M")}'
-  output_dir = os.path.expanduser(os.path.join('~', 'trax', name))
-  print(f'No --output_dir given: using {output_dir}', flush=True)
-  return output_dir
-
-
-def _add_callback(callback_class):
-  """Adds `callback_class` to gin's `train.callbacks` (keeping bound ones)."""
-  try:
-    bound = list(gin.query_parameter('train.callbacks') or [])
-  except ValueError:
-    bound = []
-  with gin.unlock_config():
-    gin.bind_parameter('train.callbacks', bound + [callback_class])
-
-
-def _check_config():
-  """Refuses what would train wrongly or unsafely, before any compiling."""
-  from trax_hourglass.data import streams  # pylint: disable=g-import-not-at-top
-  cli.check_gin_value_types()
-  try:
-    use_loop = gin.query_parameter('train.use_loop')
-  except ValueError:
-    use_loop = True
-  try:
-    eval_frequency = gin.query_parameter('train.eval_frequency')
-  except ValueError:
-    eval_frequency = 1  # Bound by default: trainer_lib.train's 100.
-  if (isinstance(eval_frequency, bool) or not isinstance(eval_frequency, int)
-      or eval_frequency < 1):
-    # trax's Loop saves and evaluates every eval_frequency steps (its old
-    # Trainer read 0 as "never"; the Loop divides by it).
-    raise ValueError(
-        f'train.eval_frequency={eval_frequency!r}: the Loop evaluates and '
-        'saves a checkpoint every eval_frequency steps; use a positive '
-        'integer (e.g. train.steps, to evaluate and save at the end only)')
-  if not use_loop:
-    raise ValueError(
-        "train.use_loop=False runs trax's old Trainer, whose checkpoints are "
-        'neither crash-safe nor read safely; remove the binding to train with '
-        'the Loop (the default).')
-  try:  # Data ids must fit the model's embedding (which would clamp them).
-    model = gin.query_parameter('train.model')
-    vocab_size = gin.query_parameter(f'{model.selector}.vocab_size')
-  except (ValueError, AttributeError):
-    vocab_size = None
-  streams.set_vocab_size(vocab_size if isinstance(vocab_size, int) else None)
-
-
-def _bind_boundary_loss():
-  """Learned boundaries: the model returns (logits, boundary_loss); unless the
-  config says otherwise, train on their sum and report the term separately."""
-  from trax_hourglass.layers import boundaries  # pylint: disable=g-import-not-at-top
-  try:
-    model = gin.query_parameter('train.model')
-    kind = gin.query_parameter(f'{model.selector}.boundaries')
-  except (ValueError, AttributeError):
-    return
-  if kind not in boundaries.LEARNED:
-    return
-  for name, value in (('train.loss_fn', '@trax_hourglass.LossWithBoundaries()'),
-                      ('train.metrics', '@trax_hourglass.boundary_metrics()')):
-    try:
-      gin.query_parameter(name)
-    except ValueError:  # Not bound.
-      with gin.unlock_config():
-        gin.parse_config(f'{name} = {value}')
-
-
-def _bind_dtype(dtype):
-  """--dtype: binds train.model's dtype, or refuses a model without one."""
-  if dtype is None:
-    return
-  try:
-    model = gin.query_parameter('train.model')
-  except ValueError:
-    model = None
-  fn = getattr(getattr(model, 'configurable', None), 'wrapped', None)
-  if fn is None or 'dtype' not in inspect.signature(fn).parameters:
-    name = getattr(getattr(model, 'configurable', None), 'name', model)
-    raise ValueError(f'--dtype {dtype}: train.model {name} takes no dtype; '
-                     'use it with trax_hourglass.HourglassLM.')
-  with gin.unlock_config():
-    gin.bind_parameter(f'{model.selector}.dtype', dtype)
-
-
 def run(args):
   """Parses gin, trains; returns the trax Loop."""
   n_processes = init_distributed(args)
@@ -227,15 +121,12 @@ def run(args):
 
 
 def _train(args):
-  """`run` after the distributed runtime is up."""
-  from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
+  """`run` after the distributed runtime is up: flags -> gin -> `train`."""
   from trax_hourglass import data  # pylint: disable=g-import-not-at-top
-  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import progress  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import training  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  from trax import fastmath  # pylint: disable=g-import-not-at-top
-  from trax.supervised import trainer_lib  # pylint: disable=g-import-not-at-top
 
-  checkpoints.install()
   bindings = [(f'--config={b!r}', b) for b in args.config]
   # Flag values reach gin as literals (repr), never as gin text.
   if args.dataset:
@@ -251,52 +142,14 @@ def _train(args):
     bindings.append(('--model', f'train.model=@trax.models.{args.model}'))
   cli.check_gin_files(args.config_file)
   cli.parse_gin(args.config_file, bindings)
-  _check_config()
-  _bind_boundary_loss()
-  _bind_dtype(args.dtype)
-  output_dir = _output_dir_or_default(args.output_dir)
-  n_devices = trainer_lib.num_devices() or fastmath.local_device_count()
-  _print_devices(n_devices)
-  if not jax.process_index():  # Other hosts of a run share its output dir.
-    checkpoints.lock_output_dir(output_dir)
-  # Every process refuses alike (the same command, the same output dir).
-  runs.check_run_settings(
-      output_dir, runs.run_settings(),
-      resuming=checkpoints.committed_folder(output_dir) is not None,
-      write=not jax.process_index())
-  _add_callback(runs.ProgressReporter)
-  _add_callback(runs.SaveOnSignal)  # After the progress line of its step.
-  # SIGTERM/SIGINT from here until the last checkpoint is committed: finish
-  # the step, save, stop (exit 128 + the signal).
+  cli.check_gin_value_types()
   try:
-    with runs.saving_on_signals():
-      try:
-        loop = trainer_lib.train(output_dir=output_dir)
-      finally:
-        data.streams.set_vocab_size(None)  # Only this run's streams check it.
-      ckpt = checkpoints.committed_folder(output_dir)
-      if loop.step and (ckpt is None or not os.path.basename(ckpt).startswith(
-          f'step_{loop.step:09d}.')):
-        loop.save_checkpoint('model')  # trax saves only on its schedule.
-      if runs.stop_requested():  # It came after the last step.
-        raise runs.TrainingStopped(runs.stop_requested(), loop.step,
-                                   output_dir)
-  except runs.TrainingStopped as stopped:
+    loop = training.train(args.output_dir, dtype=args.dtype)
+  except progress.TrainingStopped as stopped:  # Exit 128 + the signal.
     print(f'trainer: {stopped.message}', file=sys.stderr, flush=True)
     sys.stdout.flush()
     raise SystemExit(stopped.exit_code) from None
-  print(f'Finished training at step {loop.step}; checkpoints in {output_dir}',
-        flush=True)
-  evals = loop.history.get('eval', 'metrics/loss')
-  if evals:  # The last eval comes after the last progress line.
-    step, value = evals[-1]
-    try:
-      unit = gin.query_parameter('ProgressReporter.unit')
-    except ValueError:
-      unit = 'token'
-    print(f'Eval at step {step}: {float(value) / math.log(2):.3f} '
-          f'bits/{unit} on held-out data.', flush=True)
-  settings = runs.final_sample()
+  settings = progress.final_sample()
   if settings['length'] > 0 and not jax.process_index():  # Printed by 0.
     _print_sample(loop, settings)
   return loop
