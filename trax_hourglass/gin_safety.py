@@ -56,9 +56,11 @@ def _in(module, prefixes):
 def _configurable(selector, path, location):
   """The registered configurable `selector` (partial) names, or None."""
   try:
-    return gin_config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
-  except (ValueError, KeyError) as e:  # Ambiguous.
+    return gin_config.ConfigurableReference(selector, False).configurable
+  except KeyError as e:  # Ambiguous.
     _refuse(path, location, f'{selector} is ambiguous ({e})')
+  except ValueError:  # Not registered: another program's.
+    return None
 
 
 class _CheckingDelegate(gin_config.ParserDelegate):
