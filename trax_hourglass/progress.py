@@ -23,6 +23,7 @@ import numpy as np
 from trax import fastmath
 from trax.supervised import callbacks
 
+from trax_hourglass import loop as hg_loop
 from trax_hourglass.layers import precision
 
 
@@ -44,6 +45,15 @@ def _n_params(model):
                  if hasattr(w, 'shape')))
 
 
+def _check_calls_after_step(loop, callback):
+  """Refuses a Loop that would never call `callback.after_step`."""
+  if not isinstance(loop, hg_loop.Loop):
+    raise TypeError(
+        f'{type(callback).__name__} works with trax_hourglass.Loop (it calls '
+        f'after_step with each step\'s loss); {type(loop).__module__}.'
+        f'{type(loop).__name__} does not: build a trax_hourglass.Loop.')
+
+
 @gin.configurable(module='trax_hourglass')
 class ProgressReporter(callbacks.TrainingStepCallback):
   """Prints a compact progress line during training.
@@ -57,6 +67,7 @@ class ProgressReporter(callbacks.TrainingStepCallback):
 
   def __init__(self, loop, every_secs=30.0, unit='token', total_steps=None):
     super().__init__(loop)
+    _check_calls_after_step(loop, self)
     self._every_secs = every_secs
     self._unit = unit
     if total_steps is None:
@@ -252,6 +263,7 @@ class SaveOnSignal(callbacks.TrainingStepCallback):
 
   def __init__(self, loop):
     super().__init__(loop)
+    _check_calls_after_step(loop, self)
     self._agreed_stop = _agreed_stop()
 
   def call_at(self, step):
