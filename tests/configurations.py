@@ -94,8 +94,6 @@ def save_run(out, gin_config, seed=None):
   """
   from trax import optimizers  # pylint: disable=g-import-not-at-top
   from trax.supervised import training  # pylint: disable=g-import-not-at-top
-  from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
-  checkpoints.install()
   gin.clear_config()
   try:
     gin.parse_config(gin_config)
@@ -104,9 +102,9 @@ def save_run(out, gin_config, seed=None):
     batches = iter(lambda: (x, x, np.ones(x.shape, np.float32)), None)
     task = training.TrainTask(batches, tl.WeightedCategoryCrossEntropy(),
                               optimizers.Adam(0.01))
-    loop = training.Loop(th.HourglassLM(mode='train'), [task],
-                         output_dir=out, checkpoint_at=lambda step: False,
-                         random_seed=0)
+    loop = th.Loop(th.HourglassLM(mode='train'), [task],
+                   output_dir=out, checkpoint_at=lambda step: False,
+                   random_seed=0)
     if seed is not None:
       loop.model.weights = redrawn(loop.model.weights, seed)
     loop.save_checkpoint('model')

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+import trax_hourglass as th
 from trax_hourglass import checkpoints
 from trax_hourglass import data as hg_data
 
@@ -27,11 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
-def _installed():
-  checkpoints.install()
+def _fresh_data_position():
   trax_inputs.data_counters = {}  # A process-wide global: fresh per test.
-  yield
-  checkpoints.install()
 
 
 def _batch(i, batch_size=2, length=8, vocab=16):
@@ -41,7 +39,7 @@ def _batch(i, batch_size=2, length=8, vocab=16):
 
 
 def _loop(output_dir, seed=0, checkpoint_at=None, d_model=8, dropout=0.0,
-          eval_at=None):
+          eval_at=None, loop_class=th.Loop):
   model, eval_model = (trax.models.TransformerLM(
       vocab_size=16, d_model=d_model, d_ff=2 * d_model, n_layers=1, n_heads=1,
       max_len=16, dropout=dropout, mode=mode) for mode in ('train', 'eval'))
@@ -52,10 +50,10 @@ def _loop(output_dir, seed=0, checkpoint_at=None, d_model=8, dropout=0.0,
   eval_tasks = eval_at and [training.EvalTask(
       hg_data.resumable_stream('test/eval', _batch),
       [tl.WeightedCategoryCrossEntropy()])]
-  return training.Loop(model, task, eval_model=eval_model,
-                       eval_tasks=eval_tasks, eval_at=eval_at,
-                       output_dir=output_dir, random_seed=seed,
-                       checkpoint_at=checkpoint_at)
+  return loop_class(model, task, eval_model=eval_model,
+                    eval_tasks=eval_tasks, eval_at=eval_at,
+                    output_dir=output_dir, random_seed=seed,
+                    checkpoint_at=checkpoint_at)
 
 
 def _flat(tree):
@@ -199,14 +197,14 @@ _CHILD = textwrap.dedent('''
     from trax import fastmath
     from trax import layers as tl
     from trax.supervised import training
-    checkpoints.install()
+    import trax_hourglass as th
     model = trax.models.TransformerLM(vocab_size=256, d_model=128, d_ff=512,
                                       n_layers=2, n_heads=2, max_len=16)
     batch = np.ones((2, 8), np.int32)
     task = training.TrainTask(iter([(batch, batch, np.ones((2, 8)))] * 2),
                               tl.WeightedCategoryCrossEntropy(),
                               trax.optimizers.Adam(0.01))
-    loop = training.Loop(model, task, output_dir={out!r}, random_seed=0)
+    loop = th.Loop(model, task, output_dir={out!r}, random_seed=0)
     for step in range(loop.step + 1, 10**6):
       loop._step = step
       fill = lambda w: np.full(w.shape, step, w.dtype)
@@ -242,7 +240,7 @@ def test_kill_9_at_random_moments_leaves_a_whole_checkpoint(tmp_path):
   task = training.TrainTask(iter([(batch, batch, np.ones((2, 8)))]),
                             tl.WeightedCategoryCrossEntropy(),
                             trax.optimizers.Adam(0.01))
-  loop = training.Loop(model, task, output_dir=out, random_seed=0)
+  loop = th.Loop(model, task, output_dir=out, random_seed=0)
   assert loop.step == last
   for w in _flat(loop.model.weights) + _flat(loop._trainer_per_task[0].slots):
     np.testing.assert_array_equal(w, np.full(w.shape, last, w.dtype))
@@ -322,9 +320,8 @@ def test_trax_own_readers_still_read_the_top_level_files(tmp_path):
   assert len(tl.np_from_file(os.path.join(out, 'model.opt_slots0.npy.gz'),
                              compresslevel=2)) > 0
   # trax's unpatched Loop loader and model loader read it as well.
-  checkpoints.uninstall()
   trax_inputs.data_counters = {}
-  plain = _loop(out, seed=5)
+  plain = _loop(out, seed=5, loop_class=training.Loop)
   assert plain.step == 2
   _assert_same(plain.model.weights, loop.model.weights)
   model = trax.models.TransformerLM(vocab_size=16, d_model=8, d_ff=16,
@@ -336,11 +333,9 @@ def test_trax_own_readers_still_read_the_top_level_files(tmp_path):
 
 def test_plain_trax_checkpoints_load_and_are_converted(tmp_path):
   out = str(tmp_path / 'run')
-  checkpoints.uninstall()
-  loop = _loop(out, checkpoint_at=lambda s: s == 2)
+  loop = _loop(out, checkpoint_at=lambda s: s == 2, loop_class=training.Loop)
   loop.run(2)
   assert not os.path.islink(os.path.join(out, 'model.pkl.gz'))
-  checkpoints.install()
   trax_inputs.data_counters = {}
   resumed = _loop(out, seed=3, checkpoint_at=lambda s: True)
   assert resumed.step == 2
@@ -352,7 +347,7 @@ def test_plain_trax_checkpoints_load_and_are_converted(tmp_path):
   model = trax.models.TransformerLM(vocab_size=16, d_model=8, d_ff=16,
                                     n_layers=1, n_heads=1, max_len=16,
                                     mode='eval')
-  model.init_from_file(out, weights_only=True)
+  checkpoints.init_from_file(model, out, weights_only=True)
   _assert_same(model.weights, resumed.model.weights)
 
 

@@ -19,6 +19,7 @@ import pytest
 from trax_hourglass import checkpoints
 from trax_hourglass import compat
 from trax_hourglass import data
+from trax_hourglass.cli import distributed
 from trax_hourglass.cli import trainer
 from trax_hourglass.data import streams
 from trax.data import inputs as trax_inputs
@@ -211,6 +212,7 @@ import jax
 import trax
 from trax import layers as tl
 from trax.supervised import training
+import trax_hourglass as th
 
 def stream():
   rng = np.random.default_rng(jax.process_index())  # Each its own data.
@@ -224,8 +226,8 @@ def weights():
 
 task = training.TrainTask(stream(), tl.WeightedCategoryCrossEntropy(),
                           trax.optimizers.Adam(0.01))
-loop = training.Loop(tl.Serial(tl.Embedding(16, 8), tl.Dense(16)), [task],
-                     random_seed=None)  # Each process its own init.
+loop = th.Loop(tl.Serial(tl.Embedding(16, 8), tl.Dense(16)), [task],
+               random_seed=None)  # Each process its own init.
 print('INIT', json.dumps(weights()))
 loop.run(3)
 print('TRAINED', json.dumps(weights()))
@@ -322,7 +324,7 @@ def test_bad_settings_are_named(flags, env, message):
 
 
 def test_incomplete_settings_say_what_is_missing(monkeypatch):
-  monkeypatch.setattr(trainer, '_detected_cluster', lambda: None)
+  monkeypatch.setattr(distributed, '_detected_cluster', lambda: None)
   with pytest.raises(ValueError, match=r'missing --num_processes '
                      r'\(\$JAX_NUM_PROCESSES\), --process_id'):
     trainer.init_distributed(_args(coordinator_address='h:1'), environ={})

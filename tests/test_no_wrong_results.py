@@ -15,6 +15,7 @@ import re
 
 # First: its compat fixes must apply before trax is imported (import time).
 import trax_hourglass  # pylint: disable=g-bad-import-order
+import trax_hourglass as th  # pylint: disable=g-bad-import-order
 
 import gin
 import numpy as np
@@ -57,8 +58,6 @@ def _transformer_run(out):
   config.gin the trainer writes (as configurations.save_run for ours)."""
   from trax import optimizers  # pylint: disable=g-import-not-at-top
   from trax.supervised import training  # pylint: disable=g-import-not-at-top
-  from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
-  checkpoints.install()
   gin.clear_config()
   try:
     gin.parse_config(TRANSFORMER_GIN)
@@ -66,9 +65,9 @@ def _transformer_run(out):
     batches = iter(lambda: (x, x, np.ones(x.shape, np.float32)), None)
     task = training.TrainTask(batches, tl.WeightedCategoryCrossEntropy(),
                               optimizers.Adam(0.01))
-    loop = training.Loop(trax.models.TransformerLM(mode='train'), [task],
-                         output_dir=out, checkpoint_at=lambda step: False,
-                         random_seed=0)
+    loop = th.Loop(trax.models.TransformerLM(mode='train'), [task],
+                   output_dir=out, checkpoint_at=lambda step: False,
+                   random_seed=0)
     loop.save_checkpoint('model')
     with open(os.path.join(out, 'config.gin'), 'w') as f:
       f.write(gin.operative_config_str() +

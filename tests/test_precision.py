@@ -26,6 +26,7 @@ import trax_hourglass as th
 from trax_hourglass import checkpoints
 from trax_hourglass import decoding
 from trax_hourglass import runs
+from trax_hourglass import training
 from trax_hourglass.checkpoints.format import from_bits
 from trax_hourglass.cli import trainer
 from trax_hourglass.layers import precision
@@ -251,7 +252,7 @@ def _loop_losses(model, steps, seed=0):
   task = trax.supervised.training.TrainTask(
       batches, tl.WeightedCategoryCrossEntropy(), trax.optimizers.Adam(0.01),
       lr_schedule=trax.lr.constant(0.01))
-  loop = trax.supervised.training.Loop(
+  loop = th.Loop(
       model, [task], checkpoint_at=lambda step: False, random_seed=seed,
       callbacks=[functools.partial(runs.ProgressReporter, every_secs=0,
                                    total_steps=steps)])
@@ -334,7 +335,7 @@ def test_trainer_dtype_binds_the_models_dtype():
   try:
     gin.parse_config('import trax_hourglass\n'
                      'train.model = @trax_hourglass.HourglassLM\n')
-    trainer._bind_dtype('bfloat16')  # pylint: disable=protected-access
+    training._bind_dtype('bfloat16')  # pylint: disable=protected-access
     model_fn = gin.query_parameter('train.model').scoped_configurable_fn
     assert precision.activation_dtype(model_fn(vocab_size=VOCAB)) == 'bfloat16'
   finally:

@@ -24,6 +24,7 @@ import gin
 import numpy as np
 import pytest
 
+import trax_hourglass as th
 from trax_hourglass import checkpoints
 from trax_hourglass import decoding
 from trax_hourglass import runs
@@ -400,7 +401,6 @@ def test_a_planted_lock_is_refused_in_one_line_and_never_written(tmp_path,
 
 
 def test_written_files_replace_planted_links_never_write_through(tmp_path):
-  from trax.supervised import training  # pylint: disable=g-import-not-at-top
   from trax_hourglass.cli import evaluate  # pylint: disable=g-import-not-at-top
   victim = tmp_path / 'victim'
   victim.write_text('precious')
@@ -417,10 +417,9 @@ def test_written_files_replace_planted_links_never_write_through(tmp_path):
   out.mkdir()
   os.symlink(victim, out / 'config.gin')
   os.symlink(victim, out / 'data_counters0.pkl')
-  checkpoints.install()
   loop = type('Loop', (), {'is_chief': True, '_output_dir': str(out)})()
-  training.Loop._save_gin(loop, None)  # pylint: disable=protected-access
-  checkpoints.loop.save_data_counters(str(out))
+  th.Loop._save_gin(loop, None)  # pylint: disable=protected-access
+  checkpoints.data_position.save_data_counters(str(out))
   assert not os.path.islink(out / 'config.gin')
   assert not os.path.islink(out / 'data_counters0.pkl')
   assert victim.read_text() == 'precious'

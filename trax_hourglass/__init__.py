@@ -30,5 +30,7 @@ from trax_hourglass.segments import segment_boundaries
 from trax_hourglass.checkpoints import load_trax_hourglass_weights
 from trax_hourglass import data
 from trax_hourglass import runs
+from trax_hourglass.loop import Loop
+from trax_hourglass.training import train
 
 __version__ = '0.1.0'

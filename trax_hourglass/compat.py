@@ -167,53 +167,6 @@ def _fix_on_cpu_multihost():
   tl.on_cpu = on_cpu
 
 
-def _fix_same_weights_across_hosts():
-  # With random_seed=None each process initialises its own weights and the Loop
-  # makes them equal with a pmap over what it assumes is a replicated copy (a
-  # leading device axis): with one device per process there is none and it
-  # failed ("pmap was requested to map its argument along axis 0"). Broadcast
-  # process 0's values instead (any layout; trax meant to, see its TODO).
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from trax.supervised import training  # pylint: disable=g-import-not-at-top
-
-  def same_across_hosts(weights_and_state):
-    """Process 0's weights and state, on every process (numpy arrays)."""
-    from trax import fastmath  # pylint: disable=g-import-not-at-top
-    leaves = [np.asarray(x) for x in fastmath.tree_flatten(weights_and_state)]
-    leaves = multihost_utils.broadcast_one_to_all(leaves)
-    return fastmath.tree_unflatten(leaves, weights_and_state)[0]
-
-  training._make_weights_and_state_same_across_hosts = same_across_hosts  # pylint: disable=protected-access
-
-
-def _fix_eval_metrics_across_hosts():
-  # The Loop averages eval metrics over this process's devices only, so under
-  # the distributed runtime each process (and process 0's log and history)
-  # reported its own shard's metrics; average over every process.
-  import jax  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from trax.supervised import training  # pylint: disable=g-import-not-at-top
-  trax_accelerate = training._accelerate_model_with_metrics  # pylint: disable=protected-access
-
-  def accelerate_all_hosts(model_with_metrics, n_devices, accelerate=True,
-                           do_mean=True):
-    metrics_fn = trax_accelerate(model_with_metrics, n_devices,
-                                 accelerate=accelerate, do_mean=do_mean)
-    if not do_mean or jax.process_count() == 1:
-      return metrics_fn
-
-    def all_hosts_metrics_fn(*args):
-      values, state = metrics_fn(*args)
-      per_host = multihost_utils.process_allgather(np.asarray(values))
-      return np.mean(per_host, axis=0), state
-
-    return all_hosts_metrics_fn
-
-  training._accelerate_model_with_metrics = accelerate_all_hosts  # pylint: disable=protected-access
-
-
 def _fix_one_device_per_process():
   # With one device per process trax's training step is a plain jit of the
   # local batch: nothing averaged gradients across processes and their weights
@@ -476,8 +429,6 @@ def apply():
   _fix_tree_unflatten()
   _fix_one_device_step_placement()
   _fix_on_cpu_multihost()
-  _fix_same_weights_across_hosts()
-  _fix_eval_metrics_across_hosts()
   _fix_one_device_per_process()
   _fix_same_rng_on_every_process()
   _fix_for_n_devices()

@@ -120,25 +120,32 @@ def check_gin_value_types():
   and whose binding is a string is refused here, naming the binding.
   """
   from gin import config as gin_config  # pylint: disable=g-import-not-at-top
-  for (scope, selector), params in gin_config._CONFIG.items():  # pylint: disable=protected-access
-    configurable = gin_config._REGISTRY.get_match(selector)  # pylint: disable=protected-access
-    if configurable is None:
+  from gin import config_parser  # pylint: disable=g-import-not-at-top
+  import gin  # pylint: disable=g-import-not-at-top
+  # Every binding, read back from gin's own text of them (its public view).
+  statements = config_parser.ConfigParser(
+      gin.config_str(), gin_config.ParserDelegate(skip_unknown=True))
+  for statement in statements:
+    if not isinstance(statement, config_parser.BindingStatement):
       continue
+    scope, selector = statement.scope, statement.selector
+    name, value = statement.arg_name, statement.value
     try:
+      configurable = gin_config.ConfigurableReference(selector,
+                                                      False).configurable
       signature = inspect.signature(configurable.wrapped)
-    except (TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
+      continue  # Not registered (or ambiguous, which gin itself refuses).
+    param = signature.parameters.get(name)
+    if param is None or not isinstance(value, str):
       continue
-    for name, value in params.items():
-      param = signature.parameters.get(name)
-      if param is None or not isinstance(value, str):
-        continue
-      default = param.default
-      if isinstance(default, (bool, int, float)):
-        kind = ('true or false' if isinstance(default, bool) else
-                'an integer' if isinstance(default, int) else 'a number')
-        binding = f'{scope + "/" if scope else ""}{selector}.{name}'
-        raise ValueError(f'gin binding {binding}={value!r} is text; it must '
-                         f'be {kind} (its default is {default!r}).')
+    default = param.default
+    if isinstance(default, (bool, int, float)):
+      kind = ('true or false' if isinstance(default, bool) else
+              'an integer' if isinstance(default, int) else 'a number')
+      binding = f'{scope + "/" if scope else ""}{selector}.{name}'
+      raise ValueError(f'gin binding {binding}={value!r} is text; it must '
+                       f'be {kind} (its default is {default!r}).')
 
 
 def vocab_size(model):
