@@ -34,8 +34,16 @@ Suites (`--suite`), on the reference configuration (vocab 256, hierarchy
              a step costs what the position reached costs, not the cache size
   sparse     hierarchy '1@1 2@3 1@1', d_model 1,024, d_ff 16,384, 8 heads,
              max_len 512, 128 tokens: dense against ff_sparsity=64, batch 1
+  paper      the paper's enwik8 size: hierarchy '5@1 24@3 5@1', d_model 512,
+             d_ff 2,048, 8 heads, max_len 2,048, batch 1, 1,024 tokens, our
+             loop (`--dtype bfloat16`: ours in mixed precision)
+  paper_batch  the same at batch 16
 
-Timing excludes compilation: for the streams, the first `--warmup` tokens
+The table's tokens/s exclude compilation; its "first call" column includes
+it, as a user meets it: the tokens of the first call of a fresh process
+(trax's loop: all of them; ours: the timed call) over the seconds from the
+call to its last token, compilation included ("compile s": the compiling
+tokens or call alone). Timing excludes compilation: for the streams, the first `--warmup` tokens
 (2: the first call compiles, and the second is slow too, as jit sees the
 model's new state as committed arrays); for the `_sample` models, an untimed
 first call of 2 tokens compiles, then `--repeats` calls (default 1; 5 in the
@@ -74,10 +82,13 @@ REFERENCE = dict(vocab_size=256, d_model=256, d_ff=1024, n_heads=4,
                  vanilla_layers=(2, 2), hierarchy='8@3', dropout=0.0,
                  n_tokens=1024, original_tokens=32, max_len=2048, batch=1,
                  ff_sparsity=64, warmup=2, temperature=1.0, rounds=3,
-                 repeats=1, profile=0, fast_compile=False)
+                 repeats=1, profile=0, fast_compile=False, dtype='float32')
 QUICK = dict(REFERENCE, d_model=32, d_ff=64, n_heads=2, vanilla_layers=(1, 1),
              hierarchy='1@3', n_tokens=24, original_tokens=4, max_len=48,
              ff_sparsity=4, rounds=1, fast_compile=True)
+# The paper's enwik8 model (Nawrot et al. 2021): 2,048 bytes.
+PAPER = dict(d_model=512, d_ff=2048, n_heads=8, vanilla_layers=(5, 5),
+             hierarchy='24@3', max_len=2048)
 # suite: (config overrides, models, (model, baseline) ratios printed).
 SUITES = {
     'reference': ({}, ('ours', 'ours_sample', 'original', 'transformer12',
@@ -100,6 +111,11 @@ SUITES = {
                     hierarchy='2@3', max_len=512, n_tokens=128),
                ('ours_sample', 'ours_sparse_sample'),
                (('ours_sparse_sample', 'ours_sample'),)),
+    'paper': (PAPER, ('ours_sample', 'transformer12_sample'),
+              (('ours_sample', 'transformer12_sample'),)),
+    'paper_batch': (dict(PAPER, batch=16),
+                    ('ours_sample', 'transformer12_sample'),
+                    (('ours_sample', 'transformer12_sample'),)),
 }
 # A stream's ms/token minus the same architecture's in our loop.
 OVERHEAD = (('ours', 'ours_sample'), ('transformer12', 'transformer12_sample'))
@@ -141,7 +157,7 @@ def _build(arch, cfg):
       cfg['vocab_size'], d_model=cfg['d_model'], d_ff=cfg['d_ff'],
       n_heads=cfg['n_heads'], dropout=cfg['dropout'],
       vanilla_layers=tuple(cfg['vanilla_layers']), hierarchy=cfg['hierarchy'],
-      mode='predict', max_len=cfg['max_len'], **extra)
+      mode='predict', max_len=cfg['max_len'], dtype=cfg['dtype'], **extra)
 
 
 def _time_stream(model, cfg):
@@ -283,6 +299,11 @@ def _measure(model_name, cfg, trax, record):
   record.update(extra, timed_s=elapsed, timed_tokens=n, batch=batch,
                 max_len=cfg['max_len'], tokens_per_s=batch * n / elapsed,
                 ms_per_token=1000. * elapsed / n)
+  if arch != 'original':  # The first call, compilation inside (see above).
+    first_s = sum(extra['first_tokens_ms']) / 1000. + elapsed
+    first_n = n if in_our_loop else n + len(extra['first_tokens_ms'])
+    record.update(first_call_s=first_s,
+                  first_call_tokens_per_s=batch * first_n / first_s)
 
 
 def _worker(model_name, cfg):
@@ -310,6 +331,8 @@ def _parser():
       ('original_tokens', int), ('max_len', int), ('batch', int),
       ('ff_sparsity', int), ('warmup', int), ('temperature', float),
       ('rounds', int), ('repeats', int),
+      ('dtype', str, "`ours`' compute dtype, float32 or bfloat16 (the "
+       'Transformer and the original: float32).'),
       ('profile', int, 'Trace one more call of each _sample model with '
        "jax.profiler and print the device operations a token runs, the N that "
        'take longest by name; 0: no trace.')])
@@ -331,6 +354,8 @@ def _resolve_config(args):
   if not 1 <= cfg['original_tokens'] < _buffer_len(cfg):
     raise SystemExit(f'--original_tokens must be in 1..'
                      f'{_buffer_len(cfg) - 1}, got {cfg["original_tokens"]}.')
+  if cfg['dtype'] not in ('float32', 'bfloat16'):
+    raise SystemExit(f"--dtype {cfg['dtype']}: use float32 or bfloat16.")
   if (min(cfg['rounds'], cfg['repeats'], cfg['batch']) < 1
       or cfg['temperature'] <= 0 or cfg['profile'] < 0):
     raise SystemExit('--rounds, --repeats and --batch must be >= 1, '
@@ -348,6 +373,9 @@ def _summarize(models, runs):
         ms_per_token_median=harness.median([r['ms_per_token'] for r in ok]),
         compile_s_median=harness.median(
             [sum(r['first_tokens_ms']) / 1000. for r in ok]),
+        first_call_tokens_per_s_median=harness.median(
+            [r['first_call_tokens_per_s'] for r in ok
+             if 'first_call_tokens_per_s' in r]),
         peak_rss_mib_max=max((r['peak_rss_mib'] for r in ok), default=None),
         n_params=ok[0]['n_params'] if ok else None,
         weight_bytes_per_token=ok[0].get('weight_bytes_per_token') if ok
@@ -359,7 +387,8 @@ def _summarize(models, runs):
 def _table(models, summary, baselines):
   headers = (['model', 'params', 'tokens/s (median)', 'min', 'max']
              + [f'vs {b}' for b in baselines]
-             + ['ms/token', 'peak RSS MiB', 'warmup s', 'runs'])
+             + ['ms/token', 'first call tokens/s', 'compile s', 'peak RSS MiB',
+                'runs'])
   rows = []
   for m in models:
     s = summary[m]
@@ -371,9 +400,11 @@ def _table(models, summary, baselines):
         + [harness.fmt(s[f'ratio_vs_{b}'], '.2f', suffix='x')
            for b in baselines]
         + [harness.fmt(s['ms_per_token_median'], ',.2f'),
-           harness.fmt(s['peak_rss_mib_max'], ',.0f'),
-           harness.fmt(s['compile_s_median'], '.1f'), s['n_runs']])
+           harness.fmt(s['first_call_tokens_per_s_median'], ',.1f'),
+           harness.fmt(s['compile_s_median'], '.1f'),
+           harness.fmt(s['peak_rss_mib_max'], ',.0f'), s['n_runs']])
   return harness.markdown_table(headers, rows)
+
 
 
 def _median_run(runs, model, field):
@@ -443,7 +474,8 @@ def _parent(args):
         + (f'{cfg["max_len"]}' if not any(_parse_model(m)[2] for m in ran)
            else 'as named (@L)')
         + (f', ff_sparsity {cfg["ff_sparsity"]}' if args.suite == 'sparse'
-           else '') + f', {cfg["rounds"]} rounds'
+           else '') + (f', ours in {cfg["dtype"]}' if cfg['dtype'] !=
+                       'float32' else '') + f', {cfg["rounds"]} rounds'
         + (f', on {runs[0]["backend"]} ({runs[0]["device_kind"]})'
            if runs and 'backend' in runs[0] else '')
         + (harness.QUICK_NOTE if cfg['fast_compile'] else '') + ':\n')
@@ -451,6 +483,11 @@ def _parent(args):
   lines = [f'{m} / {base}: {summary[m][f"ratio_vs_{base}"]:.2f}x'
            for m, base in ratios
            if m in ran and summary[m].get(f'ratio_vs_{base}') is not None]
+  first = 'first_call_tokens_per_s_median'
+  lines += [f'{m} / {base}, first call (compilation inside): '
+            f'{summary[m][first] / summary[base][first]:.2f}x'
+            for m, base in ratios if {m, base} <= set(ran)
+            and summary[m].get(first) and summary[base].get(first)]
   for m, base in ratios if args.suite == 'sparse' else ():
     read = [summary.get(x, {}).get('weight_bytes_per_token') for x in (m, base)]
     if all(read):

@@ -266,6 +266,12 @@ def test_sample_speed_quick(tmp_path):
   assert 0 < profile['busy_ms_per_token'] < profile['wall_ms_per_token']
   assert 'ours_sample, one traced call, per token' in result.stdout
   assert 'profile' not in runs['ours']
+  # The first call, compilation inside: slower than the timed tokens alone.
+  assert 'first call tokens/s' in header and 'compile s' in header
+  for model in ('ours', 'ours_sample'):
+    assert 0 < runs[model]['first_call_tokens_per_s'] < runs[model][
+        'tokens_per_s']
+  assert 'first_call_tokens_per_s' not in runs['original']
 
 
 def test_sample_speed_rejects_bad_flags():
@@ -396,3 +402,47 @@ def test_no_benchmark_replaces_attributes_of_what_it_imports():
                   if isinstance(t, ast.Attribute)
                   and _root_name(t) in imported]
   assert not patches
+
+
+RUN_SH = f'{REPO_ROOT}/benchmarks/device/run.sh'
+
+
+def _run_sh(tmp_path, *args, timeout=120):
+  result = subprocess.run(['bash', RUN_SH, str(tmp_path / 'out'), *args],
+                          cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False,
+                          env=dict(os.environ,
+                                   PYTHON=sys.executable))
+  return result, f'stdout:\n{result.stdout}\nstderr:\n{result.stderr[-5000:]}'
+
+
+def test_device_script_knows_its_steps_and_its_time(tmp_path):
+  result, details = _run_sh(tmp_path, 'training_paper', 'sampling_nope')
+  assert result.returncode == 2, details
+  assert "unknown step 'sampling_nope'" in result.stderr
+  assert 'training_paper_bf16' in result.stderr  # The steps it knows.
+  # No time left: every step is skipped, the machine is still described.
+  result, details = _run_sh(tmp_path, '--seconds', '0', '--quick')
+  assert result.returncode == 0, details
+  for step in ('training_paper', 'training_paper_bf16', 'sampling_paper',
+               'sampling_paper_batch', 'sampling_paper_bf16'):
+    assert f'== {step}: skipped' in result.stdout, details
+  assert (tmp_path / 'out' / 'machine.txt').read_text().startswith('python ')
+
+
+@pytest.mark.slow
+def test_device_script_dry_run_on_the_cpu(tmp_path):
+  # Every step, --quick (tiny models): what a device run does, on the CPU.
+  result, details = _run_sh(tmp_path, '--quick', '--seconds', '1500',
+                            timeout=1600)
+  assert result.returncode == 0, details
+  assert 'exit status' not in result.stdout and 'skipped' not in result.stdout, (
+      details)
+  for step in ('training_reference', 'training_paper', 'training_paper_bf16',
+               'sampling_profile', 'sampling_reference', 'sampling_batch',
+               'sampling_paper', 'sampling_paper_batch', 'sampling_paper_bf16',
+               'sampling_sparse', 'sampling_long'):
+    report = json.loads((tmp_path / 'out' / f'{step}.json').read_text())
+    assert report['summary'], step
+  bf16 = json.loads((tmp_path / 'out' / 'sampling_paper_bf16.json').read_text())
+  assert bf16['config']['dtype'] == 'bfloat16'

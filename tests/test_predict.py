@@ -142,6 +142,36 @@ def test_caches_read_in_blocks_equal_eval_mode(monkeypatch, vanilla_attn):
   np.testing.assert_allclose(got, np.asarray(evaluator(tokens)), atol=1e-4)
 
 
+@pytest.mark.parametrize('vanilla_attn', ['relative', 'rotary'])
+def test_both_cache_forms_equal_eval_mode(monkeypatch, vanilla_attn):
+  # The CPU's pieces (of 5 keys here) and the accelerators' whole caches,
+  # each chosen on the CPU: token by token and a prompt in one call.
+  monkeypatch.setattr(cache, 'KEY_BLOCK', 5)
+  tokens = _tokens(5)
+  for form in cache.FORMS:
+    with cache.use_form(form):
+      evaluator, decoder = _pair(hierarchy='1@2 1@6 1@2',
+                                 vanilla_attn_type=ATTENTION[vanilla_attn])
+    lengths = {x.shape[-2] for x in jax.tree_util.tree_leaves(decoder.state)
+               if x.ndim >= 3}
+    assert (12 in lengths) == (form == 'whole'), (form, lengths)
+    want = np.asarray(evaluator(tokens))
+    for chunks in ([1] * LENGTH, [7, 1, 4]):
+      decoder.state = _fresh(decoder, form)
+      got = _decode(decoder, tokens, chunks)
+      np.testing.assert_allclose(got, want, atol=1e-4,
+                                 err_msg=f'{form} {chunks}')
+
+
+def _fresh(decoder, form):
+  """`decoder`'s state before any token, its caches of `form`."""
+  weights = decoder.weights
+  with cache.use_form(form):
+    decoder.init(shapes.ShapeDtype((BATCH, 1), np.int32))
+  decoder.weights = weights
+  return decoder.state
+
+
 def test_past_max_len_raises_instead_of_returning_garbage():
   _, decoder = _pair(max_len=5, hierarchy='1@3')
   fast = tl.Accelerate(decoder)

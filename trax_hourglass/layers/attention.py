@@ -109,12 +109,13 @@ def sinusoids_at(positions, d_model, low, high, step=64):
   and fine angles: float32 angles would be off by ~5e-4 radians at 1e4.
   """
   coarse = np.arange(low // step, high // step + 1) * step
-  sin_c, cos_c = np.split(sinusoidal_embeddings(coarse, d_model), 2, axis=1)
-  sin_f, cos_f = np.split(sinusoidal_embeddings(np.arange(step), d_model), 2,
-                          axis=1)
+  # One table, one gather (each a device operation): coarse rows, then fine.
+  table = np.concatenate([sinusoidal_embeddings(coarse, d_model),
+                          sinusoidal_embeddings(np.arange(step), d_model)])
   hi, lo = positions // step - low // step, positions % step
-  sin_c, cos_c = jnp.asarray(sin_c)[hi], jnp.asarray(cos_c)[hi]
-  sin_f, cos_f = jnp.asarray(sin_f)[lo], jnp.asarray(cos_f)[lo]
+  rows = jnp.asarray(table)[jnp.stack([hi, len(coarse) + lo], axis=-1)]
+  sin_c, cos_c = jnp.split(rows[..., 0, :], 2, axis=-1)
+  sin_f, cos_f = jnp.split(rows[..., 1, :], 2, axis=-1)
   return jnp.concatenate([sin_c * cos_f + cos_c * sin_f,
                           cos_c * cos_f - sin_c * sin_f], axis=1)
 
@@ -229,7 +230,9 @@ class RelativeDotProductAttention(base.Layer):
     if self._mode == 'predict':  # See `_decode_step`.
       q = input_signature[3]
       batch, n_heads, d_model = q.shape[0], self._n_heads, q.shape[-1]
-      keys = (batch, n_heads, self._max_keys, d_model // n_heads)
+      # Heads merged into the batch, as the products read them: a write that
+      # a reader takes in another shape is repeated, on a copy, for it.
+      keys = (batch * n_heads, self._max_keys, d_model // n_heads)
       self.state = (cache.zeros(keys, q.dtype), cache.zeros(keys, q.dtype),
                     jnp.zeros((), jnp.int32))  # Distinct buffers: donatable.
 
@@ -292,7 +295,7 @@ class RelativeDotProductAttention(base.Layer):
   def _decode_step(self, location_bias, context_bias, pos_proj, q, k, v):
     """One query against the key/value cache, over the keys it can see.
 
-    The state holds the keys and values, (batch, heads, max_keys, d_head).
+    The state holds the keys and values, (batch * heads, max_keys, d_head).
     Same level: query n's key goes to slot n, key j sits at offset j - n.
     Shortening: the query brings `factor` keys, written from slot f*n (query
     i sits at key f*i). Upsampling: query n = f*a + s rewrites slot a (key j
@@ -318,8 +321,12 @@ class RelativeDotProductAttention(base.Layer):
       first, step = -slot * self._kv_pooling, -self._kv_pooling
       low = -(n_keys - 1) * self._kv_pooling
     past = cache.check_room(slot, k.shape[1], n_keys, _raise_past_max_len)
-    k_cache = cache.append(k_cache, _split_heads(k, n_heads), slot)
-    v_cache = cache.append(v_cache, _split_heads(v, n_heads), slot)
+
+    def by_head(x):  # (batch, len, d_model) -> (batch * heads, len, d_head)
+      return _split_heads(x, n_heads).reshape(batch * n_heads, -1, d_head)
+
+    k_cache = cache.append(k_cache, by_head(k), slot)
+    v_cache = cache.append(v_cache, by_head(v), slot)
     self.state = (k_cache, v_cache, n_done + 1)
 
     scale = 1.0 / np.sqrt(d_head)
@@ -345,12 +352,14 @@ class RelativeDotProductAttention(base.Layer):
 
     def location_logits(size):
       return jnp.einsum('ak,bnick->bniac', coarse[:-(-size // grid)],
-                        g).reshape(batch, n_heads, 1, -1)[..., :size]
+                        g).reshape(batch * n_heads, 1, -1)[..., :size]
 
+    q_content = q_content.reshape(batch * n_heads, 1, d_head)
     out = cache.attend(
-        lambda keys: jnp.einsum('bnid,bnkd->bnik', q_content, keys), k_cache,
+        lambda keys: jnp.einsum('bid,bkd->bik', q_content, keys), k_cache,
         v_cache, n_visible[None], location_logits)
-    return jnp.where(past, jnp.nan, _merge_heads(out))
+    return cache.nan_if(past, _merge_heads(out.reshape(batch, n_heads, 1,
+                                                       d_head)))
 
   def attention_weights(self, logits, mask, d_head):
     """Softmax weights of logits (batch, heads, C, K), zero where mask is False.

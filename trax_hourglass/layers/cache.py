@@ -1,10 +1,18 @@
 """Key/value caches of predict mode, shared by every attention of ours.
 
 A cache holds one level's keys (and values) along an axis of `max_len` slots,
-in pieces (see KEY_BLOCK); `append` writes new ones at a traced position,
-`attend` reads back only the pieces that hold the slots written so far, so
-that a decoding step costs what the position reached costs, not what the
-cache's size does.
+in one of two forms (`FORMS`), chosen by backend when the model is built
+(`form`):
+  * 'pieces' (the CPU): pieces of growing size (see KEY_BLOCK); `attend`
+    reads back only the pieces that hold the slots written so far, one
+    branch of a `lax.switch` each, so that a step costs what the position
+    reached costs, not what the cache's size does. XLA:CPU copies any slice
+    of an array before a product, so the pieces are arrays of their own.
+  * 'whole' (GPUs, TPUs): one array, read whole under a mask: a step is then
+    a few large operations and no branch, and an accelerator's step costs
+    the launches of its operations more than the bytes a small cache holds.
+Both give the same results (tests/test_predict.py checks both on the CPU).
+`append` writes new keys at a traced position in either.
 
 Overflow policy (relative and rotary attention alike): a step that would write
 past the cache raises `PastMaxLenError` (inside trax's LayerError when called
@@ -33,6 +41,9 @@ from trax_hourglass.layers import control_flow
 # so it costs at most about twice what the position reached costs.
 KEY_BLOCK = 256
 _MASK_VALUE = -1e9
+FORMS = ('pieces', 'whole')
+
+_FORM = contextvars.ContextVar('cache_form', default=None)
 
 
 _CHECKED_BY_CALLER = contextvars.ContextVar('checked_by_caller', default=False)
@@ -62,36 +73,70 @@ def checked_by_caller():
     _CHECKED_BY_CALLER.reset(token)
 
 
+def form():
+  """The cache form of layers built now: `use_form`'s, else by backend."""
+  return _FORM.get() or ('pieces' if jax.default_backend() == 'cpu'
+                         else 'whole')
+
+
+@contextlib.contextmanager
+def use_form(name):
+  """Caches initialised within take form `name` (one of FORMS), any backend."""
+  if name not in FORMS:
+    raise ValueError(f'cache form {name!r}; use one of {FORMS}.')
+  token = _FORM.set(name)
+  try:
+    yield
+  finally:
+    _FORM.reset(token)
+
+
 def check_room(n_done, length, max_len, on_overflow):
   """Traced bool: do slots n_done..n_done+length-1 go past `max_len`?
 
   When they do, `on_overflow(n_done, length, max_len)` runs on the host (see
-  the module docstring), unless traced under `checked_by_caller()`; callers
-  turn their outputs to NaN.
+  the module docstring), unless traced under `checked_by_caller()` (then it
+  is False: the caller checked); callers turn their outputs to NaN
+  (`nan_if`).
   """
   past = n_done + length > max_len
   if not control_flow.is_traced(past):  # Called outside jit: raise now.
     if past:
       on_overflow(n_done, length, max_len)
-  elif not _CHECKED_BY_CALLER.get():
-    jax.lax.cond(past,
-                 lambda: jax.debug.callback(on_overflow, n_done, length,
-                                            max_len),
-                 lambda: None)
+    return bool(past)
+  if _CHECKED_BY_CALLER.get():
+    return False  # The caller raised before any step past max_len.
+  jax.lax.cond(past,
+               lambda: jax.debug.callback(on_overflow, n_done, length, max_len),
+               lambda: None)
   return past
 
 
-def piece_lengths(n_keys):
-  """Lengths of the pieces of a cache of `n_keys` slots (see KEY_BLOCK)."""
+def nan_if(past, x):
+  """x, or NaN where `check_room` said past (nothing when checked by caller)."""
+  return x if past is False else jnp.where(past, jnp.nan, x)
+
+
+def piece_lengths(n_keys, cache_form=None):
+  """Lengths of the pieces of a cache of `n_keys` slots (see KEY_BLOCK).
+
+  Form 'whole' (default: `form()`): one piece. A last piece under a quarter
+  of KEY_BLOCK (e.g. the one slot of a cache of 2,049) joins the one before:
+  each piece costs a write and a branch per step.
+  """
+  if (cache_form or form()) == 'whole':
+    return [n_keys]
   ends = [KEY_BLOCK]
   while ends[-1] < n_keys:
     ends.append(2 * ends[-1])
   ends = sorted({min(end, n_keys) for end in ends})
+  if len(ends) > 1 and ends[-1] - ends[-2] < KEY_BLOCK // 4:
+    del ends[-2]
   return [end - start for start, end in zip([0] + ends, ends)]
 
 
 def zeros(shape, dtype):
-  """An empty cache: shape (..., n_keys, d) as a tuple of pieces."""
+  """An empty cache: shape (..., n_keys, d) as a tuple of pieces (`form()`)."""
   *lead, n_keys, d = shape
   return tuple(jnp.zeros((*lead, n, d), dtype) for n in piece_lengths(n_keys))
 
@@ -99,6 +144,8 @@ def zeros(shape, dtype):
 def append(cache, new, start):
   """`cache` (its pieces, see `zeros`) with `new` (..., m, d) written from
   slot `start` (traced)."""
+  if new.shape[-2] == 1:  # One slot (a decode step): one fused write a piece.
+    return _append_one(cache, new, start)
   slots = start + jnp.arange(new.shape[-2])
   out, offset = [], 0
   for piece in cache:
@@ -108,6 +155,26 @@ def append(cache, new, start):
                       slots - offset, n)
     out.append(piece.at[..., local, :].set(new.astype(piece.dtype),
                                            mode='drop'))
+    offset += n
+  return tuple(out)
+
+
+def _append_one(cache, new, start):
+  """`append` of one slot: each piece rewrites the slot, or keeps its own."""
+  if len(cache) == 1:  # Form 'whole': the slot is inside (or NaN, see above).
+    # The barrier keeps XLA from fusing the write into each of its readers:
+    # a write per reader, each on a copy of the cache.
+    return (jax.lax.optimization_barrier(jax.lax.dynamic_update_slice_in_dim(
+        cache[0], new.astype(cache[0].dtype), start, axis=-2)),)
+  out, offset = [], 0
+  for piece in cache:
+    n = piece.shape[-2]
+    inside = (start >= offset) & (start < offset + n)
+    local = jnp.clip(start - offset, 0, n - 1)
+    old = jax.lax.dynamic_slice_in_dim(piece, local, 1, axis=-2)
+    out.append(jax.lax.dynamic_update_slice_in_dim(
+        piece, jnp.where(inside, new.astype(piece.dtype), old), local,
+        axis=-2))
     offset += n
   return tuple(out)
 

@@ -41,7 +41,16 @@ def apply_dropout(x, rate, rng, shared_axes=()):
 
 
 class Dropout(tl.Dropout):
-  """`tl.Dropout` (same arguments, state and semantics) with faster masks."""
+  """`tl.Dropout` (same arguments, state and semantics) with faster masks.
+
+  In predict mode it has no state (trax's holds the rate, which it never
+  reads): a decode step then takes fewer arrays (trax's loop passes each).
+  """
+
+  def init_weights_and_state(self, input_signature):
+    if self._mode == 'predict':
+      return
+    super().init_weights_and_state(input_signature)
 
   def forward(self, x):
     if self._mode != 'train':

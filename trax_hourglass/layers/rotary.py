@@ -132,7 +132,7 @@ class RotaryDotProductCausalAttention(base.Layer):
 
     out = cache.attend(lambda keys: jnp.einsum('bid,bjd->bij', q, keys),
                        k_cache, v_cache, n_done + 1 + jnp.arange(length))
-    return jnp.where(past, jnp.nan, out)
+    return cache.nan_if(past, out)
 
   def _attend(self, q, k, v, mask):
     """Softmax of masked q.k / sqrt(d), attention-prob dropout, times v."""
