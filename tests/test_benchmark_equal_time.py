@@ -74,10 +74,11 @@ def test_equal_time_quick(tmp_path):
     assert r['status'] == 'ok' and r['variant'] == v
     assert r['n_params'] > 0 and r['peak_rss_mib'] > 0
     assert r['train_s'] >= 0.5  # Trained about --seconds, not just compiled.
-    # The clock is the worker's CPU seconds; XLA computes on one thread, so
-    # they come no faster than wall seconds (two threads: up to 2x on 2 cores).
+    # The clock is the worker's CPU seconds. XLA computes on one thread, but
+    # Python's dispatch runs beside it on an idle machine (CPU up to ~2x wall;
+    # 1.37x seen), so the thread count is the check, and 2x a loose bound.
     assert r['clock'] == 'cpu' and r['train_s'] == r['train_cpu_s']
-    assert r['train_cpu_s'] < 1.25 * r['train_wall_s'], details
+    assert r['train_cpu_s'] < 2 * r['train_wall_s'], details
     assert r['xla_threads'] <= 1  # 2 on 2 CPUs unpinned (0: jaxlib 0.4).
     curve = r['curve']  # Before the timed training, and at its end.
     assert [p['timed_steps'] > 0 for p in curve] == [False, True]

@@ -175,7 +175,7 @@ def test_predict_mode_in_bfloat16_matches_eval_mode_in_bfloat16():
   decoder.init(shapes.ShapeDtype((BATCH, 1), np.int32))
   decoder.weights = evaluator.weights
   caches = [s for s in jax.tree_util.tree_leaves(decoder.state)
-            if s.ndim == 4]  # (batch, heads, keys, d_head)
+            if s.ndim == 3]  # (batch * heads, keys, d_head)
   assert caches and all(c.dtype == jnp.bfloat16 for c in caches)
   x = _tokens(3)
   inputs = np.concatenate([np.zeros((BATCH, 1), np.int32), x[:, :-1]], 1)
