@@ -16,9 +16,9 @@ depend on the layers, not the widths.
 """
 
 import collections
+import functools
 import re
 
-import gin
 import jax
 import numpy as np
 import pytest
@@ -100,12 +100,13 @@ def _per_token(hlo):
 
 @pytest.fixture(scope='module')
 def transformer12():
-  with gin.config_scope('decode_ops'):
-    gin.bind_parameter('trax.layers.CausalAttention.max_inference_length',
-                       MAX_LEN)
+  # Caches of MAX_LEN, as ours; not through gin, which an earlier test in this
+  # process may have finalized (and whose config other tests own).
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(trax.layers, 'CausalAttention', functools.partial(
+        trax.layers.CausalAttention, max_inference_length=MAX_LEN))
     model = trax.models.TransformerLM(16, n_layers=12, max_len=MAX_LEN,
                                       mode='predict', **WIDTHS)
-  gin.clear_config()
   hlo = _step_hlo(model)
   return sum(operations(hlo, max).values()), len(
       jax.tree_util.tree_leaves(model.state))
