@@ -6,6 +6,7 @@ import functools
 import os
 
 import gin
+import hypothesis.strategies as st
 import jax
 import numpy as np
 import trax.layers as tl
@@ -36,6 +37,17 @@ ATTENTION = {  # LSH aside: chunked LSH is not prefix-invariant.
     'sparse_qkv': functools.partial(
         sparsity.MultiplicativeConvCausalAttention, sparsity=2),
 }
+
+
+def configuration_strategies(hierarchies):
+  """hypothesis strategies for a model's structure: the property tests' draws."""
+  return dict(
+      hierarchy=st.sampled_from(hierarchies),
+      vanilla=st.tuples(st.integers(0, 1), st.integers(0, 1)),
+      shortening=st.sampled_from(sorted(SHORTENING)),
+      upsampling=st.sampled_from(sorted(UPSAMPLING)),
+      vanilla_attn=st.sampled_from(sorted(ATTENTION)),
+      middle_attn=st.sampled_from(sorted(ATTENTION)))
 
 # A tiny byte-level LM run with trax's own bindings (train.*, multifactor.*) and
 # this project's data; TransformerLM keeps compilation short.

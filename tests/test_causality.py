@@ -16,6 +16,7 @@ from trax import shapes
 
 import trax_hourglass as th
 from configurations import ATTENTION, SHORTENING, UPSAMPLING  # pylint: disable=g-bad-import-order
+import configurations  # pylint: disable=g-bad-import-order
 
 VOCAB, LENGTH, D_MODEL = 16, 24, 16  # Fixed shapes: compiled ops are reused.
 
@@ -54,12 +55,7 @@ def _causality_property(max_examples):
   @hypothesis.settings(max_examples=max_examples, deadline=None,
                        derandomize=True)
   @hypothesis.given(
-      hierarchy=st.sampled_from(HIERARCHIES),
-      vanilla=st.tuples(st.integers(0, 1), st.integers(0, 1)),
-      shortening=st.sampled_from(sorted(SHORTENING)),
-      upsampling=st.sampled_from(sorted(UPSAMPLING)),
-      vanilla_attn=st.sampled_from(sorted(ATTENTION)),
-      middle_attn=st.sampled_from(sorted(ATTENTION)),
+      **configurations.configuration_strategies(HIERARCHIES),
       t=st.integers(0, LENGTH - 1),
       seed=st.integers(0, 2**16),
   )

@@ -84,12 +84,7 @@ def test_a_prompt_in_one_call_then_tokens_equals_eval_mode():
 @hypothesis.settings(max_examples=2, deadline=None, derandomize=True,
                      phases=[hypothesis.Phase.generate])  # Shrinking recompiles.
 @hypothesis.given(
-    hierarchy=st.sampled_from(HIERARCHIES),
-    vanilla=st.tuples(st.integers(0, 1), st.integers(0, 1)),
-    shortening=st.sampled_from(sorted(SHORTENING)),
-    upsampling=st.sampled_from(sorted(UPSAMPLING)),
-    vanilla_attn=st.sampled_from(sorted(ATTENTION)),
-    middle_attn=st.sampled_from(sorted(ATTENTION)),
+    **configurations.configuration_strategies(HIERARCHIES),
     ff_sparsity=st.sampled_from([0, 4]),
     seed=st.integers(0, 2**16),
 )
