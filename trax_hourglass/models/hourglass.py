@@ -11,7 +11,6 @@ import functools
 import math
 
 import gin
-import jax
 import trax.layers as tl
 from trax.fastmath import numpy as jnp
 
@@ -22,7 +21,6 @@ from trax_hourglass.layers.attention_types import SelfAttention
 from trax_hourglass.layers.attention_types import constructor_parameters
 from trax_hourglass.layers.attention_types import has_positions
 from trax_hourglass.layers import boundaries as dynamic
-from trax_hourglass.layers import control_flow
 from trax_hourglass.layers import segmentation
 from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers import precision
@@ -35,141 +33,11 @@ from trax_hourglass.layers.resampling import LinearUpsampling
 from trax_hourglass.layers.resampling import ours_for
 from trax_hourglass.layers.sparse import FeedForwardBlock
 from trax_hourglass.layers.sparse import VocabProjection
+from trax_hourglass.models.levels import DynamicLevel
+from trax_hourglass.models.levels import ShortenedLevel
 from trax_hourglass.models.predict import Autoregressive
-from trax_hourglass.models.predict import CausalShift
-from trax_hourglass.models.predict import LatestShortened
 from trax_hourglass.models.predict import PastMaxLenError  # pylint: disable=unused-import  # Its old place.
 from trax_hourglass.models.predict import TokenShift
-from trax_hourglass.models.predict import dynamic_level_step
-from trax_hourglass.models.predict import init_dynamic_level
-from trax_hourglass.models.predict import shortened_level_step
-
-
-class ShortenedLevel(tl.Serial):
-  """vecs -> vecs + upsample(middle(shorten(shift(vecs)))), one hourglass level.
-
-  vecs: (batch, len, d_model). A `tl.Serial` of three named parts, in the
-  order of its weights:
-    * `shifting`: Dup, CausalShift;
-    * `shortening`: the shortening, the middle layers, LatestShortened;
-    * `upsampling`: the upsampling, LayerNorm, Add.
-  In predict mode (one token per call) `shortening` runs only every k-th token
-  of the level, when a shortened position is complete: see
-  `predict.shortened_level_step`.
-  """
-
-  def __init__(self, shorten_factor, shortening, middle, upsampling,
-               mode='train', factor_dropout=()):
-    self._shifting = (tl.Dup(),  # vecs, vecs
-                      CausalShift(shorten_factor, mode))  # shifted, vecs
-    self._shortening = (
-        tl.Serial(shortening),  # short: (batch, len/k, d_model), vecs
-        tl.Serial(middle),  # short, vecs
-        LatestShortened(mode))  # short, vecs
-    self._upsampling = (
-        tl.Serial(upsampling),  # up: (batch, len, d_model), vecs
-        LayerNorm(),  # up, vecs
-        tl.Add())  # vecs: up + vecs
-    super().__init__(self._shifting, self._shortening, self._upsampling,
-                     name=f'ShortenedLevel({shorten_factor})')
-    self._factor = shorten_factor
-    self._mode = mode
-    # Shorten-factor dropout: the same level built at other factors, with the
-    # same weight layout; training runs one, drawn per step, on our weights.
-    self._factor_dropout = tuple(factor_dropout)
-
-  shorten_factor = property(lambda self: self._factor)
-  shifting = property(lambda self: self._shifting)
-  shortening = property(lambda self: self._shortening)
-  upsampling = property(lambda self: self._upsampling)
-
-  def forward(self, xs):
-    if self._factor_dropout and self._mode == 'train':
-      return self._forward_random_factor(xs)
-    if self._mode == 'predict':
-      return shortened_level_step(self, xs)
-    return super().forward(xs)
-
-  def _forward_random_factor(self, xs):
-    """One level per factor in one compiled step; lax.switch runs one of them."""
-    choice_rng, rng = jax.random.split(self.rng)
-    weights, state = self.weights, self.state
-
-    def branch(level):
-      def run(xs):
-        return level.pure_fn(xs, weights, state, rng, use_cache=True)[0]
-      return run
-
-    choice = jax.random.randint(choice_rng, (), 0, len(self._factor_dropout))
-    return control_flow.switch(choice, [branch(level)
-                                   for level in self._factor_dropout], xs)
-
-
-class DynamicLevel(tl.Serial):
-  """(vecs, toks) -> vecs + upsample(middle(pool(vecs, ends))), at boundaries.
-
-  Dynamic pooling (see `layers.boundaries`): vecs (batch, len, d_model), toks
-  (batch, len) the level's input tokens (shifted: position t holds token
-  t-1). Learned boundaries also leave aux (batch, len) on the stack for the
-  model's `BoundaryLoss`: (vecs, toks) -> (vecs, aux). A `tl.Serial` of four
-  named parts, in the order of its weights:
-    * `boundaries`: (vecs, toks) -> (vecs, ends (batch, len) 0/1[, aux]):
-      `WhitespaceBoundaries` or a `BoundaryPredictor`;
-    * `pooling`: (vecs, ends) -> (short (batch, S, d_model), vecs, ends): the
-      null vector and the segment means, LayerNorm;
-    * `middle`: the shortened layers, short -> out (batch, S, d_model);
-    * `upsampling`: (out, vecs, ends) -> vecs + LayerNorm(out[min(closed,
-      S-1)]).
-  S = `boundaries.shortened_length(len, k, bound)`: a static shape.
-  In predict mode (one token per call, S that of max_len) the shortened
-  layers step only when a segment closes (and once, at the first token, on
-  the null vector), per example: see `predict.dynamic_level_step`; the
-  level returns vecs alone (no boundary loss).
-  """
-
-  def __init__(self, kind, target_segment_length, boundaries, middle,
-               mode='train', bound=dynamic.SHORTENED_BOUND, max_len=2048):
-    self._boundaries = boundaries
-    self._pooling = (
-        tl.Select([0, 1, 0, 1]),  # vecs, ends, vecs, ends
-        dynamic.SegmentPooling(target_segment_length, bound),  # short, vecs, ends
-        LayerNorm())  # short: (batch, S, d_model), vecs, ends
-    self._middle = tl.Serial(middle)  # out: (batch, S, d_model), vecs, ends
-    self._upsampling = (
-        tl.Select([0, 2, 1]),  # out, ends, vecs
-        dynamic.SegmentUpsampling(),  # up: (batch, len, d_model), vecs
-        LayerNorm(),  # up, vecs
-        tl.Add())  # vecs: up + vecs
-    super().__init__(self._boundaries, self._pooling, self._middle,
-                     self._upsampling,
-                     name=f'DynamicLevel({kind}, {target_segment_length})')
-    self._kind = kind
-    self._factor = target_segment_length
-    self._mode = mode
-    self._bound = bound
-    # Predict mode's S: that of eval mode at max_len tokens.
-    self._max_shortened = dynamic.shortened_length(max_len,
-                                                   target_segment_length, bound)
-
-  kind = property(lambda self: self._kind)
-  mode = property(lambda self: self._mode)
-  max_shortened = property(lambda self: self._max_shortened)
-  shorten_factor = property(lambda self: self._factor)  # The target.
-  bound = property(lambda self: self._bound)
-  boundaries = property(lambda self: self._boundaries)
-  pooling = property(lambda self: self._pooling)
-  middle = property(lambda self: self._middle)
-  upsampling = property(lambda self: self._upsampling)
-
-  def init_weights_and_state(self, input_signature):
-    if self._mode == 'predict':
-      return init_dynamic_level(self, input_signature)
-    return super().init_weights_and_state(input_signature)
-
-  def forward(self, xs):
-    if self._mode == 'predict':
-      return dynamic_level_step(self, xs)
-    return super().forward(xs)
 
 
 # HourglassLM's remat: none, or each decoder block (see `layers.remat`).
@@ -408,7 +276,7 @@ def HourglassLM(vocab_size,
         middle,  # short: (batch, len/pk, d_model)
         _Resampling(upsampling_fn, attention_upsampling_fn, factor,
                     total_pooling, upsampling=True),  # (b, len/p, d)
-        mode=mode, factor_dropout=factor_dropout)
+        mode=mode, shorten_factor_dropout=factor_dropout)
 
   def _DynamicValley(level):
     """(vecs (batch, len, d), toks (batch, len)) -> vecs[, aux]."""
