@@ -89,12 +89,13 @@ class ShortenedLevel(tl.Serial):
   def _predict_step(self, xs):
     """One token through the level in predict mode.
 
-    `shifting` and `merging` run at every token. `shortening` runs (under
-    `lax.cond`; a Python branch outside jit, see `layers.control_flow`) only
-    when the level's token count is a multiple of k: then CausalShift's
-    window, (batch, k, d_model), is the next complete shifted block. The k-1
-    tokens between take the shortened vector that LatestShortened holds in
-    its state. Nested levels do the same at their own pace.
+    The shift (Dup, `shift`) and the merge (`upsampling`, LayerNorm, Add)
+    run at every token. `shortening` runs (under `lax.cond`; a Python branch
+    outside jit, see `layers.control_flow`) only when the level's token count
+    is a multiple of k: then CausalShift's window, (batch, k, d_model), is
+    the next complete shifted block. The k-1 tokens between take the
+    shortened vector that `latest` holds in its state. Nested levels do the
+    same at their own pace.
     """
     index, _, run = _sublayer_runner(self)
     state = list(self.state)
