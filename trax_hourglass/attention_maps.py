@@ -16,8 +16,8 @@ import collections
 import numpy as np
 
 from trax_hourglass.layers.attention import RelativeDotProductAttention
-from trax_hourglass.models.hourglass import DynamicLevel
-from trax_hourglass.models.hourglass import ShortenedLevel
+from trax_hourglass.models.levels import DynamicLevel
+from trax_hourglass.models.levels import ShortenedLevel
 
 AttentionMap = collections.namedtuple(
     'AttentionMap', ['name', 'kind', 'shorten_factor', 'weights'])
@@ -99,11 +99,11 @@ def _labels(model):
       return 'post' if depth == 0 else place
     if isinstance(layer, ShortenedLevel):
       level, total = depth + 1, factor * layer.shorten_factor
-      shortening, middle, _ = layer.shortening
-      visit(shortening, f'level{level}/shortening', 'shortening', total, level)
-      visit(middle, f'level{level}/shortened', 'shortened', total, level)
-      visit(layer.upsampling[0], f'level{level}/upsampling', 'upsampling',
-            total, level)
+      visit(layer.pooling, f'level{level}/shortening', 'shortening', total,
+            level)
+      visit(layer.middle, f'level{level}/shortened', 'shortened', total, level)
+      visit(layer.upsampling, f'level{level}/upsampling', 'upsampling', total,
+            level)
       return 'post' if depth == 0 else place  # Full-length layers after it.
     if isinstance(layer, RelativeDotProductAttention):
       if getattr(layer, '_mode') != 'eval':  # Train: dropout; predict: caches.

@@ -26,6 +26,7 @@ from trax_hourglass.layers import blockwise
 from trax_hourglass.layers import cache
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import apply_dropout
+from trax_hourglass.layers import predict_weights
 
 _BIAS_INIT_STDDEV = 1e-6
 _MASK_VALUE = -1e9
@@ -475,7 +476,8 @@ class PositionProjection(Dense):
     kernel = self.weights[0].astype(x.dtype)  # x: a placeholder in q's dtype.
     # trax's layout (its own decoding loop passes `model.weights`): a copy per
     # call; `decoding.sample` passes the kernel by head (see `predict_weights`).
-    return kernel if kernel.ndim == 3 else self._by_head(kernel)
+    by_head = isinstance(self.weights, predict_weights.DecodingLayout)
+    return kernel if by_head else self._by_head(kernel)
 
   def laid_out_for_decoding(self, weights):
     """(kernel by head, bias) in place of (kernel, bias)."""

@@ -16,6 +16,7 @@ from trax.layers.research import sparsity as trax_sparsity
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.feed_forward import FeedForwardResidual
 from trax_hourglass.layers.precision import LayerNorm
+from trax_hourglass.layers import predict_weights
 
 # Gumbel-softmax temperature of the SparseFF controller in training, and the share
 # of steps that use the quantized (one-hot) mask instead of the soft one; trax's
@@ -76,7 +77,8 @@ class _ChosenUnitsFF(trax_sparsity._SparseFFMain):  # pylint: disable=protected-
     if rows * _ROWS_PER_DENSE_READ > block:  # Reading all weights is cheaper.
       mid = jnp.dot(x_2d, w1.reshape(d_model, -1))
       mid = jnp.take_along_axis(mid, units, axis=1)
-    elif len(self.weights) == 4:  # w1 unit by unit: a row per chosen unit.
+    elif isinstance(self.weights, predict_weights.DecodingLayout):
+      # w1 unit by unit, a fourth weight: a row per chosen unit.
       mid = jnp.einsum('rd,rid->ri', x_2d, self.weights[3][units])
     else:  # A flat gather: w1's chosen entries are one per cache line.
       flat = jnp.arange(d_model)[None, :, None] * (n_blocks * block) + units[

@@ -8,172 +8,219 @@ full-length layers. Arguments, defaults and weights match trax's
 
 import dataclasses
 import functools
-import math
 
 import gin
-import jax
 import trax.layers as tl
 from trax.fastmath import numpy as jnp
 
-from trax_hourglass.hierarchy import parse_hierarchy
 from trax_hourglass.layers.attention import RelativeAttentionBiases
 from trax_hourglass.layers.attention import RelativeAttentionWrapper
 from trax_hourglass.layers.attention_types import SelfAttention
 from trax_hourglass.layers.attention_types import constructor_parameters
 from trax_hourglass.layers.attention_types import has_positions
 from trax_hourglass.layers import boundaries as dynamic
-from trax_hourglass.layers import control_flow
-from trax_hourglass.layers import segmentation
 from trax_hourglass.layers.dropout import Dropout
 from trax_hourglass.layers import precision
 from trax_hourglass.layers.precision import LayerNorm
 from trax_hourglass.layers.remat import Rematerialized
 from trax_hourglass.layers.resampling import AttentionResampling
 from trax_hourglass.layers.resampling import AveragePooling
-from trax_hourglass.layers.resampling import LinearPooling
 from trax_hourglass.layers.resampling import LinearUpsampling
-from trax_hourglass.layers.resampling import ours_for
 from trax_hourglass.layers.sparse import FeedForwardBlock
 from trax_hourglass.layers.sparse import VocabProjection
+from trax_hourglass.models.config import checked_config
+from trax_hourglass.models.levels import DynamicLevel
+from trax_hourglass.models.levels import ShortenedLevel
 from trax_hourglass.models.predict import Autoregressive
-from trax_hourglass.models.predict import CausalShift
-from trax_hourglass.models.predict import LatestShortened
 from trax_hourglass.models.predict import PastMaxLenError  # pylint: disable=unused-import  # Its old place.
 from trax_hourglass.models.predict import TokenShift
-from trax_hourglass.models.predict import dynamic_level_step
-from trax_hourglass.models.predict import init_dynamic_level
-from trax_hourglass.models.predict import shortened_level_step
 
 
-class ShortenedLevel(tl.Serial):
-  """vecs -> vecs + upsample(middle(shorten(shift(vecs)))), one hourglass level.
+@gin.configurable(module='trax_hourglass')
+def HourglassLM(vocab_size, d_model=512, d_ff=2048, vanilla_layers=(1, 1),
+                hierarchy='6@3', n_heads=8, dropout=0.1,
+                dropout_shared_axes=None, mode='train',
+                ff_activation=tl.FastGelu,
+                vanilla_attn_type=RelativeAttentionWrapper,
+                middle_attn_type=RelativeAttentionWrapper,
+                downsampling_fn=AttentionResampling,
+                upsampling_fn=AttentionResampling,
+                attention_downsampling_fn=AveragePooling,
+                attention_upsampling_fn=LinearUpsampling, max_len=2048,
+                ff_sparsity=0, loss_sparsity=0, shorten_factor_dropout=(),
+                boundaries='fixed', boundary_tokens=dynamic.WHITESPACE_TOKENS,
+                sentencepiece_model=None,
+                shortened_bound=dynamic.SHORTENED_BOUND, remat='none',
+                dtype='float32'):
+  """Returns a hierarchical Transformer language model.
 
-  vecs: (batch, len, d_model). A `tl.Serial` of three named parts, in the
-  order of its weights:
-    * `shifting`: Dup, CausalShift;
-    * `shortening`: the shortening, the middle layers, LatestShortened;
-    * `upsampling`: the upsampling, LayerNorm, Add.
-  In predict mode (one token per call) `shortening` runs only every k-th token
-  of the level, when a shortened position is complete: see
-  `predict.shortened_level_step`.
+  Input: tokens (batch, len) of ints in [0, vocab_size), any len: the model pads
+  internally to a multiple of the total shorten factor and crops back. Ids
+  outside are clamped, not checked (as trax's `tl.Embedding`; a compiled step
+  cannot raise). Output: (batch, len, vocab_size) unnormalised
+  log-probabilities (logits, as trax's `TransformerLM`) of token t given
+  tokens < t.
+
+  In predict mode (trax's decoding convention) the model keeps key/value caches
+  per level in its state and takes the previous token, 0 first: feeding
+  0, x0, x1, ... yields the eval-mode logits of x one position per call. A
+  longer input (a prompt) is decoded token by token in one call. Shortened
+  layers run once every k tokens of their level (dynamic boundaries: once
+  per closed segment), and predict mode returns logits alone. Weights are
+  those of a train or eval model with the same arguments.
+
+  Args: each is documented in `models.config.HourglassConfig`, the object
+  that carries them to the layers; e.g. `hierarchy` '8@3' (8 layers at 1/3
+  length), '1@2 2@6 1@2' (nested) or the paper's '2@1 8@3 2@1'.
+
+  Returns:
+    A trax layer: tokens -> logits (learned boundaries, train and eval:
+    tokens -> (logits, boundary_loss)).
   """
-
-  def __init__(self, shorten_factor, shortening, middle, upsampling,
-               mode='train', factor_dropout=()):
-    self._shifting = (tl.Dup(),  # vecs, vecs
-                      CausalShift(shorten_factor, mode))  # shifted, vecs
-    self._shortening = (
-        tl.Serial(shortening),  # short: (batch, len/k, d_model), vecs
-        tl.Serial(middle),  # short, vecs
-        LatestShortened(mode))  # short, vecs
-    self._upsampling = (
-        tl.Serial(upsampling),  # up: (batch, len, d_model), vecs
-        LayerNorm(),  # up, vecs
-        tl.Add())  # vecs: up + vecs
-    super().__init__(self._shifting, self._shortening, self._upsampling,
-                     name=f'ShortenedLevel({shorten_factor})')
-    self._factor = shorten_factor
-    self._mode = mode
-    # Shorten-factor dropout: the same level built at other factors, with the
-    # same weight layout; training runs one, drawn per step, on our weights.
-    self._factor_dropout = tuple(factor_dropout)
-
-  shorten_factor = property(lambda self: self._factor)
-  shifting = property(lambda self: self._shifting)
-  shortening = property(lambda self: self._shortening)
-  upsampling = property(lambda self: self._upsampling)
-
-  def forward(self, xs):
-    if self._factor_dropout and self._mode == 'train':
-      return self._forward_random_factor(xs)
-    if self._mode == 'predict':
-      return shortened_level_step(self, xs)
-    return super().forward(xs)
-
-  def _forward_random_factor(self, xs):
-    """One level per factor in one compiled step; lax.switch runs one of them."""
-    choice_rng, rng = jax.random.split(self.rng)
-    weights, state = self.weights, self.state
-
-    def branch(level):
-      def run(xs):
-        return level.pure_fn(xs, weights, state, rng, use_cache=True)[0]
-      return run
-
-    choice = jax.random.randint(choice_rng, (), 0, len(self._factor_dropout))
-    return control_flow.switch(choice, [branch(level)
-                                   for level in self._factor_dropout], xs)
+  cfg = checked_config(**locals())  # Or ValueError saying what works.
+  biases = RelativeAttentionBiases(cfg.d_model, cfg.n_heads, cfg.dtype)
+  spec, fixed = cfg.hierarchy, cfg.boundaries == 'fixed'
+  n_pre, n_post = spec.vanilla_layers
+  model = (functools.partial(Autoregressive, max_len=cfg.max_len)
+           if cfg.mode == 'predict' else tl.Serial)
+  return model(  # toks: (batch, len)
+      tl.Dup(),  # toks, toks
+      PadToMultiple(cfg.pad_multiple, cfg.mode),  # toks: (batch, len'), toks
+      TokenShift(cfg.mode),  # toks: shifted (train, eval), counted (predict)
+      [] if fixed else tl.Dup(),  # dynamic: the level's tokens too
+      _Embedding(cfg),  # vecs: (batch, len', d_model)
+      _Blocks(cfg, biases, n_pre, 1, cfg.vanilla_attn_type),  # vecs
+      _ShortenedLevels(cfg, biases),  # vecs (learned boundaries: vecs, aux)
+      _Blocks(cfg, biases, n_post, 1, cfg.vanilla_attn_type)
+      if spec.levels else [],  # vecs
+      VocabProjection(cfg.vocab_size, cfg.d_model, cfg.loss_sparsity,
+                      cfg.mode),  # logits
+      dynamic.BoundaryLoss(cfg.boundaries, spec.total_factor,
+                           cfg.sentencepiece_model)
+      if cfg.boundaries in dynamic.LEARNED and cfg.mode != 'predict' else
+      CropToInputLength(),  # logits (batch, len, vocab_size)[, loss]
+  )
 
 
-class DynamicLevel(tl.Serial):
-  """(vecs, toks) -> vecs + upsample(middle(pool(vecs, ends))), at boundaries.
+def _Embedding(cfg):
+  """toks (batch, len) -> vecs (batch, len, d_model), in the compute dtype.
 
-  Dynamic pooling (see `layers.boundaries`): vecs (batch, len, d_model), toks
-  (batch, len) the level's input tokens (shifted: position t holds token
-  t-1). Learned boundaries also leave aux (batch, len) on the stack for the
-  model's `BoundaryLoss`: (vecs, toks) -> (vecs, aux). A `tl.Serial` of four
-  named parts, in the order of its weights:
-    * `boundaries`: (vecs, toks) -> (vecs, ends (batch, len) 0/1[, aux]):
-      `WhitespaceBoundaries` or a `BoundaryPredictor`;
-    * `pooling`: (vecs, ends) -> (short (batch, S, d_model), vecs, ends): the
-      null vector and the segment means, LayerNorm;
-    * `middle`: the shortened layers, short -> out (batch, S, d_model);
-    * `upsampling`: (out, vecs, ends) -> vecs + LayerNorm(out[min(closed,
-      S-1)]).
-  S = `boundaries.shortened_length(len, k, bound)`: a static shape.
-  In predict mode (one token per call, S that of max_len) the shortened
-  layers step only when a segment closes (and once, at the first token, on
-  the null vector), per example: see `predict.dynamic_level_step`; the
-  level returns vecs alone (no boundary loss).
+  Every activation stays in that dtype until the logits (float32).
   """
-
-  def __init__(self, kind, target_segment_length, boundaries, middle,
-               mode='train', bound=dynamic.SHORTENED_BOUND, max_len=2048):
-    self._boundaries = boundaries
-    self._pooling = (
-        tl.Select([0, 1, 0, 1]),  # vecs, ends, vecs, ends
-        dynamic.SegmentPooling(target_segment_length, bound),  # short, vecs, ends
-        LayerNorm())  # short: (batch, S, d_model), vecs, ends
-    self._middle = tl.Serial(middle)  # out: (batch, S, d_model), vecs, ends
-    self._upsampling = (
-        tl.Select([0, 2, 1]),  # out, ends, vecs
-        dynamic.SegmentUpsampling(),  # up: (batch, len, d_model), vecs
-        LayerNorm(),  # up, vecs
-        tl.Add())  # vecs: up + vecs
-    super().__init__(self._boundaries, self._pooling, self._middle,
-                     self._upsampling,
-                     name=f'DynamicLevel({kind}, {target_segment_length})')
-    self._kind = kind
-    self._factor = target_segment_length
-    self._mode = mode
-    self._bound = bound
-    # Predict mode's S: that of eval mode at max_len tokens.
-    self._max_shortened = dynamic.shortened_length(max_len,
-                                                   target_segment_length, bound)
-
-  kind = property(lambda self: self._kind)
-  mode = property(lambda self: self._mode)
-  max_shortened = property(lambda self: self._max_shortened)
-  shorten_factor = property(lambda self: self._factor)  # The target.
-  bound = property(lambda self: self._bound)
-  boundaries = property(lambda self: self._boundaries)
-  pooling = property(lambda self: self._pooling)
-  middle = property(lambda self: self._middle)
-  upsampling = property(lambda self: self._upsampling)
-
-  def init_weights_and_state(self, input_signature):
-    if self._mode == 'predict':
-      return init_dynamic_level(self, input_signature)
-    return super().init_weights_and_state(input_signature)
-
-  def forward(self, xs):
-    if self._mode == 'predict':
-      return dynamic_level_step(self, xs)
-    return super().forward(xs)
+  return [
+      precision.Embedding(cfg.vocab_size, cfg.d_model, cfg.dtype),  # vecs
+      Dropout(rate=cfg.dropout, shared_axes=cfg.dropout_shared_axes,
+              mode=cfg.mode),  # vecs
+      [] if has_positions(cfg.vanilla_attn_type) else
+      precision.PositionalEncoding(max_len=cfg.padded_len, mode=cfg.mode),
+  ]  # vecs: tokens (+ absolute positions when attention has none)
 
 
-# HourglassLM's remat: none, or each decoder block (see `layers.remat`).
-REMAT = ('none', 'blocks')
+def _ShortenedLevels(cfg, biases):
+  """vecs (batch, len', d_model) -> vecs: the hierarchy's shortened levels.
+
+  Dynamic boundaries: (vecs, toks) -> vecs (learned: vecs, aux (batch, len')).
+  """
+  levels = cfg.hierarchy.levels
+  if cfg.boundaries != 'fixed':
+    return _DynamicValley(cfg, biases, levels[0])
+  if levels:
+    return _Valley(cfg, biases, levels, 1, cfg.shorten_factor_dropout)
+  return []  # '12@1': a plain Transformer.
+
+
+def _Blocks(cfg, biases, n_layers, total_factor, attention_type,
+            max_level_len=None):
+  """n_layers decoder blocks at 1/total_factor length, then LayerNorm.
+
+  vecs (batch, len/total_factor, d_model) -> vecs. `biases`: the relative
+  attention's (context, location) bias layers, shared by the whole model.
+  `max_level_len`: the level's longest sequence in predict mode (default
+  padded_len / total_factor).
+  """
+  blocks = [
+      DecoderBlock(  # pylint: disable=g-complex-comprehension
+          SelfAttention(attention_type, cfg.d_model, cfg.n_heads, cfg.dropout,
+                        cfg.mode, *biases, total_factor,
+                        max_level_len or cfg.padded_len // total_factor),
+          cfg.d_model, cfg.d_ff, cfg.dropout, cfg.dropout_shared_axes,
+          cfg.mode, cfg.ff_activation, cfg.ff_sparsity)
+      for _ in range(n_layers)
+  ]
+  if cfg.remat == 'blocks' and cfg.mode != 'predict':  # Each half of a block.
+    blocks = [[Rematerialized(half) for half in block] for block in blocks]
+  return blocks + [LayerNorm()]
+
+
+def _Resampling(cfg, biases, factory, resampling_fn, shorten_factor,
+                total_factor, upsampling):
+  """`factory`'s layer shortening (or upsampling) by shorten_factor.
+
+  total_factor: the shortening of the longer side, relative to the tokens.
+  """
+  context_bias, location_bias = biases
+  kwargs = {}
+  if 'max_inference_length' in constructor_parameters(factory):
+    kwargs['max_inference_length'] = cfg.padded_len // total_factor
+  if 'ff_sparsity' in constructor_parameters(factory):
+    kwargs['ff_sparsity'] = cfg.ff_sparsity
+  return factory(
+      shorten_factor, d_model=cfg.d_model, is_upsampling=upsampling,
+      d_ff=cfg.d_ff, n_heads=cfg.n_heads, dropout=cfg.dropout,
+      dropout_shared_axes=cfg.dropout_shared_axes, mode=cfg.mode,
+      ff_activation=cfg.ff_activation, context_bias_layer=context_bias,
+      location_bias_layer=location_bias, total_pooling=total_factor,
+      resampling_fn=resampling_fn, **kwargs)
+
+
+def _Valley(cfg, biases, levels, total_factor, shorten_factor_dropout=()):
+  """vecs (batch, len/p, d) -> vecs, shortening by the first of `levels`.
+
+  p = total_factor, the shortening outside the level. Training with
+  `shorten_factor_dropout` also builds the level at each of those factors.
+  """
+  level, inner = levels[0], levels[1:]
+  if shorten_factor_dropout and cfg.mode == 'train':
+    shorten_factor_dropout = [_Valley(  # pylint: disable=g-complex-comprehension
+        cfg, biases, [dataclasses.replace(
+            level, shorten_factor=k, total_factor=total_factor * k)], 1)
+                              for k in shorten_factor_dropout]
+  else:
+    shorten_factor_dropout = ()
+  shorten_factor = level.shorten_factor
+  inner_total = total_factor * shorten_factor
+  blocks = _Blocks(cfg, biases, level.n_layers, inner_total,
+                   cfg.middle_attn_type)
+  middle = [blocks, _Valley(cfg, biases, inner, inner_total), _Blocks(
+      cfg, biases, level.n_layers, inner_total, cfg.middle_attn_type)
+           ] if inner else [blocks]
+  return ShortenedLevel(
+      shorten_factor,
+      _Resampling(cfg, biases, cfg.downsampling_fn,
+                  cfg.attention_downsampling_fn, shorten_factor, total_factor,
+                  upsampling=False),  # (batch, len/pk, d_model)
+      middle,  # short: (batch, len/pk, d_model)
+      _Resampling(cfg, biases, cfg.upsampling_fn, cfg.attention_upsampling_fn,
+                  shorten_factor, total_factor,
+                  upsampling=True),  # (batch, len/p, d_model)
+      mode=cfg.mode, shorten_factor_dropout=shorten_factor_dropout)
+
+
+def _DynamicValley(cfg, biases, level):
+  """(vecs (batch, len, d), toks (batch, len)) -> vecs[, aux]."""
+  if cfg.boundaries == 'whitespace':
+    ends = dynamic.WhitespaceBoundaries(cfg.boundary_tokens)
+  else:
+    ends = dynamic.BoundaryPredictor(cfg.boundaries, cfg.d_ff,
+                                     cfg.ff_activation, cfg.mode)
+  shorten_factor = level.shorten_factor
+  return DynamicLevel(
+      cfg.boundaries, shorten_factor, ends,
+      _Blocks(cfg, biases, level.n_layers, shorten_factor,
+              cfg.middle_attn_type,
+              dynamic.shortened_length(cfg.padded_len, shorten_factor,
+                                       cfg.shortened_bound)),  # (b, S, d)
+      mode=cfg.mode, bound=cfg.shortened_bound, max_len=cfg.padded_len)
 
 
 def PadToMultiple(multiple, mode='train'):
@@ -202,314 +249,3 @@ def DecoderBlock(attention, d_model, d_ff, dropout, dropout_shared_axes, mode,
       FeedForwardBlock(d_model, d_ff, dropout, dropout_shared_axes, mode,
                        ff_activation, ff_sparsity),  # vecs
   ]
-
-
-@gin.configurable(module='trax_hourglass')
-def HourglassLM(vocab_size,
-                d_model=512,
-                d_ff=2048,
-                vanilla_layers=(1, 1),
-                hierarchy='6@3',
-                n_heads=8,
-                dropout=0.1,
-                dropout_shared_axes=None,
-                mode='train',
-                ff_activation=tl.FastGelu,
-                vanilla_attn_type=RelativeAttentionWrapper,
-                middle_attn_type=RelativeAttentionWrapper,
-                downsampling_fn=AttentionResampling,
-                upsampling_fn=AttentionResampling,
-                attention_downsampling_fn=AveragePooling,
-                attention_upsampling_fn=LinearUpsampling,
-                max_len=2048,
-                ff_sparsity=0,
-                loss_sparsity=0,
-                shorten_factor_dropout=(),
-                boundaries='fixed',
-                boundary_tokens=dynamic.WHITESPACE_TOKENS,
-                sentencepiece_model=None,
-                shortened_bound=dynamic.SHORTENED_BOUND,
-                remat='none',
-                dtype='float32'):
-  """Returns a hierarchical Transformer language model.
-
-  Input: tokens (batch, len) of ints in [0, vocab_size), any len: the model pads
-  internally to a multiple of the total shorten factor and crops back.
-  Output: (batch, len, vocab_size) unnormalised log-probabilities (logits, as
-  trax's `TransformerLM`) of token t given tokens < t.
-
-  In predict mode (trax's decoding convention) the model keeps key/value caches
-  per level in its state and takes the previous token, 0 first: feeding
-  0, x0, x1, ... yields the eval-mode logits of x one position per call. A
-  longer input (a prompt) is decoded token by token in one call. Shortened
-  layers run once every k tokens of their level (dynamic boundaries: once
-  per closed segment), and predict mode returns logits alone. Weights are
-  those of a train or eval model with the same arguments.
-
-  Args:
-    vocab_size: Number of token ids. Inputs must lie in [0, vocab_size): as
-      trax's `tl.Embedding` (a jax gather), ids outside are clamped, not
-      checked (a compiled step cannot raise), so 300 reads as vocab_size - 1
-      and -1 as 0. The trainer's data and `hourglass-eval` check the ids.
-    d_model: Width of the residual stream.
-    d_ff: Width of the feed-forward blocks.
-    vanilla_layers: (pre, post) full-length layers around the shortening.
-    hierarchy: Shortened levels, e.g. '8@3' (8 layers at 1/3 length), '1@2 2@6
-      1@2' (nested), or the paper's '2@1 8@3 2@1' (full-length layers included;
-      then `vanilla_layers` is taken from it; '12@1' alone is a plain
-      Transformer of 12 layers). See `trax_hourglass.hierarchy`.
-    n_heads: Attention heads.
-    dropout: Dropout rate for hidden vectors and attention probabilities.
-    dropout_shared_axes: Axes sharing one dropout mask, e.g. (0, 1).
-    mode: 'train', 'eval' or 'predict'.
-    ff_activation: Activation layer class of the feed-forward blocks.
-    vanilla_attn_type: Attention in the full-length layers: our
-      `RelativeAttentionWrapper` or a trax attention class (see
-      `layers.SelfAttention`).
-    middle_attn_type: Attention in the shortened layers, likewise.
-    downsampling_fn: Shortening layer factory (`AttentionResampling`,
-      `AveragePooling`, `LinearPooling`).
-    upsampling_fn: Upsampling layer factory (`AttentionResampling`,
-      `NaiveUpsampling`, `LinearUpsampling`).
-    attention_downsampling_fn: The pooling inside `AttentionResampling` when it
-      shortens.
-    attention_upsampling_fn: The upsampling inside `AttentionResampling` when it
-      upsamples.
-    max_len: Longest sequence in predict mode (the caches' size); decoding
-      past it raises. Train and eval take any length. Also the length of the
-      absolute positions added at the embedding when `vanilla_attn_type` has
-      no positions of its own (e.g. `tl.CausalAttention`, `tl.CausalFavor`).
-    ff_sparsity: 0 (dense) or N: every feed-forward block of the model is
-      trax's `SparseFF`, one unit active in each block of N ("Sparse is Enough
-      in Scaling Transformers"; see `layers.FeedForwardBlock`): those of the
-      decoder blocks (full-length and shortened) and those of
-      `AttentionResampling` (attention pooling and upsampling). The other
-      resampling layers have none.
-    loss_sparsity: 0 (dense) or N: the vocabulary projection is the
-      multiplicative sparse dense of the same paper; see
-      `layers.VocabProjection`.
-    shorten_factor_dropout: () or factors, e.g. (2, 3), for a single shortened
-      level: each training step shortens by a factor drawn uniformly from
-      them (one compiled step holds all), so the weights work at each; eval
-      and predict use the factor in `hierarchy`. Needs resampling whose
-      weights do not depend on the factor (not linear pooling/upsampling).
-    boundaries: where the shortened level pools (dynamic pooling, Nawrot et
-      al. 2023; needs exactly one shortened level, whose factor k is then the
-      target average segment length, and ignores the resampling arguments:
-      segments are averaged, see `DynamicLevel`): 'fixed' (every k tokens,
-      the hourglass), 'whitespace' (a segment ends after each token of
-      `boundary_tokens`), or a learned predictor: 'entropy' (trained toward
-      spikes of the model's prediction entropy), 'unigram' (toward the
-      SentencePiece pieces of `sentencepiece_model`), 'gumbel' (end to end,
-      a hard Gumbel-sigmoid with a Binomial(len, 1/k) prior). Learned
-      boundaries make the train and eval models return (logits,
-      boundary_loss): train them with `LossWithBoundaries` (the trainer
-      binds it).
-    boundary_tokens: the token ids 'whitespace' ends segments after; by
-      default the bytes of ASCII space, tab, CR and LF.
-    sentencepiece_model: path of a SentencePiece unigram model ('unigram').
-    shortened_bound: dynamic levels shorten to a static length S = 1 +
-      ceil(shortened_bound * len / k) (the null vector and the first S-1
-      segments); positions after more segments than that keep reading the
-      last shortened vector (stale, never from the future).
-    remat: 'none', or 'blocks': train (and eval) recompute each decoder
-      block's activations in the backward pass from its input, for about a
-      third more compute and a fraction of the activation memory; same
-      outputs, gradients and weights (see `layers.remat`). Predict mode
-      ignores it.
-    dtype: the compute dtype, 'float32' or 'bfloat16' (mixed precision:
-      matrix products, attention and the residual stream in bfloat16;
-      softmax, LayerNorm and the logits in float32). The weights are float32
-      either way, so checkpoints load into either. See `layers.precision`.
-
-  Returns:
-    A trax layer: tokens -> logits (learned boundaries, train and eval:
-    tokens -> (logits, boundary_loss)).
-  """
-  if mode not in ('train', 'eval', 'predict'):
-    raise ValueError(f"mode={mode!r}; use 'train', 'eval' or 'predict'.")
-  if remat not in REMAT:
-    raise ValueError(f'remat={remat!r}; use one of '
-                     f'{", ".join(repr(r) for r in REMAT)}.')
-  dtype = precision.check_dtype(dtype)
-  spec = parse_hierarchy(hierarchy, vanilla_layers)
-  # trax's resampling layers (`@LinearPooling` in trax's gin files) -> ours.
-  downsampling_fn, upsampling_fn, attention_downsampling_fn, \
-      attention_upsampling_fn = map(ours_for, (
-          downsampling_fn, upsampling_fn, attention_downsampling_fn,
-          attention_upsampling_fn))
-  if max_len < 1:
-    raise ValueError(f'max_len={max_len} must be positive, e.g. 2048.')
-  kind = _check_boundaries(boundaries, spec, shorten_factor_dropout,
-                           sentencepiece_model, shortened_bound, mode,
-                           vocab_size, boundary_tokens)
-  factor_dropout = _check_factor_dropout(shorten_factor_dropout, spec, [
-      downsampling_fn, upsampling_fn,
-      attention_downsampling_fn if downsampling_fn is AttentionResampling
-      else None,
-      attention_upsampling_fn if upsampling_fn is AttentionResampling
-      else None])
-  if kind != 'fixed':  # Segments have no fixed length: nothing to pad.
-    padded_len, pad_multiple = max_len, 1
-  else:
-    # Caches hold whole shortened positions: round up to the total factor.
-    padded_len = -(-max_len // spec.total_factor) * spec.total_factor
-    pad_multiple = math.lcm(spec.total_factor, *factor_dropout)
-  context_bias, location_bias = RelativeAttentionBiases(d_model, n_heads,
-                                                        dtype)
-
-  def _Blocks(n_layers, total_pooling, attention_type, max_level_len=None):
-    """n_layers blocks at a level shortened by total_pooling, then LayerNorm."""
-    blocks = [
-        DecoderBlock(  # pylint: disable=g-complex-comprehension
-            SelfAttention(attention_type, d_model, n_heads, dropout, mode,
-                          context_bias, location_bias, total_pooling,
-                          max_level_len or padded_len // total_pooling),
-            d_model, d_ff, dropout, dropout_shared_axes, mode, ff_activation,
-            ff_sparsity)
-        for _ in range(n_layers)
-    ]
-    if remat == 'blocks' and mode != 'predict':  # Each half of each block.
-      blocks = [[Rematerialized(half) for half in block] for block in blocks]
-    return blocks + [LayerNorm()]
-
-  def _Resampling(factory, resampling_fn, factor, total_pooling, upsampling):
-    kwargs = {}
-    if 'max_inference_length' in constructor_parameters(factory):
-      kwargs['max_inference_length'] = padded_len // total_pooling
-    if 'ff_sparsity' in constructor_parameters(factory):
-      kwargs['ff_sparsity'] = ff_sparsity
-    return factory(
-        factor, d_model=d_model, is_upsampling=upsampling, d_ff=d_ff,
-        n_heads=n_heads, dropout=dropout,
-        dropout_shared_axes=dropout_shared_axes, mode=mode,
-        ff_activation=ff_activation, context_bias_layer=context_bias,
-        location_bias_layer=location_bias, total_pooling=total_pooling,
-        resampling_fn=resampling_fn, **kwargs)
-
-  def _Valley(levels, total_pooling, factor_dropout=()):
-    """vecs (batch, len/p, d) -> vecs, shortening by the first of `levels`."""
-    level, inner = levels[0], levels[1:]
-    factor = level.shorten_factor
-    if factor_dropout and mode == 'train':
-      factor_dropout = [_Valley([dataclasses.replace(  # pylint: disable=g-complex-comprehension
-          level, shorten_factor=k, total_factor=total_pooling * k)], 1)
-                        for k in factor_dropout]
-    else:
-      factor_dropout = ()
-    pooling = total_pooling * factor
-    blocks = _Blocks(level.n_layers, pooling, middle_attn_type)
-    middle = [blocks, _Valley(inner, pooling), _Blocks(
-        level.n_layers, pooling, middle_attn_type)] if inner else [blocks]
-    return ShortenedLevel(
-        factor,
-        _Resampling(downsampling_fn, attention_downsampling_fn, factor,
-                    total_pooling, upsampling=False),  # (b, len/pk, d)
-        middle,  # short: (batch, len/pk, d_model)
-        _Resampling(upsampling_fn, attention_upsampling_fn, factor,
-                    total_pooling, upsampling=True),  # (b, len/p, d)
-        mode=mode, factor_dropout=factor_dropout)
-
-  def _DynamicValley(level):
-    """(vecs (batch, len, d), toks (batch, len)) -> vecs[, aux]."""
-    k = level.shorten_factor
-    if kind == 'whitespace':
-      ends = dynamic.WhitespaceBoundaries(boundary_tokens)
-    else:
-      ends = dynamic.BoundaryPredictor(kind, d_ff, ff_activation, mode)
-    return DynamicLevel(
-        kind, k, ends,
-        _Blocks(level.n_layers, k, middle_attn_type, dynamic.shortened_length(
-            padded_len, k, shortened_bound)),  # (batch, S, d_model)
-        mode=mode, bound=shortened_bound, max_len=padded_len)
-
-  n_pre, n_post = spec.vanilla_layers
-  model = (functools.partial(Autoregressive, max_len=max_len)
-           if mode == 'predict' else tl.Serial)
-  if kind == 'fixed':
-    level = _Valley(spec.levels, 1, factor_dropout) if spec.levels else []
-  else:
-    level = _DynamicValley(spec.levels[0])
-  return model(  # toks: (batch, len)
-      tl.Dup(),  # toks, toks
-      PadToMultiple(pad_multiple, mode),  # toks: (batch, len'), toks
-      TokenShift(mode),  # toks: shifted right (train, eval), counted (predict)
-      [] if kind == 'fixed' else tl.Dup(),  # dynamic: the level's tokens too
-      precision.Embedding(vocab_size, d_model, dtype),  # vecs: (batch, len',
-      # d_model) in dtype, as is every activation until the logits (float32)
-      Dropout(rate=dropout, shared_axes=dropout_shared_axes, mode=mode),
-      [] if has_positions(vanilla_attn_type) else precision.PositionalEncoding(
-          max_len=padded_len, mode=mode),  # vecs: tokens + absolute positions
-      _Blocks(n_pre, 1, vanilla_attn_type),  # vecs
-      level,  # vecs (learned boundaries: vecs, aux: (batch, len'))
-      _Blocks(n_post, 1, vanilla_attn_type) if spec.levels else [],  # vecs
-      VocabProjection(vocab_size, d_model, loss_sparsity, mode),  # logits
-      dynamic.BoundaryLoss(kind, spec.total_factor, sentencepiece_model)
-      if kind in dynamic.LEARNED and mode != 'predict' else  # logits, loss
-      CropToInputLength(),  # logits: (batch, len, vocab_size)
-  )
-
-
-def _check_boundaries(boundaries, spec, factor_dropout, sentencepiece_model,
-                      bound, mode, vocab_size, boundary_tokens):
-  """Returns `boundaries` if HourglassLM can build it, or raises saying what works."""
-  kinds = ', '.join(repr(kind) for kind in dynamic.KINDS)
-  if boundaries not in dynamic.KINDS:
-    raise ValueError(f'boundaries={boundaries!r}; use one of {kinds}.')
-  if boundaries == 'fixed':
-    return boundaries
-  if len(spec.levels) != 1:
-    raise ValueError(
-        f'boundaries={boundaries!r} needs exactly one shortened level, got '
-        f"{len(spec.levels)}; e.g. hierarchy='2@1 8@3 2@1' (k=3: the target "
-        'average segment length).')
-  if factor_dropout:
-    raise ValueError(
-        f'boundaries={boundaries!r} takes no shorten_factor_dropout (got '
-        f"{tuple(factor_dropout)}); use it with boundaries='fixed'.")
-  if not (isinstance(bound, (int, float)) and bound > 0):
-    raise ValueError(f'shortened_bound={bound!r} must be a positive number '
-                     f'(the shortened length over len/k), e.g. '
-                     f'{dynamic.SHORTENED_BOUND}.')
-  if boundaries == 'whitespace' and not (
-      isinstance(boundary_tokens, (tuple, list)) and boundary_tokens and all(
-          isinstance(t, int) and 0 <= t < vocab_size for t in boundary_tokens)):
-    raise ValueError(
-        f'boundary_tokens={boundary_tokens!r} must be token ids in [0, '
-        f'vocab_size={vocab_size}), e.g. {dynamic.WHITESPACE_TOKENS} (the '
-        'bytes of space, tab, CR, LF).')
-  if boundaries == 'unigram':
-    if not sentencepiece_model:
-      raise ValueError(
-          "boundaries='unigram' needs sentencepiece_model: the path of a "
-          'SentencePiece .model file (its pieces train the predictor).')
-    if vocab_size > 256:
-      raise ValueError(
-          f"boundaries='unigram' segments bytes, but vocab_size={vocab_size}; "
-          'use it with byte-level data (vocab_size 256).')
-    segmentation.sentencepiece_model(sentencepiece_model)  # Or ValueError.
-  return boundaries
-
-
-def _check_factor_dropout(factors, spec, resampling_fns):
-  """Returns shorten_factor_dropout as a tuple, or raises saying what works."""
-  factors = tuple(factors or ())
-  if not factors:
-    return ()
-  example = "e.g. hierarchy='8@3', shorten_factor_dropout=(2, 3)"
-  if len(spec.levels) != 1:
-    raise ValueError(
-        f'shorten_factor_dropout={factors} needs exactly one shortened level, '
-        f'got {len(spec.levels)}; {example}.')
-  if not all(isinstance(k, int) and k >= 1 for k in factors):
-    raise ValueError(
-        f'shorten_factor_dropout={factors} must hold positive ints; {example}.')
-  sized = [fn for fn in resampling_fns if fn in (LinearPooling, LinearUpsampling)]
-  if sized:
-    names = ', '.join(sorted({fn.__name__ for fn in sized}))
-    raise ValueError(
-        f'shorten_factor_dropout={factors} needs resampling whose weights do not '
-        f'depend on the factor, but {names} has k*d_model-sized weights; use '
-        'AveragePooling / NaiveUpsampling (also inside AttentionResampling: '
-        'attention_upsampling_fn=NaiveUpsampling).')
-  return factors
