@@ -18,8 +18,8 @@ import os
 import gin
 import numpy as np
 
+from trax_hourglass.data import locations
 from trax_hourglass.data import streams
-from trax_hourglass.data import text
 
 TFDS_IMAGE_DATASETS = {
     'cifar10': ('train', 'test'),
@@ -167,8 +167,8 @@ def npz_image_inputs(path=gin.REQUIRED, batch_size=8, eval_batch_size=None,
 
 def load_tfds_images(dataset_name, split, data_dir=None, download=True):
   """All images of a TFDS split as uint8 [N, H, W, 3] (TFDS prepares them)."""
-  data_dir = text.default_data_dir(data_dir)
-  images = [ex['image'] for ex in text.tfds_examples(
+  data_dir = locations.default_data_dir(data_dir)
+  images = [ex['image'] for ex in locations.tfds_examples(
       dataset_name, split, data_dir, download)]
   return np.stack(images).astype(np.uint8)
 
@@ -185,7 +185,7 @@ def tfds_image_inputs(dataset_name='cifar10', batch_size=8, eval_batch_size=None
     dataset_name: one of `TFDS_IMAGE_DATASETS`.
     batch_size: images per training batch (a multiple of the device count).
     eval_batch_size: images per eval batch (default batch_size).
-    data_dir: the TFDS data dir (see `text.default_data_dir`).
+    data_dir: the TFDS data dir (see `locations.default_data_dir`).
     download: let TFDS download and prepare the data if missing.
     seed: seed of the training order.
 
