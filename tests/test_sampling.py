@@ -297,3 +297,62 @@ def test_setup_registers_hourglass_sample():
   setup = open(os.path.join(REPO, 'setup.py')).read()
   assert "'hourglass-sample=trax_hourglass.cli.sample:main'" in setup
   assert 'hourglass-demo' not in setup
+
+
+def test_temperature_sample_is_pure_and_draws_what_sample_draws(models):
+  """The sampler takes weights, state, prompt and key, and gives tokens and
+  state: twice the same, `model.state` untouched; `decoding.sample` (which
+  chunks it) draws the same tokens and leaves the same state."""
+  from trax_hourglass import sampling  # pylint: disable=g-import-not-at-top
+  from trax_hourglass.layers import predict_weights  # pylint: disable=g-import-not-at-top
+  predict, _ = models
+  weights = predict_weights.decoding_weights(predict)
+  state = decoding.fresh_state(predict, 2)
+  before = jax.tree_util.tree_leaves(predict.state)
+  draw = jax.jit(lambda w, s, p, k: sampling.temperature_sample(
+      predict, w, s, p, k, 12, temperature=1.5, top_k=8))
+  a, state_a = draw(weights, state, PROMPT, jax.random.PRNGKey(4))
+  b, state_b = draw(weights, state, PROMPT, jax.random.PRNGKey(4))
+  assert all(x is y for x, y in zip(
+      jax.tree_util.tree_leaves(predict.state), before))
+  np.testing.assert_array_equal(a, b)
+  for x, y in zip(jax.tree_util.tree_leaves(state_a),
+                  jax.tree_util.tree_leaves(state_b)):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(
+      decoding.sample(predict, 12, prompt=PROMPT, temperature=1.5, top_k=8,
+                      seed=4), a)
+  for x, y in zip(jax.tree_util.tree_leaves(predict.state),
+                  jax.tree_util.tree_leaves(state_a)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_hourglass_sample_parses_the_config_once(run_dir, monkeypatch,
+                                                 capsys):
+  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
+  parsed = []
+  parse = runs.parse_config_safely
+  monkeypatch.setattr(runs, 'parse_config_safely',
+                      lambda *a, **k: parsed.append(a[0]) or parse(*a, **k))
+  assert _run_cli(sample_cli.main, ['--output_dir', run_dir, '--n_tokens',
+                                    '2', '--temperature', '0']) == 0
+  assert len(parsed) == 1, parsed
+  assert capsys.readouterr().out.strip()
+
+
+def test_run_config_gives_the_vocab_size_gin_calls_the_model_with(tmp_path):
+  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
+  config = tmp_path / 'config.gin'
+  config.write_text(
+      'VOCAB = 300\n'
+      'train.model = @big/trax_hourglass.HourglassLM\n'
+      'trax_hourglass.HourglassLM.vocab_size = 256\n'
+      'big/trax_hourglass.HourglassLM.vocab_size = %VOCAB\n')
+  try:
+    assert runs.read_config([str(config)]).vocab_size == 300
+    assert runs.read_config(
+        [str(config)], ['big/trax_hourglass.HourglassLM.vocab_size = 64']
+    ).vocab_size == 64
+    assert runs.read_config([str(config)], vocab_size=8).vocab_size == 8
+  finally:
+    gin.clear_config()

@@ -1,16 +1,19 @@
-"""Sampling from predict-mode language models: text, image completion, grids.
+"""Sampling from predict-mode language models: the driver of `sampling`.
 
     model = load_predict_model('~/runs/hg_enwik8')        # training output dir
     tokens = sample(model, 200, prompt=np.frombuffer(b'The ', np.uint8)[None],
                     temperature=0.8, top_k=40)            # (1, 200) int32
 
-`sample` runs the whole decoding loop on the device: the prompt goes through
-the model in one call, then each compiled call generates a chunk of tokens in
-a `lax.fori_loop` (model step and sampling fused, the state's buffers donated),
-so Python runs once per chunk, not once per token. Chunks grow to about a
-quarter second each, so `progress` can be told about once a second; the
-random key is split per token, so the tokens for a seed do not depend on the
-chunking. Compiled steps are kept per model: sampling again is immediate.
+`sample` runs the pure functions of `trax_hourglass.sampling` on the device:
+the prompt goes through the model in one call (`sampling.prefill`), then each
+compiled call generates a chunk of tokens in a `lax.fori_loop`
+(`sampling.decode`, the state's buffers donated), so Python runs once per
+chunk, not once per token. Here lives what is not sampling: chunks grow to
+about a quarter second each, so `progress` can be told about once a second;
+compiled steps and each batch size's fresh state are kept per model
+(sampling again is immediate); `model.state` is left after the tokens. The
+key is split per token, so the tokens for a seed do not depend on the
+chunking: they are `sampling.temperature_sample`'s.
 
 Works on any trax predict-mode LM that follows trax's decoding convention
 (`HourglassLM(mode='predict')`, `trax.models.TransformerLM(mode='predict')`):
@@ -18,7 +21,6 @@ each call takes the previous tokens (0 first) and returns the logits of the
 next ones.
 """
 
-import os
 import time
 import weakref
 
@@ -29,12 +31,15 @@ from trax import shapes
 # The classes themselves: trax.layers' names are gin's wrappers of them.
 from trax.layers import attention as trax_attention
 
-from trax_hourglass import checkpoints
 from trax_hourglass import runs
+from trax_hourglass import sampling
 from trax_hourglass.data import images as image_data
-from trax_hourglass.layers import attention_types
+# pylint: disable=unused-import,g-importing-member
+# Also importable from here, where they lived before.
+from trax_hourglass.data.images import image_grid
+from trax_hourglass.data.images import save_png
+# pylint: enable=unused-import,g-importing-member
 from trax_hourglass.layers import predict_weights
-from trax_hourglass.models.hourglass import HourglassLM
 
 # Upper bound of tokens per compiled call (the size of its output buffer).
 _MAX_CHUNK = 256
@@ -49,67 +54,40 @@ _FRESH_STATES = weakref.WeakKeyDictionary()
 _COMPILED = weakref.WeakKeyDictionary()
 
 
-def _choose(logits, key, temperature, top_k):
-  """logits (batch, vocab) -> tokens (batch,) int32.
-
-  temperature 0 is argmax; top_k in 1..vocab keeps the k largest logits (0:
-  all). Both are traced: other values do not recompile.
-  """
-  logits = logits.astype(jnp.float32)
-  vocab = logits.shape[-1]
-  top_k = jnp.where((top_k < 1) | (top_k > vocab), vocab, top_k)
-  # Sorting a large vocabulary costs: only when some tokens are cut.
-  kth = jax.lax.cond(
-      top_k < vocab,
-      lambda x: jnp.sort(x, axis=-1)[:, vocab - top_k][:, None],
-      lambda x: jnp.full((x.shape[0], 1), -jnp.inf, x.dtype), logits)
-  kept = jnp.where(logits < kth, -jnp.inf, logits)
-  drawn = jax.random.categorical(key, kept / jnp.maximum(temperature, 1e-6),
-                                 axis=-1)
-  return jnp.where(temperature == 0, jnp.argmax(logits, axis=-1),
-                   drawn).astype(jnp.int32)
-
-
 def _compiled(model):
-  """(prefill, run), `model`'s decoding steps, jitted once per model."""
+  """(prefill, run), `model`'s `sampling` steps, jitted once per model."""
   if model in _COMPILED:
     return _COMPILED[model]
-  # Predict mode has no dropout: the model's own rng is a constant.
-  model_rng = jax.random.PRNGKey(0)
 
-  def prefill(weights, kept, toks, key, temperature, top_k):
-    """toks (batch, P+1), 0 first -> (next token (batch,), state, key).
+  def prefill(weights, kept, prompt, key, temperature, top_k):
+    """`sampling.prefill` from the fresh state of this batch size, made here
+    from its `kept` leaves and zeros: no copy of its caches is kept or read."""
+    state = _state_from(model, prompt.shape[0], kept)
+    return sampling.prefill(model, weights, state, prompt, key, temperature,
+                            top_k)
 
-    Starts from the fresh state of this batch size: its `kept` leaves, and
-    its zero leaves (the caches) made here: no copy of them is kept or read.
-    """
-    treedef, zeros = _FRESH_STATES[model][toks.shape[0]][:2]
-    kept = iter(kept)
-    state = treedef.unflatten([next(kept) if z is None else jnp.zeros(
-        z.shape, z.dtype) for z in zeros])
-    logits, state = model.pure_fn(toks, weights, state, model_rng)
-    key, sub = jax.random.split(key)
-    return _choose(logits[:, -1], sub, temperature, top_k), state, key
-
-  def run(weights, state, tok, key, temperature, top_k, n):
-    """Feeds tok (batch,), then n-1 sampled ones; out[:, :n] the n samples."""
-    def body(i, carry):
-      state, tok, key, out = carry
-      logits, state = model.pure_fn(tok[:, None], weights, state, model_rng)
-      key, sub = jax.random.split(key)
-      tok = _choose(logits[:, -1], sub, temperature, top_k)
-      out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, i))
-      return state, tok, key, out
-
-    out = jnp.zeros((tok.shape[0], _MAX_CHUNK), jnp.int32)
-    state, tok, key, out = jax.lax.fori_loop(0, n, body,
-                                             (state, tok, key, out))
-    return out, state, tok, key
+  def run(weights, state, token, key, temperature, top_k, n):
+    return sampling.decode(model, weights, state, token, key, temperature,
+                           top_k, n, _MAX_CHUNK)
 
   # The kept leaves given to prefill serve the next call: not donated. run's
   # state is always the previous call's output: donate it.
   _COMPILED[model] = (jax.jit(prefill), jax.jit(run, donate_argnums=(1,)))
   return _COMPILED[model]
+
+
+def _state_from(model, batch_size, kept):
+  """The fresh state of `batch_size`: its `kept` leaves, zeros elsewhere."""
+  treedef, zeros = _FRESH_STATES[model][batch_size][:2]
+  kept = iter(kept)
+  return treedef.unflatten([next(kept) if z is None else jnp.zeros(
+      z.shape, z.dtype) for z in zeros])
+
+
+def fresh_state(model, batch_size=1):
+  """`model`'s state before any token, for `batch_size` sequences: the state
+  `sampling.temperature_sample` starts from."""
+  return _state_from(model, batch_size, _fresh_state(model, batch_size)[2])
 
 
 def _fresh_state(model, batch_size):
@@ -121,11 +99,12 @@ def _fresh_state(model, batch_size):
   """
   per_model = _FRESH_STATES.setdefault(model, {})
   if batch_size not in per_model:
-    # init draws new weights as well: keep the trained ones.
-    weights = model.weights
+    # init draws new weights and state: keep the trained weights, and the
+    # state it had (this is bookkeeping, not sampling).
+    weights, state = model.weights, model.state
     model.init(shapes.ShapeDtype((batch_size, 1), np.int32))
-    model.weights = weights
     _remember_fresh_state(model, batch_size)
+    model.weights, model.state = weights, state
   return per_model[batch_size]
 
 
@@ -288,47 +267,69 @@ def sample(model, n_tokens, prompt=None, batch_size=1, temperature=1.0,
   temperature = np.float32(temperature)
   top_k = np.int32(0 if top_k is None else top_k)  # 0: all tokens.
 
-  start = time.perf_counter()
-  toks = np.concatenate([np.zeros((batch, 1), np.int32), prompt], axis=1)
+  pace = _Pace(n_tokens, batch, progress)
   kept = _fresh_state(model, batch)[2]
-  tok, state, key = prefill(weights, kept, toks, jax.random.PRNGKey(seed),
+  tok, state, key = prefill(weights, kept, prompt, jax.random.PRNGKey(seed),
                             temperature, top_k)
   state = _own_buffers(state, kept)
   chunks = [np.asarray(tok)[:, None]]
-  done, chunk = 1, 1
-  first = None  # (time, tokens done) after the first (compiling) run call.
-  last_report = start
-  while done < n_tokens:
-    n = min(chunk, n_tokens - done)
-    call_start = time.perf_counter()
+  while pace.done < n_tokens:
+    n, call_start = pace.next_chunk(), time.perf_counter()
     out, state, tok, key = run(weights, state, tok, key, temperature, top_k,
                                n)
     chunks.append(np.asarray(out)[:, :n])  # Waits for the chunk.
-    done += n
-    now = time.perf_counter()
-    if first is None:
-      first = (now, done)
-      chunk = 8
-    else:  # Next chunk: about _SECONDS_PER_CALL at this call's speed.
-      per_token = (now - call_start) / n
-      chunk = int(min(_MAX_CHUNK, max(1, _SECONDS_PER_CALL / per_token)))
-    # Not right after the first call: its time is mostly compilation.
-    if progress is not None and (done == n_tokens or (
-        now - last_report >= _PROGRESS_EVERY_S and done > first[1])):
-      progress(done, n_tokens, _rate(batch, start, first, now, done))
-      last_report = now
-  if progress is not None and first is None:  # n_tokens == 1.
-    progress(done, n_tokens, _rate(batch, start, first,
-                                   time.perf_counter(), done))
+    pace.chunk_done(n, call_start)
+  pace.finish()
   model.state = state
   return np.concatenate(chunks, axis=1)
 
 
-def _rate(batch, start, first, now, done):
-  """New tokens per second, after the first compiled call when there is one."""
-  if first is not None and done > first[1] and now > first[0]:
-    return batch * (done - first[1]) / (now - first[0])
-  return batch * done / max(now - start, 1e-9)
+class _Pace:
+  """Chunk sizes and progress reports of one `sample` call, from its first
+  token (the prefill's) on.
+
+  The first decoding call compiles: it draws one token, the next 8, then
+  each about _SECONDS_PER_CALL at the last call's speed. `progress` hears
+  about once a second, but not right after the compiling call, and at the
+  end; tokens/s counts from the end of the compiling call.
+  """
+
+  def __init__(self, n_tokens, batch, progress):
+    self.done, self._chunk = 1, 1
+    self._n_tokens, self._batch, self._progress = n_tokens, batch, progress
+    self._start = self._last_report = time.perf_counter()
+    self._first = None  # (time, tokens done) after the first decoding call.
+
+  def next_chunk(self):
+    return min(self._chunk, self._n_tokens - self.done)
+
+  def chunk_done(self, n, call_start):
+    self.done += n
+    now = time.perf_counter()
+    if self._first is None:
+      self._first = (now, self.done)
+      self._chunk = 8
+    else:  # Next chunk: about _SECONDS_PER_CALL at this call's speed.
+      per_token = (now - call_start) / n
+      self._chunk = int(min(_MAX_CHUNK,
+                            max(1, _SECONDS_PER_CALL / per_token)))
+    if self._progress is not None and (self.done == self._n_tokens or (
+        now - self._last_report >= _PROGRESS_EVERY_S and
+        self.done > self._first[1])):
+      self._progress(self.done, self._n_tokens, self._rate(now))
+      self._last_report = now
+
+  def finish(self):
+    if self._progress is not None and self._first is None:  # 1 token.
+      self._progress(self.done, self._n_tokens,
+                     self._rate(time.perf_counter()))
+
+  def _rate(self, now):
+    """New tokens per second, after the first decoding call if one was."""
+    first = self._first
+    if first is not None and self.done > first[1] and now > first[0]:
+      return self._batch * (self.done - first[1]) / (now - first[0])
+    return self._batch * self.done / max(now - self._start, 1e-9)
 
 
 def complete_images(model, images, seed=0, temperature=1.0, top_k=None,
@@ -361,83 +362,11 @@ def complete_images(model, images, seed=0, temperature=1.0, top_k=None,
       np.concatenate([tokens[:, :kept], new], axis=1), height, width, channels)
 
 
-def image_grid(originals, completions, border=2, fill=255):
-  """A grid image: originals in the top row, completions in rows below.
-
-  Args:
-    originals: uint8 (n, H, W, C).
-    completions: uint8 (n, H, W, C), or (k, n, H, W, C) for k rows of them.
-    border: pixels between and around the images.
-    fill: value of the border pixels (255: white).
-
-  Returns:
-    uint8 (rows*H + (rows+1)*border, n*W + (n+1)*border, C), rows = 1 + k.
-  """
-  originals = np.asarray(originals)
-  completions = np.asarray(completions)
-  if completions.ndim == originals.ndim:
-    completions = completions[None]
-  if originals.ndim != 4 or completions.shape[1:] != originals.shape:
-    raise ValueError(
-        f'originals {originals.shape} and completions {completions.shape} '
-        'must be (n, H, W, C) and (n, H, W, C) or (k, n, H, W, C).')
-  rows = [originals] + list(completions)
-  n, height, width, channels = originals.shape
-  grid = np.full((len(rows) * (height + border) + border,
-                  n * (width + border) + border, channels), fill, np.uint8)
-  for r, row in enumerate(rows):
-    for c, image in enumerate(row):
-      y, x = border + r * (height + border), border + c * (width + border)
-      grid[y:y + height, x:x + width] = image
-  return grid
-
-
-def save_png(array, path):
-  """Writes uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as a PNG file.
-
-  Uses PIL when installed, else TensorFlow's encoder; creates the folder.
-
-  Returns:
-    The path written (user-expanded).
-  """
-  array = np.asarray(array)
-  if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
-      array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
-    raise ValueError(f'save_png needs uint8 (H, W) or (H, W, 1|3|4), got '
-                     f'{array.dtype} {array.shape}.')
-  path = os.path.expanduser(os.fspath(path))
-  if os.path.dirname(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-  try:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
-  except ImportError:  # TensorFlow is a dependency: always there.
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    if array.ndim == 2:
-      array = array[..., None]
-    tf.io.write_file(path, tf.io.encode_png(array))
-    return path
-  Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1
-                  else array).save(path, format='PNG')
-  return path
-
-
-# ---------------------------------------------------------------------------
-# Loading a predict-mode model.
-# ---------------------------------------------------------------------------
-
-
-def _is_our_hourglass(model_fn):
-  model_fn, _ = attention_types.unwrap_partial(model_fn)
-  if model_fn is HourglassLM:
-    return True
-  wrapped = getattr(model_fn, '__wrapped__', None)  # gin's scoped function.
-  return wrapped is not None and _is_our_hourglass(wrapped)
-
-
 def load_predict_model(checkpoint_or_weights, model_fn=None, config_file=None,
                        max_len=2048, batch_size=1, original=False,
-                       **model_kwargs):
-  """Builds a predict-mode model and loads trained weights into it.
+                       config=None, **model_kwargs):
+  """Builds a predict-mode model and loads trained weights into it
+  (`runs.load_run` in predict mode, ready for `sample`).
 
   Args:
     checkpoint_or_weights: a training output dir (its committed `model`
@@ -456,55 +385,15 @@ def load_predict_model(checkpoint_or_weights, model_fn=None, config_file=None,
     original: the checkpoint was written by trax's own HourglassLM (e.g. a
       released one); give the architecture with `config_file` (one of our
       gin configs, e.g. gin/cifar10_hourglass.gin) or `model_kwargs`.
+    config: a `runs.RunConfig` already read: then no config is parsed.
     **model_kwargs: arguments for `model_fn`, over the config's.
 
   Returns:
     The model in 'predict' mode with the weights, for (batch_size, 1) inputs.
   """
-  source = checkpoint_or_weights
-  path = None
-  if isinstance(source, (str, os.PathLike)):
-    path = os.path.expanduser(os.fspath(source))
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'checkpoint {path} does not exist; pass a '
-                              'training output_dir or a model.pkl.gz file.')
-    if (config_file is None and model_fn is None and not original and
-        os.path.exists(runs.run_config(path))):
-      config_file = runs.run_config(path)
-  configs = ([config_file] if isinstance(config_file, (str, os.PathLike))
-             else list(config_file or []))
-  configs = [os.path.expanduser(os.fspath(c)) for c in configs]
-  if model_fn is None:
-    model_fn = runs.parse_run_config(configs) if configs else HourglassLM
-  elif configs:
-    runs.parse_run_config(configs)  # Its bindings apply to model_fn.
-  # Read the weights first: a missing checkpoint fails before any building.
-  if path is None:
-    weights, where = source, 'the given weights'
-  else:
-    ckpt = checkpoints.read_checkpoint_at(path)
-    weights = [np.asarray(w) for w in checkpoints.from_bits(
-        ckpt.flat_weights)]
-    where = f'{path} (step {ckpt.step})'
-  # A diverged run's weights would sample garbage (NUL bytes) silently.
-  checkpoints.check_finite(jax.tree_util.tree_leaves(weights), where)
-
-  kwargs = dict(model_kwargs, mode='predict')
-  if _is_our_hourglass(model_fn):
-    kwargs['max_len'] = max_len
-  try:
-    model = model_fn(**kwargs)
-  except TypeError as e:  # E.g. no vocab_size: no config and no kwargs.
-    raise ValueError(
-        f'cannot build the model ({e}); pass the run\'s gin config '
-        '(config_file) or the model arguments, e.g. vocab_size=256.') from e
-  model.init(shapes.ShapeDtype((batch_size, 1), np.int32))
-  _remember_fresh_state(model, batch_size)
-  try:
-    checkpoints.load_trax_hourglass_weights(model, weights)
-  except ValueError as e:
-    built = (f'config {", ".join(configs)}' if configs else
-             f'arguments {model_kwargs}')
-    raise ValueError(f'the weights of {where} do not fit the model built from '
-                     f'{built}: {e}') from e
+  model = runs.load_run(
+      checkpoint_or_weights, 'predict', config_file, model_fn=model_fn,
+      config=config, max_len=max_len, batch_size=batch_size,
+      original=original, **model_kwargs).model
+  _remember_fresh_state(model, batch_size)  # Before any token.
   return model

@@ -148,12 +148,6 @@ def check_gin_value_types():
                        f'be {kind} (its default is {default!r}).')
 
 
-def vocab_size(model):
-  """The model's output vocabulary: the last weight is its final Dense bias."""
-  from trax import fastmath  # pylint: disable=g-import-not-at-top
-  return int(fastmath.tree_flatten(model.weights)[-1].shape[-1])
-
-
 def check_gin_files(paths, label='--config_file'):
   """Refuses, in one line, a gin config that is missing or a directory."""
   for path in paths:

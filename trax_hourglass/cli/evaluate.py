@@ -183,7 +183,6 @@ def _write_json(path, result):
 
 def run(args):
   """Evaluates; returns the result dict."""
-  from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   from trax_hourglass import data as hg_data  # pylint: disable=g-import-not-at-top
   from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
 
@@ -197,15 +196,10 @@ def run(args):
   _check_writable(json_path)  # Now, not after minutes of scoring.
   if args.data_dir:
     hg_data.set_default_data_dir(os.path.expanduser(args.data_dir))
-  runs.parse_config_safely(configs, args.config, finalize=True)  # As data.
-  ckpt = checkpoints.read_checkpoint_at(output_dir)
-  checkpoints.check_finite(
-      checkpoints.from_bits(ckpt.flat_weights),
-      f'{os.path.join(ckpt.path, "model.weights.npy.gz")} (step {ckpt.step})')
-  model = gin.query_parameter('train.model').scoped_configurable_fn(
-      mode='eval')
-  checkpoints.init_from_file(model, ckpt)  # As read and checked above.
-  vocab = cli.vocab_size(model)
+  # The config parsed once, as data; the checkpoint read safely, checked.
+  loaded = runs.load_run(output_dir, 'eval', configs, args.config,
+                         finalize=True)
+  model, vocab, ckpt = loaded.model, loaded.vocab_size, loaded.checkpoint
   trained_len = int(ckpt.data['input_signature'][0].shape[1])
   scorer = Scorer(model)
   start = time.time()

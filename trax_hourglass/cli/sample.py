@@ -66,11 +66,11 @@ def _parse_args(argv):
 _ESTIMATE_FROM_TOKENS = 8192
 
 
-def _cache_bytes(model_fn, max_len, batch):
+def _cache_bytes(config, max_len, batch):
   """Bytes of a predict-mode model's state (its caches), without making it."""
   import jax  # pylint: disable=g-import-not-at-top
   from trax import shapes  # pylint: disable=g-import-not-at-top
-  model = model_fn(mode='predict', max_len=max_len)
+  model = config.build('predict', max_len)
 
   def init():
     model.init(shapes.ShapeDtype((batch, 1), np.int32))
@@ -100,15 +100,16 @@ def _free_memory():
           'free host memory')
 
 
-def _check_memory(model_fn, prompt_len, n_tokens, batch, what=None):
-  """Refuses a length whose caches would not fit (an OOM, or swapping)."""
-  from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
+def _check_memory(config, prompt_len, n_tokens, batch, what=None):
+  """Refuses a length whose caches would not fit (an OOM, or swapping), for
+  `config` (a `runs.RunConfig`)."""
+  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
   length = prompt_len + n_tokens
   if (length * batch <= _ESTIMATE_FROM_TOKENS or
-      not decoding._is_our_hourglass(model_fn)):  # pylint: disable=protected-access
+      not runs.is_our_hourglass(config.model_fn)):
     return
   small = 512  # The caches grow linearly with max_len: two points tell.
-  at_small, at_double = (_cache_bytes(model_fn, n, batch)
+  at_small, at_double = (_cache_bytes(config, n, batch)
                          for n in (small, 2 * small))
   per_token = max(1.0, (at_double - at_small) / small)
   fixed = at_small - per_token * small
@@ -161,11 +162,10 @@ def _prompt_bytes(prompt):
   return prompt.encode('utf-8', errors='surrogateescape')
 
 
-def run(args):
-  """Samples; returns the text samples (list of str) or the grid (uint8)."""
+def _check_args(args):
+  """Refuses, in one line, flags that cannot work together or would sample
+  garbage; returns the run's output dir or checkpoint file."""
   from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
-  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
-
   if args.n_tokens < 1:
     raise ValueError(f'--n_tokens={args.n_tokens}; use 1 or more.')
   if args.batch_size < 1:
@@ -188,55 +188,72 @@ def run(args):
     raise ValueError(
         "--original needs --config_file: one of our gin configs with the "
         "original's architecture (e.g. gin/imagenet32_hourglass.gin).")
+  return source
+
+
+def _check_vocab(vocab, top_k, images):
+  """Refuses a model whose vocabulary (its config's) the mode cannot use."""
+  if vocab is None:
+    raise ValueError('the gin config binds no vocab_size of train.model; '
+                     'bind it (e.g. HourglassLM.vocab_size = 256).')
+  if top_k is not None and top_k > vocab:
+    raise ValueError(f'--top_k={top_k} is more than the model\'s '
+                     f'{vocab} tokens; use 1..{vocab} (or leave it out).')
+  if vocab != 256:
+    raise ValueError(
+        f'image mode needs a model of 256 subpixel values; this one has '
+        f'vocab_size {vocab}.' if images is not None else
+        f'text mode needs a byte-level model (vocab_size 256); this one has '
+        f'vocab_size {vocab}.')
+
+
+def run(args):
+  """Samples; returns the text samples (list of str) or the grid (uint8)."""
+  from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
+  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
+
+  source = _check_args(args)
   configs = runs.run_configs(args.config_file, source)
   cli.check_gin_files(configs)
-
-  images = None
+  config = runs.read_config(configs)  # The one parse of the config.
+  images = prompt = None
   if args.images:
     images = _load_test_images(args.images, args.n_images)
-    length = int(np.prod(images.shape[1:]))
-    batch = len(images)
-    _check_memory(runs.parse_run_config(configs), 0, length, batch,
-                  f'--n_images={batch} of {length} subpixels')
+    prompt_len, n_new = 0, int(np.prod(images.shape[1:]))
+    batch, what = len(images), f'--images of {n_new} subpixels'
+    _check_memory(config, 0, n_new, batch,
+                  f'--n_images={batch} of {n_new} subpixels')
   else:
     prompt = np.frombuffer(_prompt_bytes(args.prompt), np.uint8)
-    length = len(prompt) + args.n_tokens
-    batch = args.batch_size
-    _check_memory(runs.parse_run_config(configs), len(prompt),
-                  args.n_tokens, batch)
+    prompt_len, n_new, batch = len(prompt), args.n_tokens, args.batch_size
+    what = f'--n_tokens={n_new} after a prompt of {prompt_len} bytes'
+    _check_memory(config, prompt_len, n_new, batch)
   # The caches need only this sequence's length.
   model = decoding.load_predict_model(
-      source, config_file=configs, max_len=length, batch_size=batch,
-      original=args.original)
-  vocab = cli.vocab_size(model)
-  if args.top_k is not None and args.top_k > vocab:
-    raise ValueError(f'--top_k={args.top_k} is more than the model\'s '
-                     f'{vocab} tokens; use 1..{vocab} (or leave it out).')
+      source, config=config, max_len=prompt_len + n_new, batch_size=batch)
+  _check_vocab(config.vocab_size, args.top_k, images)
   # A model whose own max_len is shorter (trax's TransformerLM): refused
   # now, before its position tables clamp and decode garbage.
-  if images is None:
-    decoding.check_room(model, len(prompt), args.n_tokens,
-                        f'--n_tokens={args.n_tokens} after a prompt of '
-                        f'{len(prompt)} bytes')
-  else:
-    decoding.check_room(model, 0, length, f'--images of {length} subpixels')
-
+  decoding.check_room(model, prompt_len, n_new, what)
   if images is not None:
-    if vocab != 256:
-      raise ValueError(f'image mode needs a model of 256 subpixel values; '
-                       f'this one has vocab_size {vocab}.')
-    completions = decoding.complete_images(
-        model, images, seed=args.seed, temperature=args.temperature,
-        top_k=args.top_k, progress=_Progress('subpixels'))
-    grid = decoding.image_grid(images, completions)
-    path = decoding.save_png(grid, args.out)
-    print(f'Wrote {path}: {len(images)} images (top row) and their '
-          'completions (bottom halves sampled, second row).', flush=True)
-    return grid
+    return _complete_images(args, model, images)
+  return _continue_text(args, model, prompt)
 
-  if vocab != 256:
-    raise ValueError(f'text mode needs a byte-level model (vocab_size 256); '
-                     f'this one has vocab_size {vocab}.')
+
+def _complete_images(args, model, images):
+  from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
+  completions = decoding.complete_images(
+      model, images, seed=args.seed, temperature=args.temperature,
+      top_k=args.top_k, progress=_Progress('subpixels'))
+  grid = decoding.image_grid(images, completions)
+  path = decoding.save_png(grid, args.out)
+  print(f'Wrote {path}: {len(images)} images (top row) and their '
+        'completions (bottom halves sampled, second row).', flush=True)
+  return grid
+
+
+def _continue_text(args, model, prompt):
+  from trax_hourglass import decoding  # pylint: disable=g-import-not-at-top
   tokens = decoding.sample(
       model, args.n_tokens, prompt=prompt if len(prompt) else None,
       batch_size=args.batch_size, temperature=args.temperature,

@@ -15,13 +15,13 @@ from trax_hourglass.data import wiki40b
 from trax_hourglass.data.images import flatten_images
 from trax_hourglass.data.images import npz_image_inputs
 from trax_hourglass.data.images import tfds_image_inputs
+from trax_hourglass.data.locations import set_default_data_dir
 from trax_hourglass.data.streams import restartable_stream
 from trax_hourglass.data.streams import ResumableInputs
 from trax_hourglass.data.streams import resumable_stream
 from trax_hourglass.data.text import byte_file_inputs
 from trax_hourglass.data.text import enwik8_inputs
 from trax_hourglass.data.text import enwik8_path
-from trax_hourglass.data.text import set_default_data_dir
 from trax_hourglass.data.text import stdlib_text_inputs
 from trax_hourglass.data.wiki40b import sentencepiece_lm_inputs
 from trax_hourglass.data.wiki40b import wiki40b_inputs

@@ -8,6 +8,9 @@ channels interleaved (pixel (0,0) R, G, B, then pixel (0,1) ...), as trax's
 Sources: TFDS (`cifar10`, `downsampled_imagenet/32x32`, `.../64x64`; TFDS
 downloads and prepares them in its data dir unless told not to), or an .npz
 file with `train_images` and `test_images` uint8 arrays [N, H, W, 3].
+
+`image_grid` and `save_png` show images and their completions
+(`decoding.complete_images`) as one PNG file.
 """
 
 import os
@@ -15,8 +18,8 @@ import os
 import gin
 import numpy as np
 
+from trax_hourglass.data import locations
 from trax_hourglass.data import streams
-from trax_hourglass.data import text
 
 TFDS_IMAGE_DATASETS = {
     'cifar10': ('train', 'test'),
@@ -37,6 +40,66 @@ def flatten_images(images):
 def unflatten_images(tokens, height, width, channels=3):
   """The inverse of `flatten_images`: [N, H*W*C] -> uint8 [N, H, W, C]."""
   return np.asarray(tokens).reshape(-1, height, width, channels).astype(np.uint8)
+
+
+def image_grid(originals, completions, border=2, fill=255):
+  """A grid image: originals in the top row, completions in rows below.
+
+  Args:
+    originals: uint8 (n, H, W, C).
+    completions: uint8 (n, H, W, C), or (k, n, H, W, C) for k rows of them.
+    border: pixels between and around the images.
+    fill: value of the border pixels (255: white).
+
+  Returns:
+    uint8 (rows*H + (rows+1)*border, n*W + (n+1)*border, C), rows = 1 + k.
+  """
+  originals = np.asarray(originals)
+  completions = np.asarray(completions)
+  if completions.ndim == originals.ndim:
+    completions = completions[None]
+  if originals.ndim != 4 or completions.shape[1:] != originals.shape:
+    raise ValueError(
+        f'originals {originals.shape} and completions {completions.shape} '
+        'must be (n, H, W, C) and (n, H, W, C) or (k, n, H, W, C).')
+  rows = [originals] + list(completions)
+  n, height, width, channels = originals.shape
+  grid = np.full((len(rows) * (height + border) + border,
+                  n * (width + border) + border, channels), fill, np.uint8)
+  for r, row in enumerate(rows):
+    for c, image in enumerate(row):
+      y, x = border + r * (height + border), border + c * (width + border)
+      grid[y:y + height, x:x + width] = image
+  return grid
+
+
+def save_png(array, path):
+  """Writes uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as a PNG file.
+
+  Uses PIL when installed, else TensorFlow's encoder; creates the folder.
+
+  Returns:
+    The path written (user-expanded).
+  """
+  array = np.asarray(array)
+  if array.dtype != np.uint8 or array.ndim not in (2, 3) or (
+      array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+    raise ValueError(f'save_png needs uint8 (H, W) or (H, W, 1|3|4), got '
+                     f'{array.dtype} {array.shape}.')
+  path = os.path.expanduser(os.fspath(path))
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+  except ImportError:  # TensorFlow is a dependency: always there.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    if array.ndim == 2:
+      array = array[..., None]
+    tf.io.write_file(path, tf.io.encode_png(array))
+    return path
+  Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[-1] == 1
+                  else array).save(path, format='PNG')
+  return path
 
 
 def array_image_inputs(train_images, eval_images, name, batch_size,
@@ -104,8 +167,8 @@ def npz_image_inputs(path=gin.REQUIRED, batch_size=8, eval_batch_size=None,
 
 def load_tfds_images(dataset_name, split, data_dir=None, download=True):
   """All images of a TFDS split as uint8 [N, H, W, 3] (TFDS prepares them)."""
-  data_dir = text.default_data_dir(data_dir)
-  images = [ex['image'] for ex in text.tfds_examples(
+  data_dir = locations.default_data_dir(data_dir)
+  images = [ex['image'] for ex in locations.tfds_examples(
       dataset_name, split, data_dir, download)]
   return np.stack(images).astype(np.uint8)
 
@@ -122,7 +185,7 @@ def tfds_image_inputs(dataset_name='cifar10', batch_size=8, eval_batch_size=None
     dataset_name: one of `TFDS_IMAGE_DATASETS`.
     batch_size: images per training batch (a multiple of the device count).
     eval_batch_size: images per eval batch (default batch_size).
-    data_dir: the TFDS data dir (see `text.default_data_dir`).
+    data_dir: the TFDS data dir (see `locations.default_data_dir`).
     download: let TFDS download and prepare the data if missing.
     seed: seed of the training order.
 

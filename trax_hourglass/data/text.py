@@ -26,6 +26,15 @@ import numpy as np
 
 from trax_hourglass import files
 from trax_hourglass.data import streams
+# pylint: disable=unused-import,g-importing-member
+# Their homes are `locations` and `stdlib_corpus`; also importable from here,
+# where they lived before.
+from trax_hourglass.data.locations import default_data_dir
+from trax_hourglass.data.locations import set_default_data_dir
+from trax_hourglass.data.locations import tfds_examples
+from trax_hourglass.data.stdlib_corpus import stdlib_corpus
+from trax_hourglass.data.stdlib_corpus import stdlib_text_files
+# pylint: enable=unused-import,g-importing-member
 
 ENWIK8_URL = 'http://mattmahoney.net/dc/enwik8.zip'
 ENWIK8_ZIP_BYTES = 36_445_475
@@ -38,38 +47,6 @@ ENWIK8_SHA256 = None
 ENWIK8_SPLITS = {'train': (0, 90_000_000), 'valid': (90_000_000, 95_000_000),
                  'test': (95_000_000, 100_000_000)}
 SPLIT_NAMES = ('train', 'valid', 'test')
-
-_DEFAULT_DATA_DIR = None
-
-
-def set_default_data_dir(data_dir):
-  """Sets the data dir used when a loader is given none (the trainer's flag)."""
-  global _DEFAULT_DATA_DIR
-  _DEFAULT_DATA_DIR = data_dir
-
-
-def default_data_dir(data_dir=None):
-  """`data_dir`, else the trainer's --data_dir, else $TRAX_HOURGLASS_DATA_DIR,
-  else ~/tensorflow_datasets (where TFDS keeps data too)."""
-  return os.path.expanduser(
-      data_dir or _DEFAULT_DATA_DIR or os.environ.get('TRAX_HOURGLASS_DATA_DIR')
-      or os.path.join('~', 'tensorflow_datasets'))
-
-
-def tfds_examples(name, split, data_dir, download):
-  """The examples of a TFDS split as numpy, or a clear error saying how to get it."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    ds = tfds.load(name, split=split, data_dir=data_dir, download=download,
-                   shuffle_files=False)
-  except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(
-        f'TFDS dataset {name!r} (split {split!r}) is not available in '
-        f'{data_dir} ({type(e).__name__}: {e}). Prepare it there with '
-        f'`tfds build {name} --data_dir={data_dir}` on a machine with '
-        'network access, or pass --data_dir where it is prepared.') from e
-  return tfds.as_numpy(ds)
-
 
 def _offline_help(data_dir, reason, zip_sha256):
   return (f'enwik8 is not in {data_dir} and {reason}. Fetch {ENWIK8_URL} '
@@ -350,29 +327,6 @@ def byte_file_inputs(path=gin.REQUIRED, batch_size=8, sequence_length=2048,
                         eval_split, path)
 
 
-# Left out of the stdlib corpus: tests, third-party packages, and generated
-# data tables (codec maps, pydoc's topics), which are not code and are so
-# repetitive that they would make bits per byte look far better than it is.
-_STDLIB_SKIP_DIRS = ('site-packages', 'dist-packages', '__pycache__', 'test',
-                     'tests', 'idlelib', 'lib2to3', 'turtledemo', 'encodings',
-                     'pydoc_data')
-_STDLIB_MAX_FILE_BYTES = 200_000
-
-
-def stdlib_text_files():
-  """The Python standard library's .py files: a corpus on every machine."""
-  import sysconfig  # pylint: disable=g-import-not-at-top
-  root = sysconfig.get_paths()['stdlib']
-  found = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS)
-    for f in sorted(filenames):
-      path = os.path.join(dirpath, f)
-      if f.endswith('.py') and os.path.getsize(path) <= _STDLIB_MAX_FILE_BYTES:
-        found.append(path)
-  return found
-
-
 @gin.configurable(module='trax_hourglass')
 def stdlib_text_inputs(batch_size=8, sequence_length=256, eval_batch_size=None,
                        max_bytes=8_000_000, seed=0, cache_dir=None):
@@ -389,28 +343,3 @@ def stdlib_text_inputs(batch_size=8, sequence_length=256, eval_batch_size=None,
   path = stdlib_corpus(max_bytes, cache_dir)
   return byte_file_inputs(path, batch_size, sequence_length, eval_batch_size,
                           (0.9, 0.05, 0.05), seed)
-
-
-def stdlib_corpus(max_bytes=8_000_000, cache_dir=None):
-  """Writes (once) and returns the path of the stdlib corpus file."""
-  import sys  # pylint: disable=g-import-not-at-top
-  cache_dir = default_data_dir(cache_dir)
-  name = (f'python{sys.version_info.major}.{sys.version_info.minor}'
-          f'-stdlib-v2-{max_bytes}.txt')
-  path = os.path.join(cache_dir, name)
-  if not os.path.exists(path):
-    parts, n = [], 0
-    for f in stdlib_text_files():
-      with open(f, 'rb') as src:
-        b = src.read()
-      parts.append(b)
-      n += len(b)
-      if n >= max_bytes:
-        break
-    data = b''.join(parts)[:max_bytes]
-    if not data:
-      raise FileNotFoundError('found no Python source under the standard '
-                              'library path; pass a byte file instead.')
-    os.makedirs(cache_dir, exist_ok=True)
-    files.write_atomically(path, lambda f: f.write(data), durable=False)
-  return path
