@@ -1,4 +1,5 @@
-"""Tests of trax_hourglass.compat: each fails without the fix it is named after."""
+"""Tests of trax_hourglass.compat, jax_shims and trax_fixes: each fails without
+the fix it is named after."""
 
 import inspect
 import json
@@ -12,11 +13,17 @@ from trax_hourglass import compat
 
 compat.apply()
 
+import trax_hourglass  # pylint: disable=g-import-not-at-top,wrong-import-position
+from trax_hourglass import trax_fixes  # pylint: disable=g-import-not-at-top,wrong-import-position
+from trax_hourglass.cli import trainer as trainer_cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import gin
 import jax
 import trax
 from trax import fastmath
 from trax import layers as tl
+from trax.optimizers import trainer as trax_trainer
 from trax.supervised import trainer_lib
 from trax.supervised import training
 
@@ -347,3 +354,146 @@ def test_loop_trains_and_resumes_on_two_devices(run_python, tmp_path):
   assert len(two['weights']) == len(one['weights'])
   for x, y in zip(two['weights'], one['weights']):
     np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+# Where each fix is applied: the jax shims on import, trax's training fixes
+# when training starts (trax_hourglass.train, trax_hourglass.Loop) or when a
+# program asks (install_training_fixes).
+
+
+def test_import_applies_only_the_jax_shims(run_python):
+  out = run_python("""
+      import json, os
+      import jax
+      import trax_hourglass
+      from trax_hourglass import compat
+      from trax.fastmath import jax as fastmath_jax
+      from trax.layers import acceleration
+      from trax.optimizers import trainer
+      ours = os.path.dirname(trax_hourglass.__file__) + os.sep
+      def replaced():
+        fns = {
+            '_accelerate_update_fn': trainer._accelerate_update_fn,
+            'on_cpu': acceleration.on_cpu,
+            'Trainer.one_step': trainer.Trainer.one_step,
+            'ReversibleSerialTrainer.one_step':
+                trainer.ReversibleSerialTrainer.one_step,
+            'for_n_devices': acceleration.for_n_devices,
+            'pmap': fastmath_jax.JAX_BACKEND['pmap']}
+        return sorted(name for name, fn in fns.items()
+                      if fn.__code__.co_filename.startswith(ours))
+      on_import = replaced()
+      trax_hourglass.install_training_fixes()
+      print(json.dumps({
+          'on_import': on_import, 'installed': replaced(),
+          'for_n_devices': not hasattr(jax, 'device_put_replicated'),
+          'pmap': compat._pmap_is_jit_based()}))
+  """)
+  result = json.loads(out.splitlines()[-1])
+  assert result['on_import'] == []
+  # for_n_devices and pmap: only where the installed jax needs them.
+  probed = [name for name in ('for_n_devices', 'pmap') if result[name]]
+  assert result['installed'] == sorted(
+      ['_accelerate_update_fn', 'on_cpu', 'Trainer.one_step',
+       'ReversibleSerialTrainer.one_step'] + probed)
+
+
+def _untested_trax(monkeypatch):
+  monkeypatch.setattr(trax_fixes, '_trax_version', lambda: '1.5.0')
+  monkeypatch.setattr(trax_fixes, '_INSTALLED', False)
+
+
+def test_training_fixes_refuse_another_trax_in_one_line(monkeypatch, tmp_path,
+                                                       capsys):
+  _untested_trax(monkeypatch)
+  with pytest.raises(trax_fixes.UntestedTraxError) as raised:
+    trax_hourglass.install_training_fixes()
+  message = str(raised.value)
+  assert '\n' not in message
+  assert message.startswith('trax 1.5.0 is installed, but trax_hourglass '
+                            'trains with trax 1.4.1 only')
+  assert message.endswith('pip install trax==1.4.1')
+  # Training starts with them: train() and our Loop refuse before anything.
+  with pytest.raises(trax_fixes.UntestedTraxError, match='trax 1.5.0'):
+    trax_hourglass.train(str(tmp_path / 'run'))
+  task = training.TrainTask(_stream(), tl.WeightedCategoryCrossEntropy(),
+                            trax.optimizers.Adam(0.01))
+  with pytest.raises(trax_fixes.UntestedTraxError, match='trax 1.5.0'):
+    trax_hourglass.Loop(_model(), [task])
+  assert not (tmp_path / 'run').exists()
+  try:  # The trainer: one line.
+    assert trainer_cli.main(['--output_dir', str(tmp_path / 'run')]) == 1
+  finally:
+    gin.clear_config()
+  assert capsys.readouterr().err.splitlines() == [
+      f'trainer: error: {message} (--debug shows the traceback)']
+
+
+# _fix_on_cpu_multihost
+
+
+def test_on_cpu_puts_arrays_on_this_process_cpu(monkeypatch):
+  # Under jax's distributed runtime jax.devices('cpu')[0] is process 0's CPU:
+  # trax's on_cpu failed on every other process ("non-addressable device").
+  cpu = jax.local_devices(backend='cpu')[0]
+
+  def devices(backend=None):
+    raise AssertionError(f"jax.devices({backend!r}): every process's devices")
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(jax, 'devices', devices)
+  x = tl.on_cpu(np.arange(3, dtype=np.float32))
+  assert x.devices() == {cpu}
+  np.testing.assert_array_equal(np.asarray(x), [0, 1, 2])
+
+
+# _fix_accelerate_update_fn: one device per process (one process: the
+# placement tests above)
+
+
+def test_one_device_step_averages_over_the_processes(monkeypatch):
+  # With one device per process trax's step was a plain jit of the local
+  # batch, and nothing averaged gradients across processes. The step maps
+  # over axis 'batch', spanning the processes (here: the one that runs it).
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+
+  def forward_and_backward(batch, weights, state, rng):
+    del rng
+    n_processes = jax.lax.psum(1, 'batch')  # Unbound outside a mapped step.
+    gradients = jax.tree_util.tree_map(lambda w: w * 0 + batch, weights)
+    return (n_processes * 1.0, state), gradients
+
+  optimizer = trax.optimizers.SGD(0.5)
+  weights = (np.ones(2, np.float32),)
+  slots, opt_params = optimizer.tree_init(weights)
+  update = trax_trainer._accelerate_update_fn(  # pylint: disable=protected-access
+      forward_and_backward, optimizer, n_devices=1)
+  (new_weights, _), _, stats = update((weights, slots), 0, opt_params,
+                                      np.float32(2), (), jax.random.PRNGKey(0))
+  assert float(stats['loss']) == 1.0
+  np.testing.assert_allclose(np.asarray(new_weights[0]), [0.0, 0.0])
+
+
+# _fix_same_rng_on_every_process
+
+
+def test_processes_draw_their_own_dropout(monkeypatch):
+  # With a fixed random_seed every process had the same step key, so device
+  # k of every process drew the same dropout masks.
+  model = tl.Serial(tl.Embedding(VOCAB, 64), tl.Dropout(0.5), tl.Dense(VOCAB),
+                    tl.WeightedCategoryCrossEntropy())
+  batch = next(_stream())
+  model.init(trax.shapes.signature(batch), rng=jax.random.PRNGKey(0))
+  optimizer = trax.optimizers.SGD(0.01)
+  optimizer.tree_init(model.weights)
+  trainer = trax.optimizers.Trainer(model, optimizer, n_devices=1)
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+
+  def loss_of_process(index):  # SGD at learning rate 0: the weights stay.
+    monkeypatch.setattr(jax, 'process_index', lambda: index)
+    loss, _ = trainer.one_step(batch, jax.random.PRNGKey(1), learning_rate=0.0)
+    return float(loss)
+
+  first = loss_of_process(0)
+  assert loss_of_process(1) != first
+  assert loss_of_process(0) == first

@@ -1,8 +1,10 @@
 """trax_hourglass: Hourglass, the hierarchical Transformer LM, for Trax.
 
-Importing this package applies `compat` (fixes for trax 1.4.1 on the pinned stack)
-before anything else imports trax, and registers every configurable with gin under
-the module `trax_hourglass`.
+Importing this package imports trax with the jax shims a model needs
+(`compat.apply_jax_shims`) before anything else imports it, and registers every
+configurable with gin under the module `trax_hourglass`. trax's training
+machinery stays as trax ships it until training installs its fixes
+(`install_training_fixes`, which `train` and `Loop` call).
 """
 
 import os
@@ -11,7 +13,7 @@ import gin
 
 from trax_hourglass import compat
 
-compat.apply()
+compat.apply_jax_shims()
 
 # The repository's variant configs include their base by its path in the
 # repository (`include 'gin/enwik8_hourglass.gin'`), and gin resolves an
@@ -32,5 +34,6 @@ from trax_hourglass import data
 from trax_hourglass import runs
 from trax_hourglass.loop import Loop
 from trax_hourglass.training import train
+from trax_hourglass.trax_fixes import install_training_fixes
 
 __version__ = '0.1.0'

@@ -37,6 +37,7 @@ from trax.layers import base
 from trax.supervised import history as trax_history
 from trax.supervised import training
 
+from trax_hourglass import trax_fixes
 from trax_hourglass.checkpoints import data_position
 from trax_hourglass.checkpoints import format as ckpt_format
 from trax_hourglass.checkpoints import reader
@@ -53,9 +54,11 @@ class Loop(training.Loop):
   """trax's `training.Loop`, crash-safe (see the module docstring).
 
   Takes trax's arguments; `callbacks` may have `after_step(step, loss)`.
+  Installs the fixes trax's training step needs (`trax_fixes`) first.
   """
 
   def __init__(self, model, tasks, *args, **kwargs):
+    trax_fixes.install_training_fixes()  # Before trax builds its Trainer.
     self._mean_over_processes = _all_processes_mean()
     # trax's constructor calls two module functions that must not run as
     # trax wrote them: the data position's reader (a plain unpickler) and,

@@ -5,13 +5,15 @@ can call it after parsing a config (`gin.parse_config_file(...)`):
 
     loop = trax_hourglass.train('/tmp/run')
 
-It reads top to bottom: refuse a config that would train wrongly, settle the
-model's loss and precision, take the output dir (one trainer at a time, the
+It reads top to bottom: install the fixes trax's training step needs
+(`trax_fixes`, for trax 1.4.1 only), refuse a config that would train
+wrongly, settle the model's loss and precision, take the output dir (one trainer at a time, the
 same settings as the run it resumes), then let trax's `trainer_lib.train`
 build inputs, model, loss, optimizer and tasks from gin's `train.*` bindings
 (the names users write, recorded in the run's `config.gin`) and train them
 with `trax_hourglass.Loop`, which saves, loads, evaluates and reports
-(`loop`). Trax is left as it ships: `trainer_lib.train` builds the Loop that
+(`loop`). trax's Loop and training functions are left as they ship (only
+its training step gets `trax_fixes`): `trainer_lib.train` builds the Loop that
 `training.Loop` names, and loads `train.init_checkpoint` with
 `Layer.init_from_file`, so while it runs those two name ours.
 """
@@ -31,6 +33,7 @@ from trax.supervised import training as trax_training
 from trax_hourglass import checkpoints
 from trax_hourglass import progress
 from trax_hourglass import runs
+from trax_hourglass import trax_fixes
 from trax_hourglass.data import streams
 from trax_hourglass.layers import boundaries
 from trax_hourglass.loop import Loop
@@ -52,7 +55,9 @@ def train(output_dir=None, dtype=None):
   Raises:
     progress.TrainingStopped: SIGTERM/SIGINT stopped it after a step whose
       checkpoint is committed.
+    trax_fixes.UntestedTraxError: the installed trax is not trax 1.4.1.
   """
+  trax_fixes.install_training_fixes()
   _check_config()
   _bind_boundary_loss()
   _bind_dtype(dtype)

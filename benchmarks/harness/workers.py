@@ -44,12 +44,13 @@ def worker_env(xla_flags=()):
 
 
 def import_trax(model_name):
-  """Imports trax with `trax_hourglass.compat` applied, as for every model."""
+  """Imports trax with `trax_hourglass.compat` applied, as for every model:
+  the jax shims and, as workers train with trax's own Loop, the training
+  fixes (`trax_hourglass.install_training_fixes`)."""
   if model_name.startswith('ours'):
     from trax_hourglass import HourglassLM  # pylint: disable=g-import-not-at-top,unused-import
-  else:
-    from trax_hourglass import compat  # pylint: disable=g-import-not-at-top
-    compat.apply()
+  from trax_hourglass import compat  # pylint: disable=g-import-not-at-top
+  compat.apply()
   import trax  # pylint: disable=g-import-not-at-top
   return trax
 

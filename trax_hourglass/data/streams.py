@@ -16,14 +16,7 @@ names the data and the id.
 import itertools
 
 import numpy as np
-
-from trax_hourglass import compat
-
-compat.apply()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from trax.data import inputs as trax_inputs
-# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 _VOCAB_SIZE = [None]

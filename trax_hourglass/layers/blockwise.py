@@ -296,8 +296,18 @@ def _attention_bwd(spec, res, d_out):
   init = (_zeros_f32(q_pad), _zeros_f32(shared), _zeros_f32(rel_padded))
   (d_queries, d_shared, d_rel), (d_keys, d_values) = lax.scan(
       key_block, init, jnp.arange(nk))
+  return _as_inputs((d_queries, d_keys, d_values, d_shared, d_rel),
+                    (queries, keys, values, shared, rel, rng), bk, rel_size)
+
+
+def _as_inputs(grads, inputs, bk, rel_size):
+  """`_attention_bwd`'s float32 padded (and, for keys and values, blocked)
+  gradients, in the shapes and dtypes of `inputs`; rng's is float0."""
+  d_queries, d_keys, d_values, d_shared, d_rel = grads
+  queries, keys, values, shared, rel, rng = inputs
 
   def unblock(blocks, like):  # (nk, ..., bk, d) -> like's shape and dtype.
+    nk = blocks.shape[0]
     x = jnp.moveaxis(blocks, 0, -3)
     x = x.reshape(x.shape[:-3] + (nk * bk, x.shape[-1]))
     return x[..., :like.shape[-2], :].astype(like.dtype)

@@ -24,9 +24,9 @@ from trax.layers.assert_shape import assert_shape
 
 from trax_hourglass.layers import blockwise
 from trax_hourglass.layers import cache
-from trax_hourglass.layers.attention import sinusoids_at
 from trax_hourglass.layers.dense import Dense
 from trax_hourglass.layers.dropout import apply_dropout
+from trax_hourglass.layers.relative_scores import sinusoids_at
 
 _MASK_VALUE = -1e9
 _ROTARY_BASE = 10000.0
