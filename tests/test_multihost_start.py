@@ -10,6 +10,8 @@ import io
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -194,3 +196,44 @@ def test_a_signal_to_one_process_stops_all_after_the_same_step(
   # The checkpoint committed is that step's.
   from trax_hourglass import checkpoints  # pylint: disable=g-import-not-at-top
   assert checkpoints.read_checkpoint(out).step == steps.pop()
+
+
+# Each process joins as the trainer does, then runs one collective from a line
+# of its own (the trainer's process 0 trains from another line than the rest).
+_COLLECTIVE_FROM_OWN_LINE = '''
+import sys
+import numpy as np
+from trax_hourglass.cli import trainer
+args = trainer._parse_args(sys.argv[1:])
+trainer.init_distributed(args)
+import jax
+from jax.experimental import multihost_utils
+if jax.process_index() == 0:
+  out = multihost_utils.broadcast_one_to_all(np.arange(3.0) + 1)
+else:
+  out = multihost_utils.broadcast_one_to_all(np.arange(3.0))
+print('broadcast', out.tolist(), flush=True)
+'''
+
+
+def test_processes_calling_a_collective_from_different_lines_meet(tmp_path):
+  """jax 0.12's gloo collectives hung when the programs differed only in the
+  call stack they record; the distributed runtime records none."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['PYTHONPATH'] = os.pathsep.join(
+      [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] +
+      [p for p in [os.environ.get('PYTHONPATH')] if p])
+  env['TF_CPP_MIN_LOG_LEVEL'] = '3'
+  address = f'127.0.0.1:{free_port()}'
+  procs = []
+  for i in range(2):
+    log = str(tmp_path / f'p{i}.log')
+    with open(log, 'w') as f:
+      procs.append((subprocess.Popen(
+          [sys.executable, '-c', _COLLECTIVE_FROM_OWN_LINE,
+           '--coordinator_address', address, '--num_processes', '2',
+           '--process_id', str(i), '--heartbeat_timeout', '10'],
+          env=env, stdout=f, stderr=subprocess.STDOUT), log))
+  for code, log in wait_all(procs, timeout=120):
+    assert code == 0, log[-2000:]
+    assert 'broadcast [1.0, 2.0, 3.0]' in log, log[-2000:]

@@ -107,6 +107,11 @@ def init_distributed(args, environ=None):
   # accelerators bring their own.
   if jax.config.values.get('jax_cpu_collectives_implementation') == 'none':
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # jax 0.12's CPU collectives wait forever when the processes' programs
+  # differ only in the Python call stack recorded in them (process 0 trains
+  # from another line than the rest): record no call stacks.
+  if 'jax_traceback_in_locations_limit' in jax.config.values:
+    jax.config.update('jax_traceback_in_locations_limit', 0)
   # Bound how long a process waits for a lost one: jax 0.4.x has heartbeat
   # settings only on its internal initialize (the public one checks that jax
   # was not used yet, so check that here too).
