@@ -366,7 +366,7 @@ def test_import_applies_only_the_jax_shims(run_python):
       import json, os
       import jax
       import trax_hourglass
-      from trax_hourglass import compat
+      from trax_hourglass import jax_shims
       from trax.fastmath import jax as fastmath_jax
       from trax.layers import acceleration
       from trax.optimizers import trainer
@@ -387,7 +387,7 @@ def test_import_applies_only_the_jax_shims(run_python):
       print(json.dumps({
           'on_import': on_import, 'installed': replaced(),
           'for_n_devices': not hasattr(jax, 'device_put_replicated'),
-          'pmap': compat._pmap_is_jit_based()}))
+          'pmap': jax_shims.pmap_is_jit_based()}))
   """)
   result = json.loads(out.splitlines()[-1])
   assert result['on_import'] == []

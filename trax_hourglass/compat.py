@@ -96,13 +96,8 @@ def multiprocess_cpu_training_hangs():
   semaphore in XLA's CPU client while the other part waits in gloo. jax 0.4.38
   (C++ pmap) trains; the pmap kind tells the two runtimes apart.
   """
-  return _pmap_is_jit_based()
-
-
-def _pmap_is_jit_based():
-  """Whether jax's pmap is jit + shard_map (newer jax), not the C++ PmapFunction."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return type(jax.pmap(lambda x: x)).__name__ != 'PmapFunction'
+  from trax_hourglass import jax_shims  # pylint: disable=g-import-not-at-top
+  return jax_shims.pmap_is_jit_based()
 
 
 # The console scripts, by the module `python -m` runs.

@@ -113,3 +113,8 @@ def apply():
   _fix_tree_unflatten()
   _fix_cond_per_branch_operands()
   _fix_stop_gradient_python_ints()
+
+
+def pmap_is_jit_based():
+  """Whether jax's pmap is jit + shard_map (newer jax), not the C++ PmapFunction."""
+  return type(jax.pmap(lambda x: x)).__name__ != 'PmapFunction'

@@ -20,7 +20,7 @@ import jax
 from jax import numpy as jnp
 import numpy as np
 
-from trax_hourglass import compat
+from trax_hourglass import jax_shims
 
 # The trax these fixes are made for (and tested with).
 TESTED_TRAX = '1.4.1'
@@ -233,7 +233,7 @@ def _fix_pmap_committed_args():
   # first multi-device step crashed. The C++ pmap copied them; copy them first.
   # Probed: applied only to a jit-based pmap; can go once trax places its
   # pmap's arguments itself (1.4.1 does not).
-  if not compat._pmap_is_jit_based():  # pylint: disable=protected-access
+  if not jax_shims.pmap_is_jit_based():
     return
   from trax.fastmath import jax as fastmath_jax  # pylint: disable=g-import-not-at-top
 
