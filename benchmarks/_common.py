@@ -15,9 +15,11 @@ Model names understood by `make_model`:
   original      -- `trax.models.research.hourglass.HourglassLM` (trax 1.4.1),
   transformer6  -- `trax.models.TransformerLM`, 6 layers, same width,
   transformer12 -- `trax.models.TransformerLM`, 12 layers, same width.
-and one ablation, never run by default:
-  ours_tl_dense -- `ours` with trax's `tl.Dense` backward pass instead of
-                   `trax_hourglass.layers.Dense`'s (the one difference).
+and ablations, never run by default, each `ours` but for one thing:
+  ours_tl_dense -- trax's `tl.Dense` backward pass instead of
+                   `trax_hourglass.layers.Dense`'s,
+  ours_bfloat16 -- dtype='bfloat16' (the config's dtype is ignored),
+  ours_remat    -- remat='blocks' (the config's remat is ignored).
 """
 
 import argparse
@@ -37,7 +39,7 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 ALL_MODELS = ('ours', 'original', 'transformer6', 'transformer12')
-ABLATION_MODELS = ('ours_tl_dense',)
+ABLATION_MODELS = ('ours_tl_dense', 'ours_bfloat16', 'ours_remat')
 BASELINES = ('original', 'transformer6')
 
 # Marks the one stdout line a worker prints for its parent; trax, TF and gym
@@ -172,6 +174,10 @@ def make_model(name, cfg, mode='train'):
     import trax.layers as tl  # pylint: disable=g-import-not-at-top
     from trax_hourglass.layers import dense  # pylint: disable=g-import-not-at-top
     dense.Dense.forward = tl.Dense.forward  # hence jax's derived backward.
+    name = 'ours'
+  if name in ('ours_bfloat16', 'ours_remat'):
+    cfg = dict(cfg, **({'dtype': 'bfloat16'} if name == 'ours_bfloat16'
+                       else {'remat': 'blocks'}))
     name = 'ours'
   if name in ('ours', 'original'):
     if name == 'ours':
