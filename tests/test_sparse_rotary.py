@@ -108,6 +108,7 @@ def _sublayers(layer):
     yield from _sublayers(sublayer)
 
 
+@pytest.mark.slow  # ~40 s; test_predict decodes ff_sparsity=4 configurations by default.
 def test_sparse_hourglass_every_ff_is_sparse_and_decodes_as_eval():
   # '1@1 1@2 1@1': five feed-forward blocks, one per decoder block (3) and one
   # per attention resampling (2); predict mode gathers the chosen units in all.

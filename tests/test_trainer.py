@@ -186,6 +186,7 @@ def _length(name):
       'cifar' in name or 'imagenet' in name) else 2048
 
 
+@pytest.mark.slow  # ~60 s; test_gin_surface builds three of them by default.
 def test_every_gin_file_parses_and_builds_its_model():
   names = sorted(f for f in os.listdir(GIN_DIR) if f.endswith('.gin'))
   assert {'quickstart.gin', 'enwik8_hourglass.gin', 'enwik8_transformer.gin'} <= set(
