@@ -14,6 +14,12 @@ from trax.layers.research import sparsity
 
 import trax_hourglass as th
 
+# Test models are tiny and run a few steps, so compiling is most of their
+# time: XLA's quickest compilation (same semantics), for the test processes and
+# the processes they start (conftest).
+FAST_COMPILE_XLA_FLAGS = ('--xla_backend_optimization_level=0 '
+                          '--xla_llvm_disable_expensive_passes=true')
+
 L = th.layers
 # name: (downsampling_fn, attention_downsampling_fn)
 SHORTENING = {

@@ -14,11 +14,10 @@ import pytest
 # (trax calls inspect.stack() per layer at import: ~60 s of collection on 3.13).
 import trax_hourglass  # pylint: disable=unused-import,g-bad-import-order
 
-# Test models are tiny and run a few steps, so compiling is most of their time:
-# XLA's quickest compilation (same semantics) keeps the suite under 15 minutes.
+from configurations import FAST_COMPILE_XLA_FLAGS  # pylint: disable=g-bad-import-order
+
 # Set before jax starts; a caller's own XLA_FLAGS win.
-os.environ.setdefault('XLA_FLAGS', '--xla_backend_optimization_level=0 '
-                      '--xla_llvm_disable_expensive_passes=true')
+os.environ.setdefault('XLA_FLAGS', FAST_COMPILE_XLA_FLAGS)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,15 +54,19 @@ def run_python():
   """Runs Python source in a fresh interpreter; returns its stdout.
 
   The child starts without the caller's `XLA_FLAGS` (so jax sees its default
-  devices) unless `env` sets them, e.g. to fake several CPU devices.
+  devices), compiling as quickly as the tests do, plus the `XLA_FLAGS` of
+  `env`, e.g. to fake several CPU devices.
   """
 
   def run(source, env=None, timeout=300):
+    env = dict(env or {})
     child_env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     child_env['PYTHONPATH'] = os.pathsep.join(
         [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
     child_env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-    child_env.update(env or {})
+    child_env['XLA_FLAGS'] = ' '.join(
+        [FAST_COMPILE_XLA_FLAGS, env.pop('XLA_FLAGS', '')]).strip()
+    child_env.update(env)
     result = subprocess.run([sys.executable, '-c', textwrap.dedent(source)],
                             cwd=REPO, env=child_env, capture_output=True,
                             text=True, timeout=timeout, check=False)

@@ -38,6 +38,7 @@ def _write_text(path, n_bytes=40_000, seed=0):
   path.write_bytes(text.encode()[:n_bytes])
 
 
+@pytest.mark.slow  # test_boundaries_suite_quick runs the script end to end.
 def test_equal_time_quick(tmp_path):
   data = tmp_path / 'text.txt'
   _write_text(data)
@@ -117,7 +118,7 @@ def _write_images(path, n_train=40, n_test=6, seed=0):
   np.savez(path, train_images=images(n_train), test_images=images(n_test))
 
 
-@pytest.mark.slow  # test_equal_time_quick keeps the script from rotting.
+@pytest.mark.slow  # test_boundaries_suite_quick keeps the script from rotting.
 def test_equal_time_quick_suites(tmp_path):
   """The issue-15 suites' parts in one quick run: equal steps (the params
   suite's budget), the flat model of the hourglass's parameter count, a fixed

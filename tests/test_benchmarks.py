@@ -121,6 +121,7 @@ def test_train_speed_rejects_bad_flags():
   assert train_speed.batch_for(dict(cfg, batch=3), 12288) == 3
 
 
+@pytest.mark.slow  # test_max_length_search checks the search; this the script.
 def test_max_length_quick(tmp_path):
   json_path = tmp_path / 'max_length.json'
   # One length (the cap) keeps it to one worker; the search is tested below.
@@ -329,7 +330,8 @@ def test_sample_speed_reads_device_operations_from_a_trace(tmp_path):
       ('gemm_kernel', 8, 3), ('loop_add_fusion', 5, 2)]
 
 
-@pytest.mark.parametrize('ff_sparsity', [0, 4])
+@pytest.mark.parametrize('ff_sparsity', [  # The dense count: -m slow.
+    pytest.param(0, marks=pytest.mark.slow), 4])
 def test_sample_speed_counts_the_weights_a_token_reads(ff_sparsity):
   # Two more shortened layers (factor 3) are read once every 3 tokens, each
   # but the 3/4 of its feed-forward kernels a sparse FF does not choose.

@@ -96,7 +96,11 @@ def _original_and_ours(name, seed):
   return original, ours, x
 
 
-@pytest.mark.parametrize('name', sorted(CONFIGS))
+# imagenet64_like's log-probs are also compared in
+# test_loads_a_checkpoint_written_by_trax_training_loop: -m slow here.
+@pytest.mark.parametrize('name', [
+    pytest.param(name, marks=pytest.mark.slow) if name == 'imagenet64_like'
+    else name for name in sorted(CONFIGS)])
 def test_same_log_probs_as_original(name):
   original, ours, x = _original_and_ours(name, seed=1)
   expected = _logprobs(original, x)
@@ -157,7 +161,8 @@ def _weight_gradients(model, x):
   return trax.fastmath.tree_flatten(jax.jit(jax.grad(objective))(model.weights))
 
 
-@pytest.mark.parametrize('name', ['enwik8_like', 'imagenet64_like'])
+@pytest.mark.parametrize('name', [  # Linear pooling's: -m slow.
+    'enwik8_like', pytest.param('imagenet64_like', marks=pytest.mark.slow)])
 def test_same_weight_gradients_as_original(name):
   # Our Dense layers differentiate by hand (layers/dense.py); training must
   # still follow the original's gradients.

@@ -160,7 +160,11 @@ def _build(name, section):
                     fastmath.tree_flatten(weights) if hasattr(w, 'shape'))
 
 
-@pytest.mark.parametrize('config', sorted(TRAX_STYLE))
+# cifar10's section names trax's Shorten and ProlongBack, enwik8's Repeat:
+# every layer the others name; those three run with -m slow.
+@pytest.mark.parametrize('config', [
+    c if c in ('cifar10', 'enwik8') else pytest.param(c, marks=pytest.mark.slow)
+    for c in sorted(TRAX_STYLE)])
 def test_a_trax_hourglass_gin_builds_ours_after_the_one_rename(config):
   import trax_hourglass  # pylint: disable=g-import-not-at-top,unused-import
   section, trax_layer_names = TRAX_STYLE[config]

@@ -24,6 +24,7 @@ from trax_hourglass.cli import trainer
 from trax_hourglass.data import streams
 from trax.data import inputs as trax_inputs
 
+from configurations import FAST_COMPILE_XLA_FLAGS  # pylint: disable=g-bad-import-order
 from configurations import TINY_GIN  # pylint: disable=g-bad-import-order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,7 +77,8 @@ def gin_file(tmp_path, steps, batch, eval_frequency=1):
 def start(n_processes, n_devices, args, log_prefix, extra=()):
   """Starts `n_processes` trainer processes; returns [(Popen, log path)]."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={n_devices}'
+  env['XLA_FLAGS'] = (f'{FAST_COMPILE_XLA_FLAGS} '
+                      f'--xla_force_host_platform_device_count={n_devices}')
   env['PYTHONPATH'] = os.pathsep.join(
       [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
   env['TF_CPP_MIN_LOG_LEVEL'] = '3'
@@ -254,7 +256,7 @@ def test_one_device_per_process_keeps_weights_identical(tmp_path):
   with a fixed seed processes must still draw different ones.
   """
   port = free_port()
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
   env['PYTHONPATH'] = os.pathsep.join(
       [REPO] + [p for p in [os.environ.get('PYTHONPATH')] if p])
   env['TF_CPP_MIN_LOG_LEVEL'] = '3'
@@ -354,6 +356,7 @@ def test_several_cpu_devices_per_process_are_refused_where_they_hang(
   assert trainer.run(_args(output_dir=str(tmp_path / 'run'))) == 'trained'
 
 
+@pytest.mark.slow  # The refusal in one process: the test above.
 @pytest.mark.skipif(not compat.multiprocess_cpu_training_hangs(),
                     reason='this jax trains 2 processes x 2 CPU devices')
 def test_two_processes_with_two_cpu_devices_each_stop_with_one_line(

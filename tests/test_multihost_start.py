@@ -24,6 +24,7 @@ from test_multihost import free_port
 from test_multihost import gin_file
 from test_multihost import start
 from test_multihost import wait_all
+from configurations import FAST_COMPILE_XLA_FLAGS  # pylint: disable=g-bad-import-order
 
 
 def _one_error_line(rc, log):
@@ -219,7 +220,7 @@ print('broadcast', out.tolist(), flush=True)
 def test_processes_calling_a_collective_from_different_lines_meet(tmp_path):
   """jax 0.12's gloo collectives hung when the programs differed only in the
   call stack they record; the distributed runtime records none."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = dict(os.environ, XLA_FLAGS=FAST_COMPILE_XLA_FLAGS)
   env['PYTHONPATH'] = os.pathsep.join(
       [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] +
       [p for p in [os.environ.get('PYTHONPATH')] if p])
