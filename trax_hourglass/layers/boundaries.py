@@ -12,8 +12,13 @@ by t:
     layers' output at the latest segment closed at t or before: out[j]
     depends on z[0..j], i.e. on positions <= t. Past the static bound S a
     position keeps out[S-1] (stale, never from the future).
-S = 1 + ceil(shortened_bound * len / k) for a level of target segment length
-k: a static shape under jit.
+S = 1 + ceil(shortened_bound * max_len / k) for a level of target segment
+length k in a model of `max_len`, in every mode: the bound is the model's, not
+the input's, so a position reads the same shortened vector whatever follows
+it (eval on a prefix agrees with eval on the whole; predict mode, which sees
+one token at a time, agrees with both). An input of len tokens closes at most
+len segments, so its shortened sequence holds min(S, len + 1) vectors
+(`pooled_length`): a static shape under jit.
 """
 
 import math
@@ -48,6 +53,17 @@ def shortened_length(length, target_segment_length, bound=SHORTENED_BOUND):
   return 1 + math.ceil(bound * length / target_segment_length)
 
 
+def pooled_length(length, max_len, target_segment_length,
+                  bound=SHORTENED_BOUND):
+  """The shortened sequence's length for an input of `length` tokens.
+
+  min(S, length + 1) with S = `shortened_length(max_len, k, bound)`: the
+  bound of the model (its max_len), capped at what `length` tokens can close.
+  """
+  return min(shortened_length(max_len, target_segment_length, bound),
+             length + 1)
+
+
 def upsampled_segment(closed, n_shortened):
   """The shortened position each position reads: its latest closed segment.
 
@@ -80,17 +96,19 @@ def segment_means(vecs, ends, n_segments):
 
 
 class SegmentPooling(base.Layer):
-  """(vecs (batch, len, d), ends (batch, len)) -> short (batch, S, d).
+  """(vecs (batch, len, d), ends (batch, len)) -> short (batch, S', d).
 
   short[:, 0] is the learned null vector (a weight of shape (d,)), short[:,
-  j] the mean of segment j-1 (`segment_means`); S = `shortened_length(len,
-  k, bound)` for the level's target segment length k.
+  j] the mean of segment j-1 (`segment_means`); S' = `pooled_length(len,
+  max_len, k, bound)` for the level's target segment length k.
   """
 
-  def __init__(self, target_segment_length, bound=SHORTENED_BOUND):
+  def __init__(self, target_segment_length, bound=SHORTENED_BOUND,
+               max_len=2048):
     super().__init__(n_in=2, n_out=1, name='SegmentPooling')
     self._k = target_segment_length
     self._bound = bound
+    self._max_len = max_len
 
   def init_weights_and_state(self, input_signature):
     d = input_signature[0].shape[-1]
@@ -99,7 +117,7 @@ class SegmentPooling(base.Layer):
   def forward(self, inputs):
     vecs, ends = inputs
     batch, length, d = vecs.shape
-    n_short = shortened_length(length, self._k, self._bound)
+    n_short = pooled_length(length, self._max_len, self._k, self._bound)
     null = jnp.broadcast_to(self.weights.astype(vecs.dtype), (batch, 1, d))
     return jnp.concatenate([null, segment_means(vecs, ends, n_short - 1)],
                            axis=1)

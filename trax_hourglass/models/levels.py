@@ -143,9 +143,12 @@ class DynamicLevel(tl.Serial):
     * `middle`: the shortened layers, short -> out (batch, S, d_model);
     * Select, SegmentUpsampling, LayerNorm, Add: (out, vecs, ends) -> vecs +
       LayerNorm(out[min(closed, S-1)]).
-  S = `boundaries.shortened_length(len, k, bound)`: a static shape, with k
-  the shorten factor (the target average segment length).
-  In predict mode (one token per call, S that of max_len) the shortened
+  S = `boundaries.shortened_length(max_len, k, bound)`, with k the shorten
+  factor (the target average segment length), bounds the segments pooled in
+  every mode, so outputs do not depend on the input's length (eval on a
+  prefix agrees with eval on the whole, and predict mode with both); the
+  shortened sequence of len tokens holds min(S, len + 1) vectors, a static
+  shape. In predict mode (one token per call) the shortened
   layers step only when a segment closes (and once, at the first token, on
   the null vector), per example: see `_predict_step`; the level returns vecs
   alone (no boundary loss).
@@ -154,7 +157,7 @@ class DynamicLevel(tl.Serial):
   def __init__(self, kind, shorten_factor, boundaries, middle,
                mode='train', bound=dynamic.SHORTENED_BOUND, max_len=2048):
     self._boundaries = boundaries
-    self._pooling = dynamic.SegmentPooling(shorten_factor, bound)
+    self._pooling = dynamic.SegmentPooling(shorten_factor, bound, max_len)
     self._pooling_norm = LayerNorm()
     self._middle = tl.Serial(middle)  # out: (batch, S, d_model), vecs, ends
     self._upsampling = (
@@ -173,7 +176,7 @@ class DynamicLevel(tl.Serial):
     self._shorten_factor = shorten_factor
     self._mode = mode
     self._bound = bound
-    # Predict mode's S: that of eval mode at max_len tokens.
+    # S: the bound of every mode.
     self._max_shortened = dynamic.shortened_length(max_len, shorten_factor,
                                                    bound)
 
