@@ -25,7 +25,7 @@ from trax_hourglass.layers import segmentation
 
 VOCAB, LENGTH, D_MODEL = 16, 24, 16
 SPACES = (3, 7)  # The test vocabulary's boundary tokens.
-KINDS = ('whitespace', 'entropy', 'gumbel', 'unigram')
+KINDS = ('whitespace', 'entropy', 'gumbel', 'unigram', 'router')
 
 
 @functools.lru_cache(maxsize=None)

@@ -346,7 +346,7 @@ def assert_past_the_bound(evaluator, decoder, tokens):
       pooled, n_short)
 
 
-@pytest.mark.parametrize('kind', KINDS)
+@pytest.mark.parametrize('kind', KINDS + ('router',))
 def test_each_kind_decodes_exactly_past_the_bound_of_its_max_len(kind):
   """Decoding 16 tokens with a model of max_len 32 equals eval mode on the
   16 (and eval mode on a prefix equals eval mode on the whole: the bound is

@@ -34,8 +34,8 @@ from trax.layers import initializers as init
 from trax_hourglass.layers import segmentation
 from trax_hourglass.layers.dense import Dense
 
-KINDS = ('fixed', 'whitespace', 'entropy', 'gumbel', 'unigram')
-LEARNED = ('entropy', 'gumbel', 'unigram')
+KINDS = ('fixed', 'whitespace', 'entropy', 'gumbel', 'unigram', 'router')
+LEARNED = ('entropy', 'gumbel', 'unigram', 'router')
 # ASCII space, tab, CR, LF: the byte ids that end a word.
 WHITESPACE_TOKENS = tuple(segmentation.WHITESPACE)
 # The shortened length holds up to twice the target number of segments.
@@ -46,6 +46,8 @@ GUMBEL_TEMPERATURE = 0.5
 ENTROPY_SPIKES = 2
 # The key of gumbel's noise outside training (`position_noise`).
 GUMBEL_EVAL_SEED = 0
+# The router's ratio loss weight (H-Net's alpha; see `layers.router`).
+RATIO_LOSS_WEIGHT = 0.03
 
 
 def shortened_length(length, target_segment_length, bound=SHORTENED_BOUND):
@@ -266,6 +268,22 @@ def _binomial_prior(ends, rate):
   return -jnp.mean(log_prob) / n
 
 
+@gin.configurable(module='trax_hourglass', denylist=['p', 'factor'])
+def ratio_loss(p, factor, weight=RATIO_LOSS_WEIGHT):
+  """H-Net's ratio loss toward 1/factor chunk starts, times its weight.
+
+  p (batch, len), the router's -> (): N/(N-1) ((1-F)(1-G) + (N-1) F G), F the
+  share of chunk starts (p > 0.5, no gradient), G the mean p, N the factor;
+  1 at F = G = 1/N, the least for a given F. Gin:
+  `trax_hourglass.ratio_loss.weight = 0.03`.
+  """
+  n = float(factor)
+  share = jnp.mean((jax.lax.stop_gradient(p) > 0.5).astype(jnp.float32))
+  mean_p = jnp.mean(p)
+  return weight * n / (n - 1) * ((1 - share) * (1 - mean_p) +
+                                 share * mean_p * (n - 1))
+
+
 def BoundaryLoss(kind, target_segment_length, sentencepiece_model=None):
   """(logits (batch, len', V), aux (batch, len'), toks (batch, len)) ->
   (logits (batch, len, V), boundary_loss ()).
@@ -273,14 +291,17 @@ def BoundaryLoss(kind, target_segment_length, sentencepiece_model=None):
   Crops to the input length and computes the boundary predictor's loss over
   it: entropy: binary cross-entropy toward the spikes of the logits' entropy;
   unigram: toward the SentencePiece pieces of the tokens; gumbel: the
-  Binomial prior with rate 1/k on the number of boundaries. Targets carry no
-  gradient.
+  Binomial prior with rate 1/k on the number of boundaries; router: H-Net's
+  `ratio_loss` toward 1/k chunk starts (aux: the router's p). Targets carry
+  no gradient.
   """
   def loss(logits, aux, toks):
     length = toks.shape[1]
     logits, aux = logits[:, :length], aux[:, :length]
     if kind == 'gumbel':
       return logits, _binomial_prior(aux, 1.0 / target_segment_length)
+    if kind == 'router':
+      return logits, ratio_loss(aux, target_segment_length)
     if kind == 'entropy':
       targets = _entropy_spikes(logits)
     else:

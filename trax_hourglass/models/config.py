@@ -94,8 +94,12 @@ class HourglassConfig:
       `boundary_tokens`), or a learned predictor: 'entropy' (trained toward
       spikes of the model's prediction entropy), 'unigram' (toward the
       SentencePiece pieces of `sentencepiece_model`), 'gumbel' (end to end,
-      a hard Gumbel-sigmoid with a Binomial(len, 1/k) prior). Learned
-      boundaries make the train and eval models return (logits,
+      a hard Gumbel-sigmoid with a Binomial(len, 1/k) prior), 'router'
+      (H-Net's dynamic chunking: a chunk starts where adjacent vectors turn
+      apart, p = (1 - cos(W_q v[t-1], W_k v[t])) / 2 > 0.5; each chunk's
+      first vector is pooled, the outputs smoothed by an EMA over chunks,
+      with H-Net's ratio loss toward 1/k chunk starts; see `RouterLevel`).
+      Learned boundaries make the train and eval models return (logits,
       boundary_loss): train them with `LossWithBoundaries` (the trainer
       binds it).
     boundary_tokens: the token ids 'whitespace' ends segments after; by
