@@ -355,7 +355,7 @@ def test_each_kind_decodes_exactly_past_the_bound_of_its_max_len(kind):
   tokens = _tokens()
   assert_past_the_bound(evaluator, decoder, tokens)
   expected = log_probs(_eval_logits(evaluator, tokens))
-  got = log_probs(_decode(decoder, tokens, CHUNKS))
+  got = log_probs(_decode(decoder, tokens, [LENGTH]))  # One prompt: scanned.
   np.testing.assert_allclose(got, expected, atol=1e-4)
   n = 6  # A prefix past the bound of its own length.
   np.testing.assert_allclose(

@@ -139,12 +139,16 @@ def greedy_router():
   and row 0 more than S."""
   evaluator, decoder = forced_pair('router', seed=GREEDY_SEED)
   prompt, n_tokens = _tokens()[:, :8], 12
+  rng = evaluator.rng  # pure_fn under jit leaves a tracer there.
+  forward = jax.jit(lambda x: evaluator.pure_fn(
+      x, evaluator.weights, evaluator.state, jax.random.PRNGKey(0))[0][0])
   seqs = prompt
   for _ in range(n_tokens):  # One length: later tokens leave earlier ones be.
     n = seqs.shape[1]
-    padded = np.pad(seqs, ((0, 0), (0, 8 + n_tokens - n)))
-    logits = np.asarray(evaluator(padded)[0])
-    seqs = np.concatenate([seqs, logits[:, n].argmax(-1)[:, None]], axis=1)
+    logits = np.asarray(forward(np.pad(seqs, ((0, 0), (0, 8 + n_tokens - n)))))
+    seqs = np.concatenate(
+        [seqs, logits[:, n].argmax(-1)[:, None].astype(np.int32)], axis=1)
+  evaluator.rng = rng
   starts = th.segment_boundaries(evaluator, seqs).sum(axis=1) + 1
   assert len(set(starts)) == BATCH and starts.max() > _level(
       decoder).max_shortened, starts
