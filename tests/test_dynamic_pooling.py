@@ -25,7 +25,7 @@ from trax_hourglass.layers import segmentation
 
 VOCAB, LENGTH, D_MODEL = 16, 24, 16
 SPACES = (3, 7)  # The test vocabulary's boundary tokens.
-KINDS = ('whitespace', 'entropy', 'gumbel', 'unigram')
+KINDS = ('whitespace', 'entropy', 'gumbel', 'unigram', 'router')
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +52,7 @@ def _model(kind, k=3, vanilla=(1, 1), bound=dynamic.SHORTENED_BOUND,
   model = th.HourglassLM(
       VOCAB, d_model=D_MODEL, d_ff=32, n_heads=2, vanilla_layers=vanilla,
       hierarchy=f'1@{k}', mode=mode, boundaries=kind, boundary_tokens=SPACES,
-      shortened_bound=bound, sentencepiece_model=(
+      shortened_bound=bound, max_len=LENGTH, sentencepiece_model=(
           _sentencepiece_model() if kind == 'unigram' else None))
   # A fixed key: the same weights whichever test builds the model first.
   model.init(shapes.ShapeDtype((3, LENGTH), np.int32),

@@ -53,7 +53,7 @@ def _pair(kind, hierarchy='1@3', vanilla=(1, 1), bound=BOUND, seed=None,
   """
   args = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_heads=2, dropout=0.0,
               hierarchy=hierarchy, vanilla_layers=vanilla, boundaries=kind,
-              boundary_tokens=SPACES, shortened_bound=bound,
+              boundary_tokens=SPACES, shortened_bound=bound, max_len=LENGTH,
               middle_attn_type=ATTENTION[middle_attn],
               sentencepiece_model=(_sentencepiece_model() if kind == 'unigram'
                                    else None))
@@ -61,7 +61,7 @@ def _pair(kind, hierarchy='1@3', vanilla=(1, 1), bound=BOUND, seed=None,
   evaluator.init(shapes.ShapeDtype((BATCH, LENGTH), np.int32))
   evaluator.weights = configurations.redrawn(
       evaluator.weights, SEEDS[kind] if seed is None else seed)
-  decoder = th.HourglassLM(mode='predict', max_len=LENGTH, **args)
+  decoder = th.HourglassLM(mode='predict', **args)
   decoder.init(shapes.ShapeDtype((BATCH, 1), np.int32))
   decoder.weights = evaluator.weights  # Same tree, loads unchanged.
   return evaluator, decoder
@@ -249,3 +249,115 @@ def test_hourglass_sample_a_dynamic_run(run_dir, models, capsys):
       'utf-8', errors='replace')
   assert captured.out == f'{text}\n'
   assert re.search(r'\[12/12 bytes\] [\d,.]+ tokens/s', captured.err)
+
+
+# Past the bound S, boundaries forced: the model's vectors at the level carry
+# a marker (+/-) of their token, and each kind's boundaries read it, so where
+# segments close is set by the tokens (as whitespace), not by a random draw.
+MARKED = SPACES  # Tokens whose position ends a segment.
+# S = 1 + ceil(0.35 * 32 / 3) = 5 for a model of max_len 32, decoding 16
+# tokens: eval mode on 16 tokens must bound the segments by the same S.
+FORCED_BOUND, FORCED_MAX_LEN = 0.35, 2 * LENGTH
+
+
+def _forced_weights(model, seed):
+  """Random weights (scale 0.5) in which the level's boundaries follow
+  MARKED: the level's input vector at a position holding token x has
+  coordinate 0 = +/-3.5 (x marked or not) and coordinate 1 = 1.
+
+  Learned predictors give logits +/-14 from coordinate 0 (gumbel's position
+  noise, logistic, exceeds 14 with probability 1e-6); the router's p turns on
+  the sign of q.k = -v_0[t] + (small terms), with q_0 = v_1[t-1] = 1.
+  """
+  model.weights = configurations.redrawn(model.weights, seed)
+  layers = model.sublayers
+  level = _level(model)
+  i = layers.index(level)
+  embedding, norm = layers[i - 3], layers[i - 1]  # Embedding, Dropout, norm.
+  assert isinstance(embedding, tl.Embedding), layers
+  rng = np.random.RandomState(seed)
+  table = rng.normal(0, 0.3, embedding.weights.shape).astype(np.float32)
+  table[:, 0] = np.where(np.isin(np.arange(VOCAB), MARKED), 3.0, -3.0)
+  table[:, 1] = 1.0
+  embedding.weights = table
+  scale, bias = (np.ones(table.shape[1], np.float32),
+                 np.zeros(table.shape[1], np.float32))
+  scale[1], bias[1] = 0.0, 1.0  # Coordinate 1: 1 after the norm.
+  norm.weights = (scale, bias)
+  if level.kind == 'router':
+    w_q, w_k = (rng.normal(0, 0.2, (table.shape[1],) * 2).astype(np.float32)
+                for _ in range(2))
+    for w in (w_q, w_k):
+      w[:2], w[:, :2] = 0.0, 0.0
+    w_q[1, 0], w_k[0, 0] = 1.0, -1.0
+    level.boundaries.weights = (w_q, w_k)
+  elif level.kind != 'whitespace':
+    first, last = [layer for layer in level.boundaries.sublayers
+                   if isinstance(layer, th.layers.dense.Dense)]
+    w1, b1 = (np.zeros_like(x) for x in first.weights)
+    w1[0, 0] = 8.0
+    first.weights = (w1, b1)
+    w2, b2 = (np.zeros_like(x) for x in last.weights)
+    w2[0, 0], b2[...] = 1.0, -14.0
+    last.weights = (w2, b2)
+  return model.weights
+
+
+def _marked_ends(kind, tokens):
+  """The segment ends the forced weights give (position t holds token t-1)."""
+  marked = np.isin(np.pad(tokens, ((0, 0), (1, 0)))[:, :-1], MARKED)
+  if kind == 'router':  # A chunk starts at a marked position: an end before.
+    return np.pad(marked[:, 1:], ((0, 0), (0, 1)))
+  return marked
+
+
+@functools.lru_cache(maxsize=None)
+def forced_pair(kind, max_len=FORCED_MAX_LEN, bound=FORCED_BOUND, seed=0):
+  """(eval model, predict model), both of `max_len`, with `_forced_weights`."""
+  args = dict(vocab_size=VOCAB, d_model=16, d_ff=32, n_heads=2, dropout=0.0,
+              hierarchy='1@3', vanilla_layers=(0, 1), boundaries=kind,
+              boundary_tokens=MARKED, shortened_bound=bound, max_len=max_len,
+              sentencepiece_model=(_sentencepiece_model() if kind == 'unigram'
+                                   else None))
+  evaluator = th.HourglassLM(mode='eval', **args)
+  evaluator.init(shapes.ShapeDtype((BATCH, LENGTH), np.int32))
+  weights = _forced_weights(evaluator, seed)
+  decoder = th.HourglassLM(mode='predict', **args)
+  decoder.init(shapes.ShapeDtype((BATCH, 1), np.int32))
+  decoder.weights = weights
+  return evaluator, decoder
+
+
+def log_probs(logits):
+  return np.asarray(jax.nn.log_softmax(np.asarray(logits), axis=-1))
+
+
+def assert_past_the_bound(evaluator, decoder, tokens):
+  """The forced ends hold, rows close different numbers of segments, some
+  more than S holds and some fewer."""
+  kind = _level(evaluator).kind
+  ends = _ends(evaluator, tokens)
+  np.testing.assert_array_equal(ends, _marked_ends(kind, tokens))
+  n_short = _level(decoder).max_shortened
+  assert n_short == _level(evaluator).max_shortened
+  pooled = ends.sum(axis=1) + (kind == 'router')  # The router's first chunk.
+  assert len(set(pooled)) == BATCH, pooled
+  assert (pooled > n_short).any() and (pooled < n_short - 1).any(), (
+      pooled, n_short)
+
+
+@pytest.mark.parametrize('kind', KINDS + ('router',))
+def test_each_kind_decodes_exactly_past_the_bound_of_its_max_len(kind):
+  """Decoding 16 tokens with a model of max_len 32 equals eval mode on the
+  16 (and eval mode on a prefix equals eval mode on the whole: the bound is
+  the model's, not the input's length)."""
+  evaluator, decoder = forced_pair(kind)
+  tokens = _tokens()
+  assert_past_the_bound(evaluator, decoder, tokens)
+  expected = log_probs(_eval_logits(evaluator, tokens))
+  got = log_probs(_decode(decoder, tokens, [LENGTH]))  # One prompt: scanned.
+  np.testing.assert_allclose(got, expected, atol=1e-4)
+  n = 6  # A prefix past the bound of its own length.
+  np.testing.assert_allclose(
+      log_probs(_eval_logits(evaluator, tokens[:, :n])), expected[:, :n],
+      atol=1e-5, err_msg=f'eval mode on the first {n} tokens')

@@ -9,7 +9,9 @@ def segment_boundaries(model, tokens):
   """The segment ends an eval-mode dynamic-pooling model uses on `tokens`.
 
   Runs the model once and reads its shortened level's boundaries as the
-  level computes them (whitespace, or the predictor's sigmoid > 0.5).
+  level computes them (whitespace, the predictor's sigmoid > 0.5, or the
+  router's chunk starts, p > 0.5, each read as an end after the position
+  before).
 
   Args:
     model: an `HourglassLM(..., boundaries=..., mode='eval')` with its weights
@@ -31,8 +33,8 @@ def segment_boundaries(model, tokens):
   if not levels:
     raise ValueError(
         "segment_boundaries needs an HourglassLM with dynamic boundaries "
-        "(boundaries='whitespace', 'entropy', 'gumbel' or 'unigram'); this "
-        'model pools every k tokens.')
+        "(boundaries='whitespace', 'entropy', 'gumbel', 'unigram' or "
+        "'router'); this model pools every k tokens.")
   level = levels[0]
   if level.mode != 'eval':  # Train: Gumbel noise and dropout.
     raise ValueError(
@@ -53,4 +55,7 @@ def segment_boundaries(model, tokens):
     model(tokens)
   finally:
     object.__delattr__(part, 'forward')
-  return recorded[-1][:, :tokens.shape[1]] > 0.5
+  marks = recorded[-1][:, :tokens.shape[1]] > 0.5
+  if level.kind == 'router':  # Chunk starts: a segment ends just before each.
+    marks = np.pad(marks[:, 1:], ((0, 0), (0, 1)))
+  return marks

@@ -12,8 +12,13 @@ by t:
     layers' output at the latest segment closed at t or before: out[j]
     depends on z[0..j], i.e. on positions <= t. Past the static bound S a
     position keeps out[S-1] (stale, never from the future).
-S = 1 + ceil(shortened_bound * len / k) for a level of target segment length
-k: a static shape under jit.
+S = 1 + ceil(shortened_bound * max_len / k) for a level of target segment
+length k in a model of `max_len`, in every mode: the bound is the model's, not
+the input's, so a position reads the same shortened vector whatever follows
+it (eval on a prefix agrees with eval on the whole; predict mode, which sees
+one token at a time, agrees with both). An input of len tokens closes at most
+len segments, so its shortened sequence holds min(S, len + 1) vectors
+(`pooled_length`): a static shape under jit.
 """
 
 import math
@@ -29,8 +34,8 @@ from trax.layers import initializers as init
 from trax_hourglass.layers import segmentation
 from trax_hourglass.layers.dense import Dense
 
-KINDS = ('fixed', 'whitespace', 'entropy', 'gumbel', 'unigram')
-LEARNED = ('entropy', 'gumbel', 'unigram')
+KINDS = ('fixed', 'whitespace', 'entropy', 'gumbel', 'unigram', 'router')
+LEARNED = ('entropy', 'gumbel', 'unigram', 'router')
 # ASCII space, tab, CR, LF: the byte ids that end a word.
 WHITESPACE_TOKENS = tuple(segmentation.WHITESPACE)
 # The shortened length holds up to twice the target number of segments.
@@ -41,11 +46,24 @@ GUMBEL_TEMPERATURE = 0.5
 ENTROPY_SPIKES = 2
 # The key of gumbel's noise outside training (`position_noise`).
 GUMBEL_EVAL_SEED = 0
+# The router's ratio loss weight (H-Net's alpha; see `layers.router`).
+RATIO_LOSS_WEIGHT = 0.03
 
 
 def shortened_length(length, target_segment_length, bound=SHORTENED_BOUND):
   """S: the null vector and up to ceil(bound * length / k) segments."""
   return 1 + math.ceil(bound * length / target_segment_length)
+
+
+def pooled_length(length, max_len, target_segment_length,
+                  bound=SHORTENED_BOUND):
+  """The shortened sequence's length for an input of `length` tokens.
+
+  min(S, length + 1) with S = `shortened_length(max_len, k, bound)`: the
+  bound of the model (its max_len), capped at what `length` tokens can close.
+  """
+  return min(shortened_length(max_len, target_segment_length, bound),
+             length + 1)
 
 
 def upsampled_segment(closed, n_shortened):
@@ -80,17 +98,19 @@ def segment_means(vecs, ends, n_segments):
 
 
 class SegmentPooling(base.Layer):
-  """(vecs (batch, len, d), ends (batch, len)) -> short (batch, S, d).
+  """(vecs (batch, len, d), ends (batch, len)) -> short (batch, S', d).
 
   short[:, 0] is the learned null vector (a weight of shape (d,)), short[:,
-  j] the mean of segment j-1 (`segment_means`); S = `shortened_length(len,
-  k, bound)` for the level's target segment length k.
+  j] the mean of segment j-1 (`segment_means`); S' = `pooled_length(len,
+  max_len, k, bound)` for the level's target segment length k.
   """
 
-  def __init__(self, target_segment_length, bound=SHORTENED_BOUND):
+  def __init__(self, target_segment_length, bound=SHORTENED_BOUND,
+               max_len=2048):
     super().__init__(n_in=2, n_out=1, name='SegmentPooling')
     self._k = target_segment_length
     self._bound = bound
+    self._max_len = max_len
 
   def init_weights_and_state(self, input_signature):
     d = input_signature[0].shape[-1]
@@ -99,7 +119,7 @@ class SegmentPooling(base.Layer):
   def forward(self, inputs):
     vecs, ends = inputs
     batch, length, d = vecs.shape
-    n_short = shortened_length(length, self._k, self._bound)
+    n_short = pooled_length(length, self._max_len, self._k, self._bound)
     null = jnp.broadcast_to(self.weights.astype(vecs.dtype), (batch, 1, d))
     return jnp.concatenate([null, segment_means(vecs, ends, n_short - 1)],
                            axis=1)
@@ -248,6 +268,22 @@ def _binomial_prior(ends, rate):
   return -jnp.mean(log_prob) / n
 
 
+@gin.configurable(module='trax_hourglass', denylist=['p', 'factor'])
+def ratio_loss(p, factor, weight=RATIO_LOSS_WEIGHT):
+  """H-Net's ratio loss toward 1/factor chunk starts, times its weight.
+
+  p (batch, len), the router's -> (): N/(N-1) ((1-F)(1-G) + (N-1) F G), F the
+  share of chunk starts (p > 0.5, no gradient), G the mean p, N the factor;
+  1 at F = G = 1/N, the least for a given F. Gin:
+  `trax_hourglass.ratio_loss.weight = 0.03`.
+  """
+  n = float(factor)
+  share = jnp.mean((jax.lax.stop_gradient(p) > 0.5).astype(jnp.float32))
+  mean_p = jnp.mean(p)
+  return weight * n / (n - 1) * ((1 - share) * (1 - mean_p) +
+                                 share * mean_p * (n - 1))
+
+
 def BoundaryLoss(kind, target_segment_length, sentencepiece_model=None):
   """(logits (batch, len', V), aux (batch, len'), toks (batch, len)) ->
   (logits (batch, len, V), boundary_loss ()).
@@ -255,14 +291,17 @@ def BoundaryLoss(kind, target_segment_length, sentencepiece_model=None):
   Crops to the input length and computes the boundary predictor's loss over
   it: entropy: binary cross-entropy toward the spikes of the logits' entropy;
   unigram: toward the SentencePiece pieces of the tokens; gumbel: the
-  Binomial prior with rate 1/k on the number of boundaries. Targets carry no
-  gradient.
+  Binomial prior with rate 1/k on the number of boundaries; router: H-Net's
+  `ratio_loss` toward 1/k chunk starts (aux: the router's p). Targets carry
+  no gradient.
   """
   def loss(logits, aux, toks):
     length = toks.shape[1]
     logits, aux = logits[:, :length], aux[:, :length]
     if kind == 'gumbel':
       return logits, _binomial_prior(aux, 1.0 / target_segment_length)
+    if kind == 'router':
+      return logits, ratio_loss(aux, target_segment_length)
     if kind == 'entropy':
       targets = _entropy_spikes(logits)
     else:

@@ -70,7 +70,8 @@ class HourglassConfig:
     max_len: Longest sequence in predict mode (the caches' size); decoding
       past it raises. Train and eval take any length. Also the length of the
       absolute positions added at the embedding when `vanilla_attn_type` has
-      no positions of its own (e.g. `tl.CausalAttention`, `tl.CausalFavor`).
+      no positions of its own (e.g. `tl.CausalAttention`, `tl.CausalFavor`),
+      and what dynamic levels' bound S counts from (`shortened_bound`).
     ff_sparsity: 0 (dense) or N: every feed-forward block of the model is
       trax's `SparseFF`, one unit active in each block of N ("Sparse is Enough
       in Scaling Transformers"; see `layers.FeedForwardBlock`): those of the
@@ -93,17 +94,24 @@ class HourglassConfig:
       `boundary_tokens`), or a learned predictor: 'entropy' (trained toward
       spikes of the model's prediction entropy), 'unigram' (toward the
       SentencePiece pieces of `sentencepiece_model`), 'gumbel' (end to end,
-      a hard Gumbel-sigmoid with a Binomial(len, 1/k) prior). Learned
-      boundaries make the train and eval models return (logits,
+      a hard Gumbel-sigmoid with a Binomial(len, 1/k) prior), 'router'
+      (H-Net's dynamic chunking: a chunk starts where adjacent vectors turn
+      apart, p = (1 - cos(W_q v[t-1], W_k v[t])) / 2 > 0.5; each chunk's
+      first vector is pooled, the outputs smoothed by an EMA over chunks,
+      with H-Net's ratio loss toward 1/k chunk starts; see `RouterLevel`).
+      Learned boundaries make the train and eval models return (logits,
       boundary_loss): train them with `LossWithBoundaries` (the trainer
       binds it).
     boundary_tokens: the token ids 'whitespace' ends segments after; by
       default the bytes of ASCII space, tab, CR and LF.
     sentencepiece_model: path of a SentencePiece unigram model ('unigram').
-    shortened_bound: dynamic levels shorten to a static length S = 1 +
-      ceil(shortened_bound * len / k) (the null vector and the first S-1
-      segments); positions after more segments than that keep reading the
-      last shortened vector (stale, never from the future).
+    shortened_bound: dynamic levels pool at most the null vector and the
+      first S-1 segments, S = 1 + ceil(shortened_bound * max_len / k), in
+      every mode (so no output depends on the input's length: train and
+      eval at max_len tokens, and predict mode, agree); positions after
+      more segments than that keep reading the last shortened vector (stale,
+      never from the future). An input of len tokens shortens to min(S, len
+      + 1) vectors, a static shape.
     remat: 'none', or 'blocks': train (and eval) recompute each decoder
       block's activations in the backward pass from its input, for about a
       third more compute and a fraction of the activation memory; same

@@ -31,6 +31,7 @@ from trax_hourglass.layers.sparse import VocabProjection
 from trax_hourglass.models.config import checked_config
 from trax_hourglass.models.levels import DynamicLevel
 from trax_hourglass.models.levels import ShortenedLevel
+from trax_hourglass.models.router_level import RouterLevel
 from trax_hourglass.models.predict import Autoregressive
 from trax_hourglass.models.predict import PastMaxLenError  # pylint: disable=unused-import  # Its old place.
 from trax_hourglass.models.predict import TokenShift
@@ -208,19 +209,22 @@ def _Valley(cfg, biases, levels, total_factor, shorten_factor_dropout=()):
 
 def _DynamicValley(cfg, biases, level):
   """(vecs (batch, len, d), toks (batch, len)) -> vecs[, aux]."""
+  shorten_factor = level.shorten_factor
+  middle = _Blocks(cfg, biases, level.n_layers, shorten_factor,
+                   cfg.middle_attn_type,
+                   dynamic.shortened_length(cfg.padded_len, shorten_factor,
+                                            cfg.shortened_bound))  # (b, S, d)
+  if cfg.boundaries == 'router':
+    return RouterLevel(shorten_factor, middle, mode=cfg.mode,
+                       bound=cfg.shortened_bound, max_len=cfg.padded_len)
   if cfg.boundaries == 'whitespace':
     ends = dynamic.WhitespaceBoundaries(cfg.boundary_tokens)
   else:
     ends = dynamic.BoundaryPredictor(cfg.boundaries, cfg.d_ff,
                                      cfg.ff_activation, cfg.mode)
-  shorten_factor = level.shorten_factor
-  return DynamicLevel(
-      cfg.boundaries, shorten_factor, ends,
-      _Blocks(cfg, biases, level.n_layers, shorten_factor,
-              cfg.middle_attn_type,
-              dynamic.shortened_length(cfg.padded_len, shorten_factor,
-                                       cfg.shortened_bound)),  # (b, S, d)
-      mode=cfg.mode, bound=cfg.shortened_bound, max_len=cfg.padded_len)
+  return DynamicLevel(cfg.boundaries, shorten_factor, ends, middle,
+                      mode=cfg.mode, bound=cfg.shortened_bound,
+                      max_len=cfg.padded_len)
 
 
 def PadToMultiple(multiple, mode='train'):

@@ -143,9 +143,12 @@ class DynamicLevel(tl.Serial):
     * `middle`: the shortened layers, short -> out (batch, S, d_model);
     * Select, SegmentUpsampling, LayerNorm, Add: (out, vecs, ends) -> vecs +
       LayerNorm(out[min(closed, S-1)]).
-  S = `boundaries.shortened_length(len, k, bound)`: a static shape, with k
-  the shorten factor (the target average segment length).
-  In predict mode (one token per call, S that of max_len) the shortened
+  S = `boundaries.shortened_length(max_len, k, bound)`, with k the shorten
+  factor (the target average segment length), bounds the segments pooled in
+  every mode, so outputs do not depend on the input's length (eval on a
+  prefix agrees with eval on the whole, and predict mode with both); the
+  shortened sequence of len tokens holds min(S, len + 1) vectors, a static
+  shape. In predict mode (one token per call) the shortened
   layers step only when a segment closes (and once, at the first token, on
   the null vector), per example: see `_predict_step`; the level returns vecs
   alone (no boundary loss).
@@ -154,26 +157,22 @@ class DynamicLevel(tl.Serial):
   def __init__(self, kind, shorten_factor, boundaries, middle,
                mode='train', bound=dynamic.SHORTENED_BOUND, max_len=2048):
     self._boundaries = boundaries
-    self._pooling = dynamic.SegmentPooling(shorten_factor, bound)
+    self._pooling, self._upsampling = self._resampling(shorten_factor, bound,
+                                                       max_len)
     self._pooling_norm = LayerNorm()
     self._middle = tl.Serial(middle)  # out: (batch, S, d_model), vecs, ends
-    self._upsampling = (
-        tl.Select([0, 2, 1]),  # out, ends, vecs
-        dynamic.SegmentUpsampling(),  # up: (batch, len, d_model), vecs
-        LayerNorm(),  # up, vecs
-        tl.Add())  # vecs: up + vecs
     super().__init__(
         self._boundaries,
         tl.Select([0, 1, 0, 1]),  # vecs, ends, vecs, ends
         self._pooling,  # short, vecs, ends
         self._pooling_norm,  # short: (batch, S, d_model), vecs, ends
         self._middle, self._upsampling,
-        name=f'DynamicLevel({kind}, {shorten_factor})')
+        name=f'{type(self).__name__}({kind}, {shorten_factor})')
     self._kind = kind
     self._shorten_factor = shorten_factor
     self._mode = mode
     self._bound = bound
-    # Predict mode's S: that of eval mode at max_len tokens.
+    # S: the bound of every mode.
     self._max_shortened = dynamic.shortened_length(max_len, shorten_factor,
                                                    bound)
 
@@ -186,6 +185,21 @@ class DynamicLevel(tl.Serial):
   pooling = property(lambda self: self._pooling)
   pooling_norm = property(lambda self: self._pooling_norm)
   middle = property(lambda self: self._middle)
+
+  @staticmethod
+  def _resampling(shorten_factor, bound, max_len):
+    """(pooling, upsampling): (vecs, ends) -> short; (out, vecs, ends) -> vecs."""
+    return dynamic.SegmentPooling(shorten_factor, bound, max_len), (
+        tl.Select([0, 2, 1]),  # out, ends, vecs
+        dynamic.SegmentUpsampling(),  # up: (batch, len, d_model), vecs
+        LayerNorm(),  # up, vecs
+        tl.Add())  # vecs: up + vecs
+
+  def _pooling_state(self, batch, d_model, dtype):
+    """Predict mode's segment clock (see `_init_predict`)."""
+    zeros = jnp.zeros((batch, d_model), dtype)
+    count = jnp.zeros((batch,), jnp.int32)
+    return zeros, count, count, zeros
 
   def init_weights_and_state(self, input_signature):
     if self._mode == 'predict':
@@ -224,9 +238,7 @@ class DynamicLevel(tl.Serial):
         w, s = layer.init(inputs, use_cache=True)
         outputs, _ = layer._forward_abstract(inputs)  # pylint: disable=protected-access
       if layer is self._pooling:  # One shortened vector at a time.
-        zeros = jnp.zeros((batch, d_model), vecs.dtype)
-        count = jnp.zeros((batch,), jnp.int32)
-        s, outputs = (zeros, count, count, zeros), one_vec
+        s, outputs = self._pooling_state(batch, d_model, vecs.dtype), one_vec
       stack = outputs_onto_stack(outputs, stack, layer.n_in)
       weights.append(w)
       states.append(s)
@@ -246,12 +258,12 @@ class DynamicLevel(tl.Serial):
     Every token then takes its example's latest shortened output through the
     upsampling, as eval mode's out[min(closed, S-1)].
     """
-    index, rngs, run = _sublayer_runner(self)
+    index, _, run = _sublayer_runner(self)
     state = list(self.state)
     stack = run([self._boundaries], xs, state)  # vecs, ends (b, 1)[, aux], ...
     vecs, ends = stack[:2]
     rest = stack[3:] if self._kind in dynamic.LEARNED else stack[2:]  # No loss.
-    i_pooling, i_middle = index[id(self._pooling)], index[id(self._middle)]
+    i_pooling = index[id(self._pooling)]
     total, count, closed, latest = state[i_pooling]
     batch, _, d_model = vecs.shape
     ends = ends[:, 0] > 0.5  # (batch,)
@@ -264,7 +276,28 @@ class DynamicLevel(tl.Serial):
     short = run([self._pooling_norm], jnp.concatenate([null, mean])[:, None],
                 state)[:, 0]
     todo = jnp.concatenate([first, ends & (closed < self._max_shortened - 1)])
-    order = jnp.argsort(~todo, stable=True)  # Items to do first, null first.
+    latest = self._step_middle(short, todo, state, latest)
+    keep = ~ends[:, None]
+    state[i_pooling] = (jnp.where(keep, total, 0), jnp.where(ends, 0, count),
+                        closed + ends.astype(closed.dtype), latest)
+    # A one-vector shortened sequence: upsampling takes it for the token.
+    stack = run(self._upsampling, (latest[:, None], vecs, stack[1]) +
+                tuple(rest), state)
+    self.state = tuple(state)
+    return stack
+
+  def _step_middle(self, items, todo, state, latest):
+    """Steps the shortened layers on the work items to do, in order.
+
+    items: (n, d_model), item i of example i % batch; todo: (n,) bool. Each
+    example's caches (`state`'s middle entry, per example, updated in place)
+    step once per item to do, one example at a time under `lax.while_loop`.
+    Returns latest (batch, d_model) with each stepped example's last output.
+    """
+    index, rngs, _ = _sublayer_runner(self)
+    i_middle = index[id(self._middle)]
+    batch = latest.shape[0]
+    order = jnp.argsort(~todo, stable=True)  # Items to do first, in order.
     middle = self._middle
 
     def body(carry):
@@ -272,7 +305,7 @@ class DynamicLevel(tl.Serial):
       item = order[i]
       example = item % batch
       one = jax.tree_util.tree_map(lambda x: x[example], middle_state)
-      out, new = middle.pure_fn(short[item][None, None], self.weights[i_middle],
+      out, new = middle.pure_fn(items[item][None, None], self.weights[i_middle],
                                 one, rngs[i_middle], use_cache=True)
       middle_state = jax.tree_util.tree_map(
           lambda x, v: x.at[example].set(v), middle_state,
@@ -282,14 +315,7 @@ class DynamicLevel(tl.Serial):
     _, state[i_middle], latest = control_flow.while_loop(
         lambda carry: carry[0] < jnp.sum(todo), body,
         (jnp.zeros((), jnp.int32), state[i_middle], latest))
-    keep = ~ends[:, None]
-    state[i_pooling] = (jnp.where(keep, total, 0), jnp.where(ends, 0, count),
-                        closed + ends.astype(closed.dtype), latest)
-    # A one-vector shortened sequence: upsampling takes it for the token.
-    stack = run(self._upsampling, (latest[:, None], vecs, stack[1]) +
-                tuple(rest), state)
-    self.state = tuple(state)
-    return stack
+    return latest
 
 
 def _sublayer_runner(level):
