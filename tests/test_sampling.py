@@ -340,6 +340,39 @@ def test_hourglass_sample_parses_the_config_once(run_dir, monkeypatch,
   assert capsys.readouterr().out.strip()
 
 
+def test_a_dynamic_run_decodes_with_the_bound_it_was_trained_with(tmp_path):
+  # Sampling sizes the caches by the sequence asked for (max_len), but a
+  # dynamic level's bound on segments counts from the model's max_len.
+  from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
+  from trax_hourglass.models import levels  # pylint: disable=g-import-not-at-top
+  config = tmp_path / 'config.gin'
+  config.write_text(
+      'train.model = @trax_hourglass.HourglassLM\n'
+      'trax_hourglass.HourglassLM.vocab_size = 256\n'
+      'trax_hourglass.HourglassLM.max_len = 96\n'
+      "trax_hourglass.HourglassLM.hierarchy = '1@1 1@3 1@1'\n")
+  try:
+    for boundaries, want in (('fixed', 24), ('whitespace', 96)):
+      run = runs.read_config([str(config)], [
+          f"trax_hourglass.HourglassLM.boundaries = '{boundaries}'"])
+      model = run.build('predict', max_len=24)
+      found = [l for l in _sublayers(model) if getattr(l, 'max_len', None)]
+      assert found and found[0].max_len == want, boundaries
+      bound = [l.max_shortened for l in _sublayers(model)
+               if isinstance(l, levels.DynamicLevel)]
+      assert bound == ([] if boundaries == 'fixed' else [
+          l.max_shortened for l in _sublayers(run.build('eval'))
+          if isinstance(l, levels.DynamicLevel)])
+  finally:
+    gin.clear_config()
+
+
+def _sublayers(layer):
+  yield layer
+  for sublayer in layer.sublayers:
+    yield from _sublayers(sublayer)
+
+
 def test_run_config_gives_the_vocab_size_gin_calls_the_model_with(tmp_path):
   from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
   config = tmp_path / 'config.gin'

@@ -23,6 +23,7 @@ from trax import shapes
 from trax_hourglass import checkpoints
 from trax_hourglass.layers import attention_types
 from trax_hourglass.models.hourglass import HourglassLM
+from trax_hourglass.models.levels import DynamicLevel
 # pylint: disable=unused-import,g-importing-member
 # Also importable from here, where they lived before (scripts name `runs.*`).
 from trax_hourglass.gin_safety import parse_config_safely
@@ -182,6 +183,11 @@ def is_our_hourglass(model_fn):
   return wrapped is not None and is_our_hourglass(wrapped)
 
 
+def _has_dynamic_levels(layer):
+  return isinstance(layer, DynamicLevel) or any(
+      _has_dynamic_levels(sublayer) for sublayer in layer.sublayers)
+
+
 class RunConfig(typing.NamedTuple):
   """A run's model as its gin config (parsed once) and arguments make it.
 
@@ -200,12 +206,18 @@ class RunConfig(typing.NamedTuple):
   def build(self, mode, max_len=None):
     """The model in `mode`, not initialised. `max_len` sizes our
     HourglassLM's predict caches; other models keep their configured one
-    (trax's TransformerLM's sizes weights)."""
+    (trax's TransformerLM's sizes weights), and so do dynamic-pooling
+    models, whose bound on segments counts from it (a smaller one would
+    compute other numbers than the trained model past its bound)."""
     kwargs = dict(self.model_kwargs, mode=mode)
     if max_len is not None and is_our_hourglass(self.model_fn):
       kwargs['max_len'] = max_len
     try:
-      return self.model_fn(**kwargs)
+      model = self.model_fn(**kwargs)
+      if 'max_len' in kwargs and _has_dynamic_levels(model):
+        del kwargs['max_len']
+        model = self.model_fn(**kwargs)
+      return model
     except TypeError as e:  # E.g. no vocab_size: no config and no kwargs.
       raise ValueError(
           f'cannot build the model ({e}); pass the run\'s gin config '
