@@ -21,6 +21,13 @@ FAST_COMPILE_XLA_FLAGS = ('--xla_backend_optimization_level=0 '
                           '--xla_llvm_disable_expensive_passes=true')
 
 L = th.layers
+
+
+def compiled_call(model, x):
+  """model(x) as one compiled program. Called eagerly, a trax model runs op
+  by op and XLA compiles each op of each new shape on its own: most of a
+  small test's time."""
+  return jax.jit(model.pure_fn)(x, model.weights, model.state, model.rng)[0]
 # name: (downsampling_fn, attention_downsampling_fn)
 SHORTENING = {
     'attention(average)': (L.AttentionResampling, L.AveragePooling),

@@ -25,6 +25,7 @@ from trax_hourglass import decoding
 from trax_hourglass.cli import sample as sample_cli
 from trax_hourglass.layers import boundaries as dynamic
 import configurations  # pylint: disable=g-bad-import-order
+from configurations import compiled_call  # pylint: disable=g-bad-import-order
 from configurations import ATTENTION  # pylint: disable=g-bad-import-order
 from test_dynamic_pooling import _sentencepiece_model  # pylint: disable=g-bad-import-order
 
@@ -83,7 +84,8 @@ def _tokens():
 
 
 def _eval_logits(evaluator, tokens):
-  out = evaluator(tokens)  # Learned boundaries: (logits, boundary_loss).
+  # Learned boundaries: (logits, boundary_loss).
+  out = compiled_call(evaluator, tokens)
   return np.asarray(out[0] if isinstance(out, tuple) else out)
 
 

@@ -29,6 +29,7 @@ from trax_hourglass import decoding
 from trax_hourglass.cli import evaluate as evaluate_cli
 from trax_hourglass.cli import sample as sample_cli
 import configurations  # pylint: disable=g-bad-import-order
+from configurations import compiled_call  # pylint: disable=g-bad-import-order
 
 HOURGLASS_GIN = """
 train.model = @trax_hourglass.HourglassLM
@@ -160,8 +161,8 @@ def test_decoding_refuses_past_a_transformers_max_len(runs):
   evaluator.init(shapes.ShapeDtype((1, TRANSFORMER_MAX_LEN), np.int32))
   evaluator.weights = model.weights
   sequence = np.concatenate([prompt, tokens[0]])[None].astype(np.int32)
-  logits = np.asarray(evaluator(sequence))  # Shifted right inside: logits
-  # at t are those of token t.
+  # Shifted right inside: logits at t are those of token t.
+  logits = np.asarray(compiled_call(evaluator, sequence))
   np.testing.assert_array_equal(tokens[0],
                                 logits[0, len(prompt):].argmax(-1))
 

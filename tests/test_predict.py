@@ -22,6 +22,7 @@ import trax_hourglass as th
 from trax_hourglass.layers import cache
 from trax_hourglass.layers import predict_weights
 import configurations  # pylint: disable=g-bad-import-order
+from configurations import compiled_call  # pylint: disable=g-bad-import-order
 from configurations import ATTENTION, SHORTENING, UPSAMPLING  # pylint: disable=g-bad-import-order
 
 L = th.layers
@@ -70,7 +71,8 @@ def test_one_token_at_a_time_equals_eval_mode():
   evaluator, decoder = _pair(hierarchy='2@1 2@3 2@1')
   tokens = _tokens()
   got = _decode(decoder, tokens, [1] * LENGTH)
-  np.testing.assert_allclose(got, np.asarray(evaluator(tokens)), atol=1e-4)
+  np.testing.assert_allclose(got, np.asarray(compiled_call(evaluator, tokens)),
+                             atol=1e-4)
 
 
 def test_a_prompt_in_one_call_then_tokens_equals_eval_mode():
@@ -78,7 +80,8 @@ def test_a_prompt_in_one_call_then_tokens_equals_eval_mode():
   evaluator, decoder = _pair(hierarchy='1@2 1@4 1@2', vanilla_layers=(0, 1))
   tokens = _tokens(1)
   got = _decode(decoder, tokens, [5, 1, 1, 5])  # Mid-block starts, 2 compiles.
-  np.testing.assert_allclose(got, np.asarray(evaluator(tokens)), atol=1e-4)
+  np.testing.assert_allclose(got, np.asarray(compiled_call(evaluator, tokens)),
+                             atol=1e-4)
 
 
 @hypothesis.settings(max_examples=2, deadline=None, derandomize=True,
@@ -101,7 +104,8 @@ def test_random_configurations_decode_exactly(
       middle_attn_type=ATTENTION[middle_attn], ff_sparsity=ff_sparsity)
   tokens = _tokens(seed)
   got = _decode(decoder, tokens, [LENGTH])  # Token by token, under lax.scan.
-  np.testing.assert_allclose(got, np.asarray(evaluator(tokens)), atol=1e-4)
+  np.testing.assert_allclose(got, np.asarray(compiled_call(evaluator, tokens)),
+                             atol=1e-4)
 
 
 @pytest.mark.slow  # ~1 min: four nested models; run with `pytest -m slow`.
@@ -121,7 +125,7 @@ def test_every_resampling_and_attention_type_decodes_exactly():
     tokens = _tokens(2)
     got = _decode(decoder, tokens, [LENGTH])
     np.testing.assert_allclose(
-        got, np.asarray(evaluator(tokens)), atol=1e-4,
+        got, np.asarray(compiled_call(evaluator, tokens)), atol=1e-4,
         err_msg=f'{shortening} / {upsampling} / {attention}')
 
 
@@ -135,14 +139,15 @@ def test_caches_read_in_blocks_equal_eval_mode(monkeypatch, vanilla_attn):
                              vanilla_attn_type=ATTENTION[vanilla_attn])
   tokens = _tokens(4)
   got = _decode(decoder, tokens, [LENGTH])
-  np.testing.assert_allclose(got, np.asarray(evaluator(tokens)), atol=1e-4)
+  np.testing.assert_allclose(got, np.asarray(compiled_call(evaluator, tokens)),
+                             atol=1e-4)
 
 
-@pytest.mark.parametrize('vanilla_attn,decode_every_form', [
-    ('relative', False),
-    pytest.param('relative', True, marks=pytest.mark.slow),
-    pytest.param('rotary', True, marks=pytest.mark.slow)])  # ~35 s each.
-def test_both_cache_forms_equal_eval_mode(monkeypatch, vanilla_attn,
+@pytest.mark.parametrize('vanilla_attn,hierarchy,decode_every_form', [
+    ('relative', '1@1 1@3 1@1', False),
+    pytest.param('relative', '1@2 1@6 1@2', True, marks=pytest.mark.slow),
+    pytest.param('rotary', '1@2 1@6 1@2', True, marks=pytest.mark.slow)])
+def test_both_cache_forms_equal_eval_mode(monkeypatch, vanilla_attn, hierarchy,
                                           decode_every_form):
   # The CPU's pieces (of 5 keys here) and the accelerators' whole caches,
   # each chosen on the CPU: token by token and a prompt in one call. The
@@ -153,14 +158,14 @@ def test_both_cache_forms_equal_eval_mode(monkeypatch, vanilla_attn,
   tokens = _tokens(5)
   for form in cache.FORMS:
     with cache.use_form(form):
-      evaluator, decoder = _pair(hierarchy='1@2 1@6 1@2',
+      evaluator, decoder = _pair(hierarchy=hierarchy,
                                  vanilla_attn_type=ATTENTION[vanilla_attn])
     lengths = {x.shape[-2] for x in jax.tree_util.tree_leaves(decoder.state)
                if x.ndim >= 3}
     assert (12 in lengths) == (form == 'whole'), (form, lengths)
     if form != 'whole' and not decode_every_form:
       continue
-    want = np.asarray(evaluator(tokens))
+    want = np.asarray(compiled_call(evaluator, tokens))
     for chunks in ([1] * LENGTH, [6, 6]):  # One compile each.
       decoder.state = _fresh(decoder, form)
       got = _decode(decoder, tokens, chunks)
@@ -235,7 +240,8 @@ def test_decoding_weights_lay_the_position_kernel_out_by_head_once():
     out, state = step(tokens[:, t:t + 1], weights, state, decoder.rng)
     logits.append(out)
   np.testing.assert_allclose(np.concatenate(logits, 1),
-                             np.asarray(evaluator(_tokens())), atol=1e-4)
+                             np.asarray(compiled_call(evaluator, _tokens())),
+                             atol=1e-4)
 
 
 @pytest.mark.smoke
@@ -248,7 +254,7 @@ def test_autoregressive_sample_continues_a_batch_of_prompts_greedily():
   assert sampled.shape == (BATCH, LENGTH - 4)
   sequence = np.concatenate([prompt, sampled], axis=1)
   # Greedy: each sampled token is the eval model's argmax given its prefix.
-  logits = np.asarray(evaluator(sequence))
+  logits = np.asarray(compiled_call(evaluator, sequence))
   np.testing.assert_array_equal(sampled, logits[:, 3:-1].argmax(-1))
 
 
@@ -264,7 +270,7 @@ def test_shorten_factor_dropout_trains_every_factor_and_loads_into_each():
     evaluator = th.HourglassLM(hierarchy=f'1@1 1@{k} 1@1', mode='eval', **args)
     evaluator.init(shapes.ShapeDtype((BATCH, LENGTH), np.int32))
     evaluator.weights = trainer.weights
-    by_factor[k] = np.asarray(evaluator(tokens))
+    by_factor[k] = np.asarray(compiled_call(evaluator, tokens))
   assert np.abs(by_factor[2] - by_factor[3]).max() > 1e-3
   step = jax.jit(trainer.pure_fn)
   seen = set()

@@ -24,6 +24,8 @@ from trax_hourglass.layers.sparse import VocabProjection
 import trax.layers as tl  # pylint: disable=g-bad-import-order (after compat)
 from trax import shapes
 
+from configurations import compiled_call  # pylint: disable=g-bad-import-order
+
 D_MODEL, D_FF, VOCAB, N_HEADS, LENGTH = 16, 32, 16, 2, 7
 
 
@@ -99,7 +101,7 @@ def test_sparse_ff_predict_computes_chosen_units_as_eval(batch):
   evaluator = _init(block('eval'), x)
   predict = _copy_weights(_init(block('predict'), x[:, :1]), evaluator)
   got = np.concatenate([predict(x[:, t:t + 1]) for t in range(LENGTH)], 1)
-  np.testing.assert_allclose(got, evaluator(x), atol=1e-4)
+  np.testing.assert_allclose(got, compiled_call(evaluator, x), atol=1e-4)
 
 
 def _sublayers(layer):
@@ -121,7 +123,7 @@ def test_sparse_hourglass_every_ff_is_sparse_and_decodes_as_eval():
       mode='predict', max_len=6, **args), tokens[:, :1]), evaluator)
   assert sum(type(layer).__name__ == '_ChosenUnitsFF'
              for layer in _sublayers(decoder)) == 5
-  fresh, expected = decoder.state, evaluator(tokens)
+  fresh, expected = decoder.state, compiled_call(evaluator, tokens)
   shifted = np.concatenate([np.zeros((1, 1), np.int32), tokens[:, :-1]], 1)
   step = jax.jit(lambda tok, weights, state: decoder.pure_fn(
       tok, weights, state, jax.random.PRNGKey(0)))
@@ -145,7 +147,7 @@ def test_sparse_hourglass_every_ff_is_sparse_and_decodes_as_eval():
   # decoding.sample, greedy: each token is eval mode's argmax after the others.
   sampled = decoding.sample(decoder, 4, temperature=0)
   np.testing.assert_array_equal(
-      sampled[0], np.argmax(evaluator(sampled)[0], axis=-1))
+      sampled[0], np.argmax(compiled_call(evaluator, sampled)[0], axis=-1))
 
 
 def test_vocab_projection_layouts():
