@@ -327,6 +327,31 @@ def test_temperature_sample_is_pure_and_draws_what_sample_draws(models):
     np.testing.assert_array_equal(x, y)
 
 
+def test_sample_without_a_prompt_traces_the_step_once(models, monkeypatch):
+  """No prompt: the start token goes through the decoding call, so the
+  model's step is traced (and compiled) once, not for a prefill and again
+  for the loop; the tokens and state are `temperature_sample`'s."""
+  from trax_hourglass import sampling  # pylint: disable=g-import-not-at-top
+  from trax_hourglass.layers import predict_weights  # pylint: disable=g-import-not-at-top
+  predict, _ = models
+  model = decoding.load_predict_model(  # A model of its own: none compiled.
+      predict.weights, max_len=8, vocab_size=256, d_model=16, d_ff=32,
+      n_heads=2, hierarchy='1@2', dropout=0.0)
+  traces, pure_fn = [], type(model).pure_fn
+  monkeypatch.setattr(type(model), 'pure_fn', lambda self, *a, **kw: (
+      traces.append(self) or pure_fn(self, *a, **kw)))
+  tokens = decoding.sample(model, 5, temperature=1.5, seed=7)
+  assert sum(t is model for t in traces) == 1
+  want, state = jax.jit(lambda w, s, k: sampling.temperature_sample(
+      model, w, s, np.zeros((1, 0), np.int32), k, 5, temperature=1.5))(
+          predict_weights.decoding_weights(model),
+          decoding.fresh_state(model), jax.random.PRNGKey(7))
+  np.testing.assert_array_equal(tokens, want)
+  for x, y in zip(jax.tree_util.tree_leaves(model.state),
+                  jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(x, y)
+
+
 def test_hourglass_sample_parses_the_config_once(run_dir, monkeypatch,
                                                  capsys):
   from trax_hourglass import runs  # pylint: disable=g-import-not-at-top
