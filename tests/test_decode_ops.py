@@ -156,16 +156,3 @@ def test_the_step_takes_fewer_state_arrays(transformer12, ours_whole):
   # 74 (the code before: 91). The CPU's pieces add two a piece past the first.
   _, model = ours_whole
   assert len(jax.tree_util.tree_leaves(model.state)) <= transformer12[1]
-
-
-def test_no_cache_piece_is_shorter_than_a_key_block():
-  # Each piece costs two products in every branch of `cache.attend` that
-  # reads it, and XLA:CPU compiles each product on its own (most of a step's
-  # compile time): a short last piece (171 of the shortened level's 683 slots
-  # at max_len 2,048) joins the one before.
-  for n_keys in range(1, 5 * cache.KEY_BLOCK, 3):
-    pieces = cache.piece_lengths(n_keys, 'pieces')
-    assert sum(pieces) == n_keys
-    assert min(pieces) >= min(n_keys, cache.KEY_BLOCK), (n_keys, pieces)
-    # Still about doubling: a step reads at most ~3x the keys it sees.
-    assert all(b <= 2 * a + cache.KEY_BLOCK for a, b in zip(pieces, pieces[1:]))

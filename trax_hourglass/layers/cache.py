@@ -120,12 +120,9 @@ def nan_if(past, x):
 def piece_lengths(n_keys, cache_form=None):
   """Lengths of the pieces of a cache of `n_keys` slots (see KEY_BLOCK).
 
-  Form 'whole' (default: `form()`): one piece. A last piece under KEY_BLOCK
-  (the one slot of a cache of 2,049; 171 of the shortened level's 683 at
-  max_len 2,048) joins the one before, which steps then read up to that much
-  longer: each piece costs a write per step and two products in each branch
-  of `attend` that reads it, products that XLA:CPU compiles one at a time
-  (most of the time a decode step takes to compile).
+  Form 'whole' (default: `form()`): one piece. A last piece under a quarter
+  of KEY_BLOCK (e.g. the one slot of a cache of 2,049) joins the one before:
+  each piece costs a write and a branch per step.
   """
   if (cache_form or form()) == 'whole':
     return [n_keys]
@@ -133,7 +130,7 @@ def piece_lengths(n_keys, cache_form=None):
   while ends[-1] < n_keys:
     ends.append(2 * ends[-1])
   ends = sorted({min(end, n_keys) for end in ends})
-  if len(ends) > 1 and ends[-1] - ends[-2] < KEY_BLOCK:
+  if len(ends) > 1 and ends[-1] - ends[-2] < KEY_BLOCK // 4:
     del ends[-2]
   return [end - start for start, end in zip([0] + ends, ends)]
 
