@@ -352,6 +352,27 @@ def test_sample_without_a_prompt_traces_the_step_once(models, monkeypatch):
     np.testing.assert_array_equal(x, y)
 
 
+def test_sample_takes_a_fresh_state_as_it_is(models, monkeypatch):
+  """A model just initialized is sampled from its own state, not
+  initialized again (which draws every weight anew: seconds for a real
+  model); one initialized for another batch size is, as before."""
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  predict, _ = models
+  kwargs = dict(vocab_size=256, d_model=16, d_ff=32, n_heads=2,
+                hierarchy='1@2', dropout=0.0, mode='predict', max_len=8)
+  fresh, other = (trax_hourglass.HourglassLM(**kwargs) for _ in range(2))
+  for model, batch in ((fresh, 1), (other, 2)):
+    model.init(shapes.ShapeDtype((batch, 1), np.int32))
+    model.weights = predict.weights
+  inits, init = [], type(fresh).init
+  monkeypatch.setattr(type(fresh), 'init', lambda self, *a, **kw: (
+      inits.append(self) or init(self, *a, **kw)))
+  tokens = decoding.sample(fresh, 4, seed=2)
+  assert not any(m is fresh for m in inits)
+  np.testing.assert_array_equal(decoding.sample(other, 4, seed=2), tokens)
+  assert sum(m is other for m in inits) == 1
+
+
 def test_hourglass_sample_parses_the_config_once(run_dir, monkeypatch,
                                                  capsys):
   from trax_hourglass import runs  # pylint: disable=g-import-not-at-top

@@ -100,20 +100,19 @@ def _fresh_state(model, batch_size):
   """
   per_model = _FRESH_STATES.setdefault(model, {})
   if batch_size not in per_model:
-    # init draws new weights and state: put back the trained ones.
     weights, state = model.weights, model.state
-    model.init(shapes.ShapeDtype((batch_size, 1), np.int32))
+    if not getattr(model, 'has_fresh_state', lambda _: False)(batch_size):
+      model.init(shapes.ShapeDtype((batch_size, 1), np.int32))  # New weights:
     _remember_fresh_state(model, batch_size)
-    model.weights, model.state = weights, state
+    model.weights, model.state = weights, state  # the trained ones back.
   return per_model[batch_size]
 
 
 def _remember_fresh_state(model, batch_size):
   """Files `model.state`, just initialized, as its fresh state of a batch."""
   leaves, treedef = jax.tree_util.tree_flatten(model.state)
-  nonzero = jax.device_get([
-      True if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else
-      jnp.any(x != 0) for x in leaves])
+  nonzero = [jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) or  # Host:
+             bool(np.any(np.asarray(x))) for x in leaves]  # no compiling.
   zeros = tuple(None if nz else jax.ShapeDtypeStruct(np.shape(x), x.dtype)
                 for x, nz in zip(leaves, nonzero))
   kept = [x for x, nz in zip(leaves, nonzero) if nz]
