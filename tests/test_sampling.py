@@ -327,6 +327,52 @@ def test_temperature_sample_is_pure_and_draws_what_sample_draws(models):
     np.testing.assert_array_equal(x, y)
 
 
+def test_sample_without_a_prompt_traces_the_step_once(models, monkeypatch):
+  """No prompt: the start token goes through the decoding call, so the
+  model's step is traced (and compiled) once, not for a prefill and again
+  for the loop; the tokens and state are `temperature_sample`'s."""
+  from trax_hourglass import sampling  # pylint: disable=g-import-not-at-top
+  from trax_hourglass.layers import predict_weights  # pylint: disable=g-import-not-at-top
+  predict, _ = models
+  model = decoding.load_predict_model(  # A model of its own: none compiled.
+      predict.weights, max_len=8, vocab_size=256, d_model=16, d_ff=32,
+      n_heads=2, hierarchy='1@2', dropout=0.0)
+  traces, pure_fn = [], type(model).pure_fn
+  monkeypatch.setattr(type(model), 'pure_fn', lambda self, *a, **kw: (
+      traces.append(self) or pure_fn(self, *a, **kw)))
+  tokens = decoding.sample(model, 5, temperature=1.5, seed=7)
+  assert sum(t is model for t in traces) == 1
+  want, state = jax.jit(lambda w, s, k: sampling.temperature_sample(
+      model, w, s, np.zeros((1, 0), np.int32), k, 5, temperature=1.5))(
+          predict_weights.decoding_weights(model),
+          decoding.fresh_state(model), jax.random.PRNGKey(7))
+  np.testing.assert_array_equal(tokens, want)
+  for x, y in zip(jax.tree_util.tree_leaves(model.state),
+                  jax.tree_util.tree_leaves(state)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sample_takes_a_fresh_state_as_it_is(models, monkeypatch):
+  """A model just initialized is sampled from its own state, not
+  initialized again (which draws every weight anew: seconds for a real
+  model); one initialized for another batch size is, as before."""
+  from trax import shapes  # pylint: disable=g-import-not-at-top
+  predict, _ = models
+  kwargs = dict(vocab_size=256, d_model=16, d_ff=32, n_heads=2,
+                hierarchy='1@2', dropout=0.0, mode='predict', max_len=8)
+  fresh, other = (trax_hourglass.HourglassLM(**kwargs) for _ in range(2))
+  for model, batch in ((fresh, 1), (other, 2)):
+    model.init(shapes.ShapeDtype((batch, 1), np.int32))
+    model.weights = predict.weights
+  inits, init = [], type(fresh).init
+  monkeypatch.setattr(type(fresh), 'init', lambda self, *a, **kw: (
+      inits.append(self) or init(self, *a, **kw)))
+  tokens = decoding.sample(fresh, 4, seed=2)
+  assert not any(m is fresh for m in inits)
+  np.testing.assert_array_equal(decoding.sample(other, 4, seed=2), tokens)
+  assert sum(m is other for m in inits) == 1
+
+
 def test_hourglass_sample_parses_the_config_once(run_dir, monkeypatch,
                                                  capsys):
   from trax_hourglass import runs  # pylint: disable=g-import-not-at-top

@@ -8,9 +8,10 @@
 the prompt goes through the model in one call (`sampling.prefill`), then each
 compiled call generates a chunk of tokens in a `lax.fori_loop`
 (`sampling.decode`, the state's buffers donated), so Python runs once per
-chunk, not once per token. Here lives what is not sampling: chunks grow to
-about a quarter second each, so `progress` can be told about once a second;
-compiled steps and each batch size's fresh state are kept per model
+chunk, not once per token (and the step compiles once without a prompt).
+Here lives what is not sampling: chunks grow to about a quarter second each,
+so `progress` hears about once a second; compiled steps and each batch
+size's fresh state are kept per model
 (sampling again is immediate); `model.state` is left after the tokens. The
 key is split per token, so the tokens for a seed do not depend on the
 chunking: they are `sampling.temperature_sample`'s.
@@ -99,21 +100,19 @@ def _fresh_state(model, batch_size):
   """
   per_model = _FRESH_STATES.setdefault(model, {})
   if batch_size not in per_model:
-    # init draws new weights and state: keep the trained weights, and the
-    # state it had (this is bookkeeping, not sampling).
     weights, state = model.weights, model.state
-    model.init(shapes.ShapeDtype((batch_size, 1), np.int32))
+    if not getattr(model, 'has_fresh_state', lambda _: False)(batch_size):
+      model.init(shapes.ShapeDtype((batch_size, 1), np.int32))  # New weights:
     _remember_fresh_state(model, batch_size)
-    model.weights, model.state = weights, state
+    model.weights, model.state = weights, state  # the trained ones back.
   return per_model[batch_size]
 
 
 def _remember_fresh_state(model, batch_size):
   """Files `model.state`, just initialized, as its fresh state of a batch."""
   leaves, treedef = jax.tree_util.tree_flatten(model.state)
-  nonzero = jax.device_get([
-      True if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else
-      jnp.any(x != 0) for x in leaves])
+  nonzero = [jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) or  # Host:
+             bool(np.any(np.asarray(x))) for x in leaves]  # no compiling.
   zeros = tuple(None if nz else jax.ShapeDtypeStruct(np.shape(x), x.dtype)
                 for x, nz in zip(leaves, nonzero))
   kept = [x for x, nz in zip(leaves, nonzero) if nz]
@@ -121,19 +120,16 @@ def _remember_fresh_state(model, batch_size):
 
 
 def _own_buffers(state, kept):
-  """`state` with no buffer of `kept` and none twice: safe to donate.
-
-  jit may hand an input that comes out unchanged back as the same array,
-  and one array may sit in several places; donating those would delete a
-  kept leaf or donate a buffer twice.
-  """
+  """`state` with no buffer of `kept` and none twice: safe to donate (jit
+  may hand an unchanged input back as the same array, and one array may sit
+  in several places: donating those would delete a kept leaf or donate a
+  buffer twice)."""
   seen = {id(x) for x in kept}
 
   def own(x):
     if id(x) in seen:
       return jnp.array(x, copy=True)
-    seen.add(id(x))
-    return x
+    return seen.add(id(x)) or x
 
   return jax.tree_util.tree_map(own, state)
 
@@ -143,8 +139,7 @@ def check_sampling_settings(temperature, top_k, seed, names=None):
   would sample garbage: a temperature that is not a finite number >= 0 (NaN
   gives NUL bytes), top_k below 1, a seed outside 0..2**32-1 (jax takes 32
   bits: larger ones alias smaller). `names` maps each to its flag name."""
-  names = names or {}
-  name = lambda key: names.get(key, key)
+  name = lambda key: (names or {}).get(key, key)
   try:
     finite = np.isfinite(float(temperature))
   except (TypeError, ValueError):
@@ -269,8 +264,13 @@ def sample(model, n_tokens, prompt=None, batch_size=1, temperature=1.0,
 
   pace = _Pace(n_tokens, batch, progress)
   kept = _fresh_state(model, batch)[2]
-  tok, state, key = prefill(weights, kept, prompt, jax.random.PRNGKey(seed),
-                            temperature, top_k)
+  key = jax.random.PRNGKey(seed)
+  if prompt_len:
+    tok, state, key = prefill(weights, kept, prompt, key, temperature, top_k)
+  else:  # prefill's draw (a token in, a key split) by `run`: one compile.
+    _, state, tok, key = run(
+        weights, _own_buffers(fresh_state(model, batch), kept),
+        np.zeros((batch,), np.int32), key, temperature, top_k, 1)
   state = _own_buffers(state, kept)
   chunks = [np.asarray(tok)[:, None]]
   while pace.done < n_tokens:
@@ -288,7 +288,7 @@ class _Pace:
   """Chunk sizes and progress reports of one `sample` call, from its first
   token (the prefill's) on.
 
-  The first decoding call compiles: it draws one token, the next 8, then
+  The first decoding call may compile: it draws one token, the next 8, then
   each about _SECONDS_PER_CALL at the last call's speed. `progress` hears
   about once a second, but not right after the compiling call, and at the
   end; tokens/s counts from the end of the compiling call.
@@ -321,8 +321,7 @@ class _Pace:
 
   def finish(self):
     if self._progress is not None and self._first is None:  # 1 token.
-      self._progress(self.done, self._n_tokens,
-                     self._rate(time.perf_counter()))
+      self._progress(self.done, self._n_tokens, self._rate(time.perf_counter()))
 
   def _rate(self, now):
     """New tokens per second, after the first decoding call if one was."""

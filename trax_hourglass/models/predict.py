@@ -130,6 +130,15 @@ class Autoregressive(tl.Serial):
     batch = input_signature.shape[0]
     super().init_weights_and_state(
         shapes.ShapeDtype((batch, 1), input_signature.dtype))
+    self._init_batch = batch
+
+  def has_fresh_state(self, batch_size):
+    """Whether `state` is the one before any token, for `batch_size`
+    sequences: then a sampler takes it as it is, without a new init (which
+    draws all the weights again: seconds)."""
+    counter = self.state[self._counter]
+    return (getattr(self, '_init_batch', None) == batch_size and
+            not isinstance(counter, dict) and int(counter) == 0)
 
   def pure_fn(self, x, weights, state, rng, use_cache=False):
     # Checked on the host: before the step, or (traced, as in trax's loop)
