@@ -4,6 +4,7 @@ and the models of a saved run."""
 
 import functools
 import os
+import weakref
 
 import gin
 import hypothesis.strategies as st
@@ -27,7 +28,17 @@ def compiled_call(model, x):
   """model(x) as one compiled program. Called eagerly, a trax model runs op
   by op and XLA compiles each op of each new shape on its own: most of a
   small test's time."""
-  return jax.jit(model.pure_fn)(x, model.weights, model.state, model.rng)[0]
+  return _compiled(model)(x, model.weights, model.state, model.rng)[0]
+
+
+_COMPILED = weakref.WeakKeyDictionary()
+
+
+def _compiled(model):
+  """One jitted pure_fn a model (each new shape of x compiles once)."""
+  if model not in _COMPILED:
+    _COMPILED[model] = jax.jit(model.pure_fn)
+  return _COMPILED[model]
 # name: (downsampling_fn, attention_downsampling_fn)
 SHORTENING = {
     'attention(average)': (L.AttentionResampling, L.AveragePooling),

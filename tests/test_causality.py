@@ -17,6 +17,7 @@ from trax import shapes
 import trax_hourglass as th
 from configurations import ATTENTION, SHORTENING, UPSAMPLING  # pylint: disable=g-bad-import-order
 import configurations  # pylint: disable=g-bad-import-order
+from configurations import compiled_call  # pylint: disable=g-bad-import-order
 
 VOCAB, LENGTH, D_MODEL = 16, 24, 16  # Fixed shapes: compiled ops are reused.
 
@@ -43,7 +44,7 @@ def _assert_causal(model, tokens, t, rng):
   batch = np.stack([tokens] * 3)
   batch[1, t] = (tokens[t] + 1 + rng.randint(VOCAB - 1)) % VOCAB
   batch[2, t:] = rng.randint(VOCAB, size=LENGTH - t)
-  out = np.asarray(model(batch))
+  out = np.asarray(compiled_call(model, batch))
   for row in (1, 2):
     np.testing.assert_allclose(out[row, :t + 1], out[0, :t + 1], atol=1e-5,
                                err_msg=f'output <= {t} changed with token {t}')
@@ -110,8 +111,8 @@ def test_any_length_gives_the_prefix_of_a_longer_input(length, seed):
   model = _any_length_model()
   tokens = np.random.RandomState(seed).randint(VOCAB, size=(2, 30)).astype(
       np.int32)
-  full = np.asarray(model(tokens))
-  part = np.asarray(model(tokens[:, :length]))
+  full = np.asarray(compiled_call(model, tokens))
+  part = np.asarray(compiled_call(model, tokens[:, :length]))
   assert part.shape == (2, length, VOCAB)
   np.testing.assert_allclose(part, full[:, :length], atol=1e-5)
 

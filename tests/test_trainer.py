@@ -216,9 +216,8 @@ def _bound_or_none(name):
     return None
 
 
-@pytest.mark.parametrize('name', [  # One by default; all with -m slow (~2 min).
-    name if name == 'cifar10' else pytest.param(name, marks=pytest.mark.slow)
-    for name in sorted(PAPER)])
+@pytest.mark.slow  # ~2 min, 10 s the smallest.
+@pytest.mark.parametrize('name', sorted(PAPER))
 def test_paper_configs_have_the_original_parameter_counts(name):
   expected, length = PAPER[name]
   try:
@@ -247,6 +246,7 @@ def test_trax_original_models_have_these_counts(name):
     gin.clear_config()
 
 
+@pytest.mark.slow  # The trainer's path: the tiny-config tests; the file: test_docs.
 def test_quickstart_model_trains_a_step(tmp_path):
   """The quickstart config, shortened, really trains through the trainer."""
   out = str(tmp_path / 'run')
